@@ -1,0 +1,91 @@
+// Argument checks and shapes of the table-batched embedding ops, shared by
+// the CPU and CUDA kernels. Value checks (offsets order, index range) need
+// the data and live with each backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+
+#include "unirec/checks.h"
+
+namespace unirec {
+
+enum class Pooling { kSum, kMean };
+
+inline Pooling parse_pooling(const std::string& pooling) {
+  if (pooling == "sum") return Pooling::kSum;
+  if (pooling == "mean") return Pooling::kMean;
+  UNIREC_CHECK(false, "pooling must be \"sum\" or \"mean\", got \"", pooling, "\"");
+  return Pooling::kSum;
+}
+
+struct TbeShape {
+  int64_t T;  // tables
+  int64_t B;  // batch
+  int64_t D;  // embedding dim
+  int64_t R;  // rows of all tables
+  int64_t nnz;
+};
+
+inline TbeShape check_tbe_args(const at::Tensor& weight, const at::Tensor& table_offsets,
+                               const at::Tensor& indices, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& per_sample_weights,
+                               const std::string& pooling) {
+  check_dim(weight, 2, "weight");
+  check_float_dtype(weight, "weight");
+  check_dim(table_offsets, 1, "table_offsets");
+  check_dtype(table_offsets, at::kLong, "table_offsets");
+  check_dim(indices, 1, "indices");
+  check_index_dtype(indices, "indices");
+  check_dim(offsets, 1, "offsets");
+  UNIREC_CHECK(offsets.scalar_type() == indices.scalar_type(), "offsets must have the dtype of indices (",
+               indices.scalar_type(), "), got ", offsets.scalar_type());
+  check_same_device(table_offsets, weight, "table_offsets", "weight");
+  check_same_device(indices, weight, "indices", "weight");
+  check_same_device(offsets, weight, "offsets", "weight");
+  const int64_t T = table_offsets.numel() - 1;
+  UNIREC_CHECK(T >= 1, "table_offsets must have T+1 >= 2 entries, got ", table_offsets.numel());
+  UNIREC_CHECK(offsets.numel() >= 1 && (offsets.numel() - 1) % T == 0,
+               "offsets must have T*B+1 entries for T=", T, " tables, got ", offsets.numel());
+  const Pooling mode = parse_pooling(pooling);
+  if (per_sample_weights.has_value()) {
+    const auto& psw = *per_sample_weights;
+    UNIREC_CHECK(mode == Pooling::kSum, "per_sample_weights are only supported with pooling=\"sum\"");
+    check_dim(psw, 1, "per_sample_weights");
+    UNIREC_CHECK(psw.numel() == indices.numel(), "per_sample_weights must have one weight per index (",
+                 indices.numel(), "), got ", psw.numel());
+    UNIREC_CHECK(psw.scalar_type() == weight.scalar_type(), "per_sample_weights must have the dtype of weight (",
+                 weight.scalar_type(), "), got ", psw.scalar_type());
+    check_same_device(psw, weight, "per_sample_weights", "weight");
+  }
+  return {T, (offsets.numel() - 1) / T, weight.size(1), weight.size(0), indices.numel()};
+}
+
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& weight, const TbeShape& s) {
+  check_dim(grad_output, 3, "grad_output");
+  UNIREC_CHECK(grad_output.size(0) == s.B && grad_output.size(1) == s.T && grad_output.size(2) == s.D,
+               "grad_output must have shape [B, T, D] = [", s.B, ", ", s.T, ", ", s.D, "], got ",
+               grad_output.sizes());
+  UNIREC_CHECK(grad_output.scalar_type() == weight.scalar_type(), "grad_output must have the dtype of weight (",
+               weight.scalar_type(), "), got ", grad_output.scalar_type());
+  check_same_device(grad_output, weight, "grad_output", "weight");
+}
+
+enum class Optimizer { kSgd, kRowwiseAdagrad };
+
+inline Optimizer check_optimizer(const std::string& optimizer, const at::Tensor& state, const at::Tensor& weight) {
+  if (optimizer == "sgd") return Optimizer::kSgd;
+  UNIREC_CHECK(optimizer == "rowwise_adagrad", "optimizer must be \"sgd\" or \"rowwise_adagrad\", got \"",
+               optimizer, "\"");
+  check_dim(state, 1, "optimizer_state");
+  check_dtype(state, at::kFloat, "optimizer_state");
+  UNIREC_CHECK(state.numel() == weight.size(0), "optimizer_state must have one entry per row of weight (",
+               weight.size(0), "), got ", state.numel());
+  UNIREC_CHECK(state.is_contiguous(), "optimizer_state must be contiguous");
+  check_same_device(state, weight, "optimizer_state", "weight");
+  return Optimizer::kRowwiseAdagrad;
+}
+
+}  // namespace unirec

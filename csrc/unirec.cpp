@@ -1,0 +1,74 @@
+// The whole op surface of unirec: every schema is declared here, backends
+// register implementations in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+
+namespace py = pybind11;
+
+TORCH_LIBRARY(unirec, m) {
+  // ---- embedding: table-batched embedding bags (FBGEMM's TBE layout) ----
+  // weight [R, D] packs T tables; table_offsets [T+1]; indices [nnz] local row
+  // ids; offsets [T*B+1], feature-major. Returns pooled [B, T, D].
+  m.def("tbe_forward(Tensor weight, Tensor table_offsets, Tensor indices, Tensor offsets, "
+        "Tensor? per_sample_weights, str pooling) -> Tensor");
+  // Returns (grad_weight [R, D], grad_per_sample_weights [nnz] or [0]).
+  m.def("tbe_backward(Tensor grad_output, Tensor weight, Tensor table_offsets, Tensor indices, "
+        "Tensor offsets, Tensor? per_sample_weights, str pooling) -> (Tensor, Tensor)");
+  // Fused backward + optimizer: updates the used rows of weight (and the
+  // row-wise state [R] for rowwise_adagrad) in place; returns the gradient of
+  // per_sample_weights ([nnz] or [0]), computed with the weights before the update.
+  m.def("tbe_backward_update_(Tensor(a!) weight, Tensor(b!) optimizer_state, Tensor grad_output, "
+        "Tensor table_offsets, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+        "str pooling, str optimizer, float lr, float eps) -> Tensor");
+
+  // ---- attention: jagged (packed) multi-head attention ----
+
+  // ---- retrieval: top-k over the catalogue ----
+
+  // ---- loss: full-catalogue softmax cross-entropy ----
+}
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  py::list backends;
+  backends.append("cpu");
+#ifdef UNIREC_WITH_CUDA
+  backends.append("cuda");
+#endif
+  info["backends"] = backends;
+#ifdef UNIREC_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = std::string(UNIREC_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = std::string("");
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["threads"] = at::get_num_threads();
+  info["parallel"] = at::get_parallel_info();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "unirec kernels: the ops live in torch.ops.unirec";
+  module.def("build_info", &build_info,
+             "Which backends were compiled, the CUDA architectures, the compiler and threads.");
+}

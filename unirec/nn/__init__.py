@@ -1,0 +1,4 @@
+"""Modules built on unirec.ops."""
+from .embedding import TableBatchedEmbedding
+
+__all__ = ["TableBatchedEmbedding"]

@@ -1,0 +1,4 @@
+"""unirec's fused ops. Each takes ``impl=`` to pick a backend; see DESIGN of each family module."""
+from .embedding import embedding_bag, table_batched_embedding, tbe_backward_update_
+
+__all__ = ["table_batched_embedding", "embedding_bag", "tbe_backward_update_"]
