@@ -46,7 +46,7 @@ cuda = want_cuda()
 cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
 cuda_sources = sources("csrc/cuda/*.cu") if cuda else []
 include_dirs = [os.path.join(HERE, "csrc", "include")]
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DUNIREC_OPENMP"]
+cxx_flags = ["-O3", "-fopenmp"]
 if os.environ.get("UNIREC_NATIVE", "0") == "1":
     cxx_flags.append("-march=native")
 define_macros = []
@@ -62,7 +62,7 @@ if cuda:
         define_macros=define_macros,
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
         extra_link_args=["-fopenmp"],
     )

@@ -19,47 +19,6 @@ namespace {
 // Bags per parallel task: small bags are cheap, so hand out several at once.
 constexpr int64_t kBagGrain = 16;
 
-// Checks every value the kernels trust: offsets run from 0 to nnz without
-// decreasing, table_offsets from 0 to R, and each index lies inside its table.
-template <typename index_t>
-void check_tbe_values(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
-                      const TbeShape& s) {
-  const int64_t* toff = table_offsets.data_ptr<int64_t>();
-  UNIREC_CHECK(toff[0] == 0, "table_offsets[0] must be 0, got ", toff[0]);
-  for (int64_t t = 0; t < s.T; ++t) {
-    UNIREC_CHECK(toff[t + 1] >= toff[t], "table_offsets must not decrease, but table_offsets[", t + 1, "] = ",
-                 toff[t + 1], " < table_offsets[", t, "] = ", toff[t]);
-  }
-  UNIREC_CHECK(toff[s.T] == s.R, "table_offsets[-1] must equal the rows of weight (", s.R, "), got ", toff[s.T]);
-
-  const index_t* off = offsets.data_ptr<index_t>();
-  UNIREC_CHECK(off[0] == 0, "offsets[0] must be 0, got ", static_cast<int64_t>(off[0]));
-  UNIREC_CHECK(static_cast<int64_t>(off[s.T * s.B]) == s.nnz, "offsets[-1] must equal len(indices) (", s.nnz,
-               "), got ", static_cast<int64_t>(off[s.T * s.B]));
-  for (int64_t i = 0; i < s.T * s.B; ++i) {
-    UNIREC_CHECK(off[i + 1] >= off[i], "offsets must not decrease, but offsets[", i + 1, "] = ",
-                 static_cast<int64_t>(off[i + 1]), " < offsets[", i, "] = ", static_cast<int64_t>(off[i]));
-  }
-  const index_t* idx = indices.data_ptr<index_t>();
-  at::parallel_for(0, s.T * s.B, kBagGrain * 4, [&](int64_t begin, int64_t end) {
-    for (int64_t bag = begin; bag < end; ++bag) {
-      const int64_t t = bag / s.B;
-      const int64_t rows = toff[t + 1] - toff[t];
-      for (int64_t p = off[bag]; p < off[bag + 1]; ++p) {
-        UNIREC_CHECK(idx[p] >= 0 && idx[p] < rows, "indices[", p, "] = ", static_cast<int64_t>(idx[p]),
-                     " is outside table ", t, ", which has ", rows, " rows");
-      }
-    }
-  });
-}
-
-void validate(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
-              const TbeShape& s) {
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tbe_check", [&] {
-    check_tbe_values<index_t>(table_offsets, indices, offsets, s);
-  });
-}
-
 at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_offsets_, const at::Tensor& indices_,
                            const at::Tensor& offsets_, const std::optional<at::Tensor>& per_sample_weights,
                            std::string pooling) {
@@ -67,7 +26,7 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
   const bool mean = parse_pooling(pooling) == Pooling::kMean;
   const at::Tensor weight = weight_.contiguous(), table_offsets = table_offsets_.contiguous(),
                    indices = indices_.contiguous(), offsets = offsets_.contiguous();
-  validate(table_offsets, indices, offsets, s);
+  check_tbe_values(table_offsets, indices, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
   if (out.numel() == 0) return out;
@@ -214,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> tbe_backward_cpu(const at::Tensor& grad_outpu
   const at::Tensor weight = weight_.contiguous(), table_offsets = table_offsets_.contiguous(),
                    indices = indices_.contiguous(), offsets = offsets_.contiguous(),
                    grad_output = grad_output_.contiguous();
-  validate(table_offsets, indices, offsets, s);
+  check_tbe_values(table_offsets, indices, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor grad_weight = at::zeros_like(weight);
   at::Tensor grad_psw = at::empty({0}, weight.options());
@@ -251,7 +210,7 @@ at::Tensor tbe_backward_update_cpu(at::Tensor& weight, at::Tensor& state, const 
   const bool mean = parse_pooling(pooling) == Pooling::kMean;
   const at::Tensor table_offsets = table_offsets_.contiguous(), indices = indices_.contiguous(),
                    offsets = offsets_.contiguous(), grad_output = grad_output_.contiguous();
-  validate(table_offsets, indices, offsets, s);
+  check_tbe_values(table_offsets, indices, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor grad_psw = at::empty({0}, weight.options());
 
