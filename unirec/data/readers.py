@@ -395,8 +395,8 @@ def _read_csv_rows(path: Path, sep: str, encoding: str):
         if not r or all(not c.strip() for c in r):
             continue
         if len(r) != len(header):
-            col = len(r) + 1 if len(r) < len(header) else len(header) + 1
-            raise DataFormatError(path, i + 2, f"{col}", f"expected {len(header)} fields separated by {sep!r}, got {len(r)}")
+            col = f"{len(r) + 1} ({header[len(r)]})" if len(r) < len(header) else f"{len(header) + 1} (extra field)"
+            raise DataFormatError(path, i + 2, col, f"expected {len(header)} fields separated by {sep!r}, got {len(r)}")
         kept.append(r)
         line_numbers.append(i + 2)  # the csv module counts physical rows; quoted newlines are not expected here
     return header, kept, line_numbers
@@ -424,7 +424,8 @@ def _interactions_from_columns(path, names, getcol, line_numbers) -> Table:
            (("user", USER_ALIASES), ("item", ITEM_ALIASES), ("time", TIME_ALIASES), ("rating", RATING_ALIASES))}
     for what, al in (("user", USER_ALIASES), ("item", ITEM_ALIASES), ("time", TIME_ALIASES)):
         if idx[what] is None:
-            raise DataFormatError(path, 1, None, f"interactions need a {what} column named one of {list(al)}; "
+            article = "an" if what[0] in "aeiou" else "a"
+            raise DataFormatError(path, 1, None, f"interactions need {article} {what} column named one of {list(al)}; "
                                                  f"header is {list(names)}")
     cols = {"user_id": np.asarray(getcol(idx["user"]), dtype=str), "item_id": np.asarray(getcol(idx["item"]), dtype=str)}
     types = {"user_id": "token", "item_id": "token"}
