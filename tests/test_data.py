@@ -412,7 +412,8 @@ def test_planted_structure_is_learnable_through_the_evaluator():
     ds = synthetic(num_users=600, num_items=2000, num_clusters=10, mean_length=20, seed=5)
     sp = leave_one_out(ds)
     tu, ti, _, _ = sp.train_interactions()
-    pop = torch.from_numpy(np.bincount(ti, minlength=ds.num_items + 1)).double()
+    pop = torch.from_numpy(sp.item_popularity()).double()
+    assert torch.equal(pop, torch.from_numpy(np.bincount(ti, minlength=ds.num_items + 1)).double())
     users = sp.eval_users
     hist, hoff = sp.history("valid", users)
     targets = torch.from_numpy(sp.targets("valid"))

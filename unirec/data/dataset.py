@@ -13,7 +13,7 @@ into the (indices, offsets, table_offsets) of ``unirec.ops.table_batched_embeddi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -228,7 +228,8 @@ def _natural_vocab(values: np.ndarray):
     Returns (vocab [V+1] with PAD first, codes [n] in 1..V).
     """
     uniq, inv = np.unique(values, return_inverse=True)
-    if len(uniq) and all(u.isdigit() for u in uniq[: min(len(uniq), 1000)]) and np.char.isdigit(uniq).all():
+    if len(uniq) and np.char.isdigit(uniq).all() and \
+            int(np.char.str_len(uniq).max()) < 19:  # fits in int64
         order = np.argsort(uniq.astype(np.int64), kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
@@ -317,7 +318,7 @@ def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_
         if ftype not in ("token", "float"):
             raise DataFormatError(table.source, None, spec.source, f"feature {spec.name!r} is categorical but the "
                                                                    f"column has type {ftype}")
-        vals = np.asarray([f"{v:g}" for v in col]) if ftype == "float" else np.asarray(col, dtype=str)
+        vals = np.asarray(["" if np.isnan(v) else f"{v:g}" for v in col]) if ftype == "float" else np.asarray(col, dtype=str)
         if spec.prefix is not None:
             vals = np.asarray([v[: spec.prefix] for v in vals.tolist()])
         ok = vals != ""

@@ -138,6 +138,10 @@ class LeaveOneOutSplit:
         p = self.train_positions()
         return self.users_sorted[p], self.items[p], self.timestamps[p], None if self.ratings is None else self.ratings[p]
 
+    def item_popularity(self) -> np.ndarray:
+        """[num_items + 1] int64 training events per item (the popularity baseline's scores)."""
+        return np.bincount(self.items[self.train_positions()], minlength=self.dataset.num_items + 1)
+
     def targets(self, stage: str) -> np.ndarray:
         """[E] held-out items of ``eval_users`` at ``stage``."""
         return self.items[self._stage_pos(stage, self.eval_users)]
