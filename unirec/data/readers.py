@@ -1,0 +1,566 @@
+"""Readers: RecBole atomic files, MovieLens' own formats, CSV / Parquet tables.
+
+Every reader returns :class:`RawData`, whose tables use RecBole's field names
+and types so that one encoder (``unirec.data.dataset.encode``) serves all
+formats:
+
+- interactions: ``user_id`` (token), ``item_id`` (token), ``timestamp``
+  (float), and ``rating`` (float) when the source has one;
+- items: ``item_id`` plus attribute fields; users: ``user_id`` plus profile
+  fields.
+
+Field types are RecBole's: ``token`` (one string per row), ``token_seq`` (a
+list of strings), ``float`` (a number) and ``float_seq`` (a list of numbers).
+In a Table, a token column is a numpy array of str, a float column a float64
+array, and a ``*_seq`` column a list of lists (str) or of float64 arrays.
+
+A malformed file raises :class:`DataFormatError` naming the file, the line
+(1-based, as an editor shows it) and the column.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+PathLike = Union[str, os.PathLike]
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be parsed; the message names file, line and column."""
+
+    def __init__(self, path: PathLike, line: Optional[int], column: Optional[str], message: str):
+        self.path, self.line, self.column = str(path), line, column
+        where = str(path)
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column}"
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class Table:
+    """Columns of equal length, each with a RecBole field type.
+
+    Attributes:
+        columns: name -> values (see the module docstring for each type's layout).
+        types: name -> one of FIELD_TYPES.
+        source: the file the table was read from (for messages).
+    """
+
+    columns: Dict[str, object]
+    types: Dict[str, str]
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        for values in self.columns.values():
+            return len(values)
+        return 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    def __getitem__(self, name: str):
+        return self.columns[name]
+
+
+@dataclass
+class RawData:
+    """A data set as read: interactions plus optional item and user tables."""
+
+    name: str
+    inter: Table
+    item: Optional[Table] = None
+    user: Optional[Table] = None
+    # Item field holding free text (a title), if any; used for item_text.
+    text_field: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def _to_float_column(path, values: Sequence[str], column: str, line_numbers: Sequence[int]) -> np.ndarray:
+    """Strings -> float64; on failure finds the first bad cell for the message."""
+    try:
+        return np.asarray(values, dtype=np.float64) if len(values) else np.zeros(0, np.float64)
+    except ValueError:
+        for v, ln in zip(values, line_numbers):
+            try:
+                float(v)
+            except ValueError:
+                raise DataFormatError(path, ln, column, f"expected a number, got {v!r}") from None
+        raise
+
+
+def _split_rows(path, lines, sep: str, ncols: int, names: Sequence[str], first_line: int, *, regex=False):
+    """Splits text lines into ``ncols`` fields. Returns (columns as lists, line numbers)."""
+    cols: List[List[str]] = [[] for _ in range(ncols)]
+    line_numbers: List[int] = []
+    splitter = re.compile(sep).split if regex else (lambda s: s.split(sep))
+    for i, raw in enumerate(lines):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = splitter(line)
+        ln = first_line + i
+        if len(parts) != ncols:
+            # Name the first missing column, or the first extra one.
+            col = f"{len(parts) + 1} ({names[len(parts)]})" if len(parts) < ncols else f"{ncols + 1} (extra field)"
+            raise DataFormatError(path, ln, col, f"expected {ncols} fields separated by {sep!r}, got {len(parts)}")
+        for c, p in zip(cols, parts):
+            c.append(p)
+        line_numbers.append(ln)
+    return cols, line_numbers
+
+
+def _typed_column(path, values: List[str], ftype: str, column: str, line_numbers, seq_sep: str):
+    if ftype == "token":
+        return np.asarray(values, dtype=str) if values else np.zeros(0, dtype="<U1")
+    if ftype == "float":
+        return _to_float_column(path, values, column, line_numbers)
+    if ftype == "token_seq":
+        return [v.split(seq_sep) if v.strip() else [] for v in values]
+    if ftype == "float_seq":
+        out = []
+        for v, ln in zip(values, line_numbers):
+            parts = v.split(seq_sep) if v.strip() else []
+            try:
+                out.append(np.asarray(parts, dtype=np.float64))
+            except ValueError:
+                raise DataFormatError(path, ln, column, f"expected numbers separated by {seq_sep!r}, got {v!r}") from None
+        return out
+    raise AssertionError(ftype)
+
+
+def _read_text(path: Path, encoding: str) -> List[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with open(path, "r", encoding=encoding, newline="") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        # Report the line of the bad byte.
+        data = path.read_bytes()
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataFormatError(path, line, None, f"not valid {encoding} text ({exc.reason})") from None
+
+
+# --------------------------------------------------------------------------- RecBole atomic files
+
+
+def read_atomic_file(path: PathLike, *, sep: str = "\t", seq_sep: str = " ", encoding: str = "utf-8") -> Table:
+    """Reads one RecBole atomic file (.inter/.item/.user): header ``name:type`` cells, one row per line."""
+    path = Path(path)
+    lines = _read_text(path, encoding)
+    if not lines:
+        raise DataFormatError(path, 1, None, "empty file: expected a header of name:type fields")
+    header = lines[0].split(sep)
+    names, types = [], []
+    for j, cell in enumerate(header):
+        if ":" not in cell:
+            raise DataFormatError(path, 1, f"{j + 1}", f"header field {cell!r} is not of the form name:type")
+        name, ftype = cell.rsplit(":", 1)
+        if ftype not in FIELD_TYPES:
+            raise DataFormatError(path, 1, f"{j + 1} ({name})", f"unknown field type {ftype!r}; expected one of {FIELD_TYPES}")
+        names.append(name)
+        types.append(ftype)
+    if len(set(names)) != len(names):
+        raise DataFormatError(path, 1, None, f"duplicate field names in header {names}")
+    cols, line_numbers = _split_rows(path, lines[1:], sep, len(names), names, first_line=2)
+    columns = {
+        n: _typed_column(path, c, t, f"{j + 1} ({n})", line_numbers, seq_sep)
+        for j, (n, t, c) in enumerate(zip(names, types, cols))
+    }
+    return Table(columns, dict(zip(names, types)), str(path))
+
+
+def _require(table: Table, names: Sequence[str], what: str) -> None:
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DataFormatError(table.source, 1, None, f"{what} needs field(s) {missing}; it has {list(table.columns)}")
+
+
+def read_atomic(directory: PathLike, name: Optional[str] = None) -> RawData:
+    """Reads ``<name>.inter`` and, when present, ``<name>.item`` / ``<name>.user`` from a directory.
+
+    ``name`` defaults to the directory's name, or to the only ``*.inter`` file in it.
+    The .inter file needs ``user_id``, ``item_id`` and ``timestamp`` fields.
+    """
+    directory = Path(directory)
+    if name is None:
+        inters = sorted(directory.glob("*.inter"))
+        if (directory / f"{directory.name}.inter").exists():
+            name = directory.name
+        elif len(inters) == 1:
+            name = inters[0].stem
+        else:
+            raise FileNotFoundError(f"{directory}: expected one <name>.inter file, found {[p.name for p in inters]}")
+    inter = read_atomic_file(directory / f"{name}.inter")
+    _require(inter, ["user_id", "item_id", "timestamp"], "an interaction file")
+    _check_types(inter, {"user_id": "token", "item_id": "token", "timestamp": "float", "rating": "float"})
+    item = user = None
+    if (directory / f"{name}.item").exists():
+        item = read_atomic_file(directory / f"{name}.item")
+        _require(item, ["item_id"], "an item file")
+    if (directory / f"{name}.user").exists():
+        user = read_atomic_file(directory / f"{name}.user")
+        _require(user, ["user_id"], "a user file")
+    text = next((f for f in ("movie_title", "title", "name") if item is not None and f in item), None)
+    return RawData(name, inter, item, user, text_field=text)
+
+
+def _check_types(table: Table, expected: Dict[str, str]) -> None:
+    for n, t in expected.items():
+        if n in table.types and table.types[n] != t:
+            names = list(table.columns)
+            raise DataFormatError(table.source, 1, f"{names.index(n) + 1} ({n})",
+                                  f"field {n!r} must have type {t}, not {table.types[n]}")
+
+
+# --------------------------------------------------------------------------- MovieLens' own formats
+
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western")
+ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+                    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+                    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+_YEAR_IN_TITLE = re.compile(r"\s*\((\d{4})\)\s*$")
+
+
+def _split_title(title: str):
+    """'Toy Story (1995)' -> ('Toy Story', 1995.0); no year -> (title, nan)."""
+    m = _YEAR_IN_TITLE.search(title)
+    if m:
+        return title[: m.start()].strip(), float(m.group(1))
+    return title.strip(), float("nan")
+
+
+def _inter_table(path, cols, line_numbers, names) -> Table:
+    user, item, rating, ts = cols
+    return Table(
+        {
+            "user_id": np.asarray(user, dtype=str),
+            "item_id": np.asarray(item, dtype=str),
+            "rating": _to_float_column(path, rating, f"3 ({names[2]})", line_numbers),
+            "timestamp": _to_float_column(path, ts, f"4 ({names[3]})", line_numbers),
+        },
+        {"user_id": "token", "item_id": "token", "rating": "float", "timestamp": "float"},
+        str(path),
+    )
+
+
+def read_movielens_100k(directory: PathLike) -> RawData:
+    """GroupLens ml-100k: ``u.data`` (tab: user item rating timestamp), ``u.item``, ``u.user`` ('|')."""
+    d = Path(directory)
+    names = ["user", "item", "rating", "timestamp"]
+    cols, lns = _split_rows(d / "u.data", _read_text(d / "u.data", "latin-1"), "\t", 4, names, 1)
+    inter = _inter_table(d / "u.data", cols, lns, names)
+    item = user = None
+    if (d / "u.item").exists():
+        p = d / "u.item"
+        inames = ["movie id", "movie title", "release date", "video release date", "IMDb URL"] + list(ML100K_GENRES)
+        c, lns = _split_rows(p, _read_text(p, "latin-1"), "|", 24, inames, 1)
+        titles, years, genres = [], [], []
+        for j, ln in enumerate(lns):
+            title, year = _split_title(c[1][j])
+            date = c[2][j].strip()
+            if date:
+                try:
+                    year = float(date[-4:])
+                except ValueError:
+                    raise DataFormatError(p, ln, "3 (release date)", f"expected a date like 01-Jan-1995, got {date!r}") from None
+            flags = [c[5 + g][j] for g in range(19)]
+            bad = [g for g, f in enumerate(flags) if f not in ("0", "1")]
+            if bad:
+                raise DataFormatError(p, ln, f"{6 + bad[0]} ({ML100K_GENRES[bad[0]]})",
+                                      f"expected a 0/1 genre flag, got {flags[bad[0]]!r}")
+            titles.append(title)
+            years.append(year)
+            genres.append([ML100K_GENRES[g] for g, f in enumerate(flags) if f == "1"])
+        item = Table({"item_id": np.asarray(c[0], dtype=str), "movie_title": np.asarray(titles, dtype=str),
+                      "release_year": np.asarray(years, dtype=np.float64), "genre": genres},
+                     {"item_id": "token", "movie_title": "token", "release_year": "float", "genre": "token_seq"}, str(p))
+    if (d / "u.user").exists():
+        p = d / "u.user"
+        unames = ["user id", "age", "gender", "occupation", "zip code"]
+        c, lns = _split_rows(p, _read_text(p, "latin-1"), "|", 5, unames, 1)
+        user = Table({"user_id": np.asarray(c[0], dtype=str), "age": _to_float_column(p, c[1], "2 (age)", lns),
+                      "gender": np.asarray(c[2], dtype=str), "occupation": np.asarray(c[3], dtype=str),
+                      "zip_code": np.asarray(c[4], dtype=str)},
+                     {"user_id": "token", "age": "float", "gender": "token", "occupation": "token", "zip_code": "token"},
+                     str(p))
+    return RawData("ml-100k", inter, item, user, text_field="movie_title" if item is not None else None)
+
+
+def read_movielens_1m(directory: PathLike) -> RawData:
+    """GroupLens ml-1m (also ml-10m's ratings/movies): ``ratings.dat``, ``movies.dat``, ``users.dat`` ('::')."""
+    d = Path(directory)
+    names = ["UserID", "MovieID", "Rating", "Timestamp"]
+    p = d / "ratings.dat"
+    cols, lns = _split_rows(p, _read_text(p, "latin-1"), "::", 4, names, 1)
+    inter = _inter_table(p, cols, lns, names)
+    item = user = None
+    if (d / "movies.dat").exists():
+        p = d / "movies.dat"
+        c, lns = _split_rows(p, _read_text(p, "latin-1"), "::", 3, ["MovieID", "Title", "Genres"], 1)
+        split = [_split_title(t) for t in c[1]]
+        item = Table({"item_id": np.asarray(c[0], dtype=str),
+                      "movie_title": np.asarray([t for t, _ in split], dtype=str),
+                      "release_year": np.asarray([y for _, y in split], dtype=np.float64),
+                      "genre": [g.split("|") if g else [] for g in c[2]]},
+                     {"item_id": "token", "movie_title": "token", "release_year": "float", "genre": "token_seq"}, str(p))
+    if (d / "users.dat").exists():
+        p = d / "users.dat"
+        c, lns = _split_rows(p, _read_text(p, "latin-1"), "::", 5, ["UserID", "Gender", "Age", "Occupation", "Zip-code"], 1)
+        occ = []
+        for v, ln in zip(c[3], lns):
+            if not v.isdigit() or int(v) >= len(ML1M_OCCUPATIONS):
+                raise DataFormatError(p, ln, "4 (Occupation)", f"expected an occupation code 0-20, got {v!r}")
+            occ.append(ML1M_OCCUPATIONS[int(v)])
+        user = Table({"user_id": np.asarray(c[0], dtype=str), "gender": np.asarray(c[1], dtype=str),
+                      "age": _to_float_column(p, c[2], "3 (Age)", lns), "occupation": np.asarray(occ, dtype=str),
+                      "zip_code": np.asarray(c[4], dtype=str)},
+                     {"user_id": "token", "gender": "token", "age": "float", "occupation": "token", "zip_code": "token"},
+                     str(p))
+    return RawData(d.name or "ml-1m", inter, item, user, text_field="movie_title" if item is not None else None)
+
+
+# --------------------------------------------------------------------------- CSV / Parquet
+
+USER_ALIASES = ("user_id", "user", "userid", "uid", "customer_id", "visitorid")
+ITEM_ALIASES = ("item_id", "item", "itemid", "iid", "movieid", "movie_id", "product_id", "article_id")
+TIME_ALIASES = ("timestamp", "time", "ts", "t", "datetime", "date")
+RATING_ALIASES = ("rating", "score", "label")
+
+
+def _find(names: Sequence[str], aliases: Sequence[str]) -> Optional[int]:
+    low = [n.lower() for n in names]
+    for a in aliases:
+        if a in low:
+            return low.index(a)
+    return None
+
+
+def _typed_header(header: Sequence[str]):
+    """Header cells, optionally ``name:type``; returns (names, explicit types or None)."""
+    names, types = [], []
+    for cell in header:
+        cell = cell.strip()
+        if ":" in cell and cell.rsplit(":", 1)[1] in FIELD_TYPES:
+            n, t = cell.rsplit(":", 1)
+            names.append(n)
+            types.append(t)
+        else:
+            names.append(cell)
+            types.append(None)
+    return names, types
+
+
+def _infer_type(values: Sequence[str], seq_sep: str) -> str:
+    nonempty = [v for v in values if v != ""]
+    try:
+        np.asarray(nonempty, dtype=np.float64)
+        return "float"
+    except ValueError:
+        pass
+    if any(seq_sep in v for v in nonempty):
+        return "token_seq"
+    return "token"
+
+
+def _read_csv_rows(path: Path, sep: str, encoding: str):
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, "r", encoding=encoding, newline="") as f:
+        try:
+            rows = list(csv.reader(f, delimiter=sep))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataFormatError(path, None, None, f"cannot parse as CSV: {exc}") from None
+    if not rows:
+        raise DataFormatError(path, 1, None, "empty file: expected a header row")
+    header, body = rows[0], rows[1:]
+    line_numbers = []
+    kept = []
+    for i, r in enumerate(body):
+        if not r or all(not c.strip() for c in r):
+            continue
+        if len(r) != len(header):
+            col = f"{len(r) + 1} ({header[len(r)]})" if len(r) < len(header) else f"{len(header) + 1} (extra field)"
+            raise DataFormatError(path, i + 2, col, f"expected {len(header)} fields separated by {sep!r}, got {len(r)}")
+        kept.append(r)
+        line_numbers.append(i + 2)  # the csv module counts physical rows; quoted newlines are not expected here
+    return header, kept, line_numbers
+
+
+def _table_from_rows(path, header, rows, line_numbers, seq_sep: str, key_aliases, key_name: str, what: str) -> Table:
+    names, explicit = _typed_header(header)
+    k = _find(names, key_aliases)
+    if k is None:
+        raise DataFormatError(path, 1, None, f"{what} needs an id column named one of {list(key_aliases)}; header is {names}")
+    cols = [list(c) for c in zip(*rows)] if rows else [[] for _ in names]
+    columns, types = {}, {}
+    for j, (n, t, c) in enumerate(zip(names, explicit, cols)):
+        if j == k:
+            n, t = key_name, "token"
+        t = t or _infer_type(c, seq_sep)
+        columns[n] = _typed_column(path, c, t, f"{j + 1} ({names[j]})", line_numbers, seq_sep)
+        types[n] = t
+    return Table(columns, types, str(path))
+
+
+def _interactions_from_columns(path, names, getcol, line_numbers) -> Table:
+    """Builds the interaction table from columns located by alias."""
+    idx = {what: _find(names, al) for what, al in
+           (("user", USER_ALIASES), ("item", ITEM_ALIASES), ("time", TIME_ALIASES), ("rating", RATING_ALIASES))}
+    for what, al in (("user", USER_ALIASES), ("item", ITEM_ALIASES), ("time", TIME_ALIASES)):
+        if idx[what] is None:
+            article = "an" if what[0] in "aeiou" else "a"
+            raise DataFormatError(path, 1, None, f"interactions need {article} {what} column named one of {list(al)}; "
+                                                 f"header is {list(names)}")
+    cols = {"user_id": np.asarray(getcol(idx["user"]), dtype=str), "item_id": np.asarray(getcol(idx["item"]), dtype=str)}
+    types = {"user_id": "token", "item_id": "token"}
+    for key, what in (("timestamp", "time"), ("rating", "rating")):
+        j = idx[what]
+        if j is None:
+            continue
+        vals = getcol(j)
+        if isinstance(vals, np.ndarray) and vals.dtype.kind in "iuf":
+            cols[key] = vals.astype(np.float64)
+        elif isinstance(vals, np.ndarray) and vals.dtype.kind == "M":
+            cols[key] = vals.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+        else:
+            cols[key] = _to_float_column(path, [str(v) for v in vals], f"{j + 1} ({names[j]})", line_numbers)
+        types[key] = "float"
+    return Table(cols, types, str(path))
+
+
+def read_csv(inter_path: PathLike, item_path: Optional[PathLike] = None, user_path: Optional[PathLike] = None, *,
+             sep: str = ",", seq_sep: str = "|", encoding: str = "utf-8", name: Optional[str] = None) -> RawData:
+    """CSV with a header: interactions (user, item, timestamp[, rating]) + optional item / user tables.
+
+    Column names are matched case-insensitively against common aliases (user_id/user/userId,
+    item_id/item/movieId, timestamp/time, rating). Attribute table columns may be typed with
+    ``name:type`` headers; otherwise numbers -> float, cells containing ``seq_sep`` -> token_seq,
+    else token. The first column named like an id is the key.
+    """
+    inter_path = Path(inter_path)
+    header, rows, lns = _read_csv_rows(inter_path, sep, encoding)
+    names, _ = _typed_header(header)
+    inter = _interactions_from_columns(inter_path, names, lambda j: [r[j] for r in rows], lns)
+    item = user = None
+    if item_path is not None:
+        h, r, ln = _read_csv_rows(Path(item_path), sep, encoding)
+        item = _table_from_rows(item_path, h, r, ln, seq_sep, ITEM_ALIASES, "item_id", "an item table")
+    if user_path is not None:
+        h, r, ln = _read_csv_rows(Path(user_path), sep, encoding)
+        user = _table_from_rows(user_path, h, r, ln, seq_sep, USER_ALIASES, "user_id", "a user table")
+    text = next((f for f in ("title", "movie_title", "name") if item is not None and f in item), None)
+    return RawData(name or inter_path.stem, inter, item, user, text_field=text)
+
+
+def _parquet_columns(path: Path):
+    """(names, {name: numpy array or list}) of a Parquet file via pyarrow (or pandas)."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    if pq is not None:
+        t = pq.read_table(path)
+        return t.column_names, {n: t.column(n).to_pylist() for n in t.column_names}
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs pyarrow (or pandas with a Parquet engine), which is not installed: "
+            "`pip install pyarrow`, or convert the file to CSV and use read_csv") from None
+    df = pd.read_parquet(path)
+    return list(df.columns), {n: df[n].tolist() for n in df.columns}
+
+
+def _pylist_to_column(path, name, j, values):
+    if values and isinstance(values[0], (list, tuple, np.ndarray)):
+        if all(isinstance(x, (int, float, np.number)) for v in values for x in v):
+            return [np.asarray(v, dtype=np.float64) for v in values], "float_seq"
+        return [[str(x) for x in v] for v in values], "token_seq"
+    if values and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, dtype=np.float64), "float"
+    return np.asarray(["" if v is None else str(v) for v in values], dtype=str), "token"
+
+
+def read_parquet(inter_path: PathLike, item_path: Optional[PathLike] = None, user_path: Optional[PathLike] = None,
+                 *, name: Optional[str] = None) -> RawData:
+    """Parquet versions of :func:`read_csv`'s tables (needs pyarrow or pandas)."""
+    inter_path = Path(inter_path)
+    names, cols = _parquet_columns(inter_path)
+    lns = list(range(1, len(next(iter(cols.values()), [])) + 1))  # rows, 1-based, for messages
+
+    def getcol(j):
+        v = cols[names[j]]
+        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return np.asarray(v, dtype=np.float64)
+        if v and hasattr(v[0], "timestamp"):
+            return np.asarray([x.timestamp() for x in v], dtype=np.float64)
+        return v
+
+    inter = _interactions_from_columns(inter_path, names, getcol, lns)
+    tables = []
+    for p, aliases, key in ((item_path, ITEM_ALIASES, "item_id"), (user_path, USER_ALIASES, "user_id")):
+        if p is None:
+            tables.append(None)
+            continue
+        p = Path(p)
+        n2, c2 = _parquet_columns(p)
+        k = _find(n2, aliases)
+        if k is None:
+            raise DataFormatError(p, None, None, f"needs an id column named one of {list(aliases)}; columns are {n2}")
+        columns, types = {}, {}
+        for j, n in enumerate(n2):
+            vals, t = _pylist_to_column(p, n, j, c2[n])
+            if j == k:
+                n, vals, t = key, np.asarray([str(v) for v in c2[n]], dtype=str), "token"
+            columns[n], types[n] = vals, t
+        tables.append(Table(columns, types, str(p)))
+    item, user = tables
+    text = next((f for f in ("title", "movie_title", "name") if item is not None and f in item), None)
+    return RawData(name or inter_path.stem, inter, item, user, text_field=text)
+
+
+def read_path(path: PathLike, *, item_path: Optional[PathLike] = None, user_path: Optional[PathLike] = None) -> RawData:
+    """Reads a data set from a directory or file, detecting the format.
+
+    - a directory with ``*.inter`` -> RecBole atomic files;
+    - a directory with ``u.data`` -> GroupLens ml-100k; with ``ratings.dat`` -> ml-1m;
+    - a ``.csv``/``.tsv``/``.txt`` file -> :func:`read_csv`; ``.parquet`` -> :func:`read_parquet`.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if list(p.glob("*.inter")):
+            return read_atomic(p)
+        if (p / "u.data").exists():
+            return read_movielens_100k(p)
+        if (p / "ratings.dat").exists():
+            return read_movielens_1m(p)
+        raise FileNotFoundError(f"{p}: no *.inter (RecBole atomic), u.data (MovieLens-100K) or ratings.dat "
+                                "(MovieLens-1M) file found")
+    if not p.exists():
+        raise FileNotFoundError(f"data path not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet(p, item_path, user_path)
+    if suffix in (".csv", ".tsv", ".txt"):
+        return read_csv(p, item_path, user_path, sep="\t" if suffix == ".tsv" else ",")
+    if suffix == ".inter":
+        return read_atomic(p.parent, p.stem)
+    raise ValueError(f"{p}: unknown data format {suffix!r} (expected a directory, .csv, .tsv, .parquet or .inter)")
