@@ -9,7 +9,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "unirec/embedding.h"
 
@@ -18,6 +26,15 @@ namespace {
 
 // Bags per parallel task: small bags are cheap, so hand out several at once.
 constexpr int64_t kBagGrain = 16;
+
+// Rows read ahead of use: enough to cover DRAM latency for a few rows in flight.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(scalar_t)); c += 64) __builtin_prefetch(p + c, 0, 1);
+}
 
 at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_offsets_, const at::Tensor& indices_,
                            const at::Tensor& offsets_, const std::optional<at::Tensor>& per_sample_weights,
@@ -43,6 +60,17 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
       const int64_t D = s.D;
       at::parallel_for(0, s.T * s.B, kBagGrain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> acc(D);
+        // A prefetch cursor runs kPrefetchRows positions ahead, across bag
+        // boundaries: random rows of a large table are latency-bound otherwise.
+        int64_t pf_bag = begin, pf_p = off[begin];
+        const int64_t pf_end = off[end];
+        auto prefetch_next = [&]() {
+          if (pf_p >= pf_end) return;
+          while (pf_p >= off[pf_bag + 1]) ++pf_bag;
+          prefetch_row(w + (toff[pf_bag / s.B] + static_cast<int64_t>(idx[pf_p])) * D, D);
+          ++pf_p;
+        };
+        for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next();
         for (int64_t bag = begin; bag < end; ++bag) {
           const int64_t t = bag / s.B, b = bag % s.B;
           const scalar_t* table = w + toff[t] * D;
@@ -50,6 +78,7 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
           acc_t* a = acc.data();
           const int64_t start = off[bag], stop = off[bag + 1];
           for (int64_t p = start; p < stop; ++p) {
+            prefetch_next();
             const scalar_t* row = table + static_cast<int64_t>(idx[p]) * D;
             const acc_t scale = ps ? static_cast<acc_t>(ps[p]) : acc_t(1);
             for (int64_t d = 0; d < D; ++d) a[d] += scale * static_cast<acc_t>(row[d]);
@@ -64,67 +93,97 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
   return out;
 }
 
-// Position p -> its bag (t*B + b), and the linear row table_offsets[t] + indices[p].
+// The index positions grouped by row: segment g holds the positions
+// order[seg[g] : seg[g+1]] (ascending), all looking up row rows[g].
+struct RowGroups {
+  std::vector<int64_t> bag_of;  // [nnz] position -> bag t*B + b
+  std::vector<int64_t> row_of;  // [nnz] position -> row of weight
+  std::vector<int64_t> order;   // [nnz] positions sorted by row, stable
+  std::vector<int64_t> seg;     // [segments + 1]
+  std::vector<int64_t> rows;    // [segments] the row of each segment, ascending
+};
+
+// Stable LSD radix sort of positions by row, 11 bits a pass: a handful of
+// linear passes instead of a comparison sort, and the stable order fixes the
+// summation order of every row's gradient.
+void sort_positions_by_row(const std::vector<int64_t>& row_of, int64_t R, std::vector<int64_t>& order) {
+  const int64_t n = static_cast<int64_t>(row_of.size());
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  int bits = 1;
+  while (bits < 63 && (int64_t(1) << bits) < R) ++bits;
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::vector<int64_t> keys(row_of), tmp_keys(n), tmp_order(n);
+  std::vector<int64_t> count(kBuckets);
+  for (int shift = 0; shift < bits; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & (kBuckets - 1)];
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t c0 = c;
+      c = sum;
+      sum += c0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t dst = count[(keys[i] >> shift) & (kBuckets - 1)]++;
+      tmp_keys[dst] = keys[i];
+      tmp_order[dst] = order[i];
+    }
+    keys.swap(tmp_keys);
+    order.swap(tmp_order);
+  }
+}
+
 template <typename index_t>
-void positions_to_bags_and_rows(const int64_t* toff, const index_t* idx, const index_t* off, const TbeShape& s,
-                                int64_t* bag_of, int64_t* row_of) {
+RowGroups group_by_row(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
+                       const TbeShape& s) {
+  RowGroups g;
+  g.bag_of.resize(s.nnz);
+  g.row_of.resize(s.nnz);
+  const int64_t* toff = table_offsets.data_ptr<int64_t>();
+  const index_t* idx = indices.data_ptr<index_t>();
+  const index_t* off = offsets.data_ptr<index_t>();
   at::parallel_for(0, s.T * s.B, kBagGrain * 4, [&](int64_t begin, int64_t end) {
     for (int64_t bag = begin; bag < end; ++bag) {
       const int64_t base = toff[bag / s.B];
       for (int64_t p = off[bag]; p < off[bag + 1]; ++p) {
-        bag_of[p] = bag;
-        row_of[p] = base + static_cast<int64_t>(idx[p]);
+        g.bag_of[p] = bag;
+        g.row_of[p] = base + static_cast<int64_t>(idx[p]);
       }
     }
   });
+  sort_positions_by_row(g.row_of, s.R, g.order);
+  g.seg.push_back(0);
+  for (int64_t i = 0; i < s.nnz; ++i) {
+    const int64_t row = g.row_of[g.order[i]];
+    if (i > 0 && row != g.rows.back()) g.seg.push_back(i);
+    if (i == 0 || row != g.rows.back()) g.rows.push_back(row);
+  }
+  g.seg.push_back(s.nnz);
+  if (s.nnz == 0) g.seg.pop_back();
+  return g;
 }
 
-// The gradient of one row, summed over its positions in sorted (stable) order.
-// Visits each unique row once, in parallel, and hands the summed gradient to
-// `apply(row, grad)`.
-template <typename scalar_t, typename acc_t, typename index_t, typename Apply>
-void for_each_row_gradient(const at::Tensor& grad_output, const at::Tensor& psw, const index_t* off,
-                           const TbeShape& s, bool mean, const int64_t* bag_of, const at::Tensor& sorted_rows,
-                           const at::Tensor& order, Apply apply) {
-  const int64_t nnz = s.nnz;
-  if (nnz == 0) return;
-  const int64_t* rows = sorted_rows.data_ptr<int64_t>();
-  const int64_t* perm = order.data_ptr<int64_t>();
-  // Segment starts: positions where the sorted row id changes.
-  std::vector<int64_t> seg;
-  seg.reserve(nnz / 2 + 2);
-  seg.push_back(0);
-  for (int64_t i = 1; i < nnz; ++i) {
-    if (rows[i] != rows[i - 1]) seg.push_back(i);
-  }
-  seg.push_back(nnz);
-  const int64_t segments = static_cast<int64_t>(seg.size()) - 1;
-  const scalar_t* go = grad_output.data_ptr<scalar_t>();
-  const scalar_t* ps = psw.defined() ? psw.data_ptr<scalar_t>() : nullptr;
+// Sums the gradient of segment g's row into a (length D), in position order.
+template <typename scalar_t, typename acc_t, typename index_t>
+inline void row_gradient(const RowGroups& groups, int64_t g, const scalar_t* grad_out, const scalar_t* psw,
+                         const index_t* off, const TbeShape& s, bool mean, acc_t* a) {
   const int64_t D = s.D;
-  at::parallel_for(0, segments, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(D);
-    for (int64_t g = begin; g < end; ++g) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t* a = acc.data();
-      for (int64_t i = seg[g]; i < seg[g + 1]; ++i) {
-        const int64_t p = perm[i];
-        const int64_t bag = bag_of[p];
-        const int64_t t = bag / s.B, b = bag % s.B;
-        acc_t scale = ps ? static_cast<acc_t>(ps[p]) : acc_t(1);
-        if (mean) scale /= static_cast<acc_t>(off[bag + 1] - off[bag]);
-        const scalar_t* src = go + (b * s.T + t) * D;
-        for (int64_t d = 0; d < D; ++d) a[d] += scale * static_cast<acc_t>(src[d]);
-      }
-      apply(rows[seg[g]], a);
-    }
-  });
+  std::fill(a, a + D, acc_t(0));
+  for (int64_t i = groups.seg[g]; i < groups.seg[g + 1]; ++i) {
+    const int64_t p = groups.order[i];
+    const int64_t bag = groups.bag_of[p];
+    acc_t scale = psw ? static_cast<acc_t>(psw[p]) : acc_t(1);
+    if (mean) scale /= static_cast<acc_t>(off[bag + 1] - off[bag]);
+    const scalar_t* src = grad_out + ((bag % s.B) * s.T + bag / s.B) * D;
+    for (int64_t d = 0; d < D; ++d) a[d] += scale * static_cast<acc_t>(src[d]);
+  }
 }
 
 // d loss / d per_sample_weights[p] = <grad_output[b, t], weight[row_of[p]]>.
 template <typename scalar_t, typename acc_t>
-at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const int64_t* bag_of,
-                        const int64_t* row_of, const TbeShape& s) {
+at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const RowGroups& groups,
+                        const TbeShape& s) {
   at::Tensor grad = at::empty({s.nnz}, weight.options());
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -132,9 +191,9 @@ at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight,
   const int64_t D = s.D;
   at::parallel_for(0, s.nnz, 256, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t bag = bag_of[p];
+      const int64_t bag = groups.bag_of[p];
       const scalar_t* g = go + ((bag % s.B) * s.T + bag / s.B) * D;
-      const scalar_t* row = w + row_of[p] * D;
+      const scalar_t* row = w + groups.row_of[p] * D;
       acc_t dot = 0;
       for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(row[d]);
       gp[p] = static_cast<scalar_t>(dot);
@@ -143,23 +202,24 @@ at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight,
   return grad;
 }
 
-struct Prepared {
-  at::Tensor bag_of, row_of, sorted_rows, order;
-};
-
-template <typename index_t>
-Prepared prepare_backward(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
-                          const TbeShape& s) {
-  Prepared p;
-  const auto opts = indices.options().dtype(at::kLong);
-  p.bag_of = at::empty({s.nnz}, opts);
-  p.row_of = at::empty({s.nnz}, opts);
-  positions_to_bags_and_rows<index_t>(table_offsets.data_ptr<int64_t>(), indices.data_ptr<index_t>(),
-                                      offsets.data_ptr<index_t>(), s, p.bag_of.data_ptr<int64_t>(),
-                                      p.row_of.data_ptr<int64_t>());
-  // Stable: equal rows keep position order, which fixes the summation order.
-  std::tie(p.sorted_rows, p.order) = at::sort(p.row_of, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  return p;
+// An [R, D] buffer backed by transparent huge pages where the kernel allows
+// them: a dense gradient of a large table is written once per step, and on a
+// fresh allocation 4 KiB page faults cost more than the writes themselves
+// (torch's THP_MEM_ALLOC_ENABLE does the same for all allocations).
+// UNIREC_HUGE_PAGES=0 turns it off, e.g. where compaction stalls are feared.
+at::Tensor empty_dense_gradient(const at::Tensor& weight) {
+  at::Tensor out = at::empty_like(weight, at::MemoryFormat::Contiguous);
+#ifdef __linux__
+  static const bool enabled = [] {
+    const char* flag = std::getenv("UNIREC_HUGE_PAGES");
+    return flag == nullptr || std::string(flag) != "0";
+  }();
+  constexpr uintptr_t kHuge = 2 << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + out.nbytes()) & ~(kHuge - 1);
+  if (enabled && last > first + 8 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> tbe_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& weight_,
@@ -175,25 +235,35 @@ std::tuple<at::Tensor, at::Tensor> tbe_backward_cpu(const at::Tensor& grad_outpu
                    grad_output = grad_output_.contiguous();
   check_tbe_values(table_offsets, indices, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  at::Tensor grad_weight = at::zeros_like(weight);
+  at::Tensor grad_weight = empty_dense_gradient(weight);
   at::Tensor grad_psw = at::empty({0}, weight.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tbe_backward_cpu", [&] {
-      const Prepared prep = prepare_backward<index_t>(table_offsets, indices, offsets, s);
+      const RowGroups groups = group_by_row<index_t>(table_offsets, indices, offsets, s);
+      const scalar_t* go = grad_output.data_ptr<scalar_t>();
+      const scalar_t* ps = psw.defined() ? psw.data_ptr<scalar_t>() : nullptr;
+      const index_t* off = offsets.data_ptr<index_t>();
       scalar_t* gw = grad_weight.data_ptr<scalar_t>();
       const int64_t D = s.D;
-      for_each_row_gradient<scalar_t, acc_t, index_t>(
-          grad_output, psw, offsets.data_ptr<index_t>(), s, mean, prep.bag_of.data_ptr<int64_t>(),
-          prep.sorted_rows, prep.order, [&](int64_t row, const acc_t* g) {
-            scalar_t* dst = gw + row * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(g[d]);
-          });
-      if (psw.defined()) {
-        grad_psw = psw_gradient<scalar_t, acc_t>(grad_output, weight, prep.bag_of.data_ptr<int64_t>(),
-                                                 prep.row_of.data_ptr<int64_t>(), s);
-      }
+      // One pass over all rows writes each exactly once: the summed gradient
+      // of a used row, zeros elsewhere. Threads own disjoint row ranges.
+      at::parallel_for(0, s.R, 2048, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(D);
+        int64_t g = std::lower_bound(groups.rows.begin(), groups.rows.end(), begin) - groups.rows.begin();
+        const int64_t segments = static_cast<int64_t>(groups.rows.size());
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* dst = gw + r * D;
+          if (g < segments && groups.rows[g] == r) {
+            row_gradient<scalar_t, acc_t, index_t>(groups, g++, go, ps, off, s, mean, acc.data());
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+          } else {
+            std::fill(dst, dst + D, scalar_t(0));
+          }
+        }
+      });
+      if (psw.defined()) grad_psw = psw_gradient<scalar_t, acc_t>(grad_output, weight, groups, s);
     });
   });
   return {grad_weight, grad_psw};
@@ -217,31 +287,36 @@ at::Tensor tbe_backward_update_cpu(at::Tensor& weight, at::Tensor& state, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_backward_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tbe_backward_update_cpu", [&] {
-      const Prepared prep = prepare_backward<index_t>(table_offsets, indices, offsets, s);
+      const RowGroups groups = group_by_row<index_t>(table_offsets, indices, offsets, s);
       // The per-sample-weight gradient needs the weights before the update.
-      if (psw.defined()) {
-        grad_psw = psw_gradient<scalar_t, acc_t>(grad_output, weight, prep.bag_of.data_ptr<int64_t>(),
-                                                 prep.row_of.data_ptr<int64_t>(), s);
-      }
+      if (psw.defined()) grad_psw = psw_gradient<scalar_t, acc_t>(grad_output, weight, groups, s);
+      const scalar_t* go = grad_output.data_ptr<scalar_t>();
+      const scalar_t* ps = psw.defined() ? psw.data_ptr<scalar_t>() : nullptr;
+      const index_t* off = offsets.data_ptr<index_t>();
       scalar_t* w = weight.data_ptr<scalar_t>();
       float* st = opt == Optimizer::kRowwiseAdagrad ? state.data_ptr<float>() : nullptr;
       const int64_t D = s.D;
       const acc_t step = static_cast<acc_t>(lr), epsilon = static_cast<acc_t>(eps);
-      for_each_row_gradient<scalar_t, acc_t, index_t>(
-          grad_output, psw, offsets.data_ptr<index_t>(), s, mean, prep.bag_of.data_ptr<int64_t>(),
-          prep.sorted_rows, prep.order, [&](int64_t row, const acc_t* g) {
-            scalar_t* dst = w + row * D;
-            acc_t mult = step;
-            if (st) {
-              // Row-wise Adagrad (FBGEMM): one accumulator per row, the mean of g^2.
-              acc_t sq = 0;
-              for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
-              const acc_t h = static_cast<acc_t>(st[row]) + sq / static_cast<acc_t>(D);
-              st[row] = static_cast<float>(h);
-              mult = step / (std::sqrt(h) + epsilon);
-            }
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(dst[d]) - mult * g[d]);
-          });
+      // Only the used rows are visited; each by one thread.
+      at::parallel_for(0, static_cast<int64_t>(groups.rows.size()), 64, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(D);
+        acc_t* a = acc.data();
+        for (int64_t g = begin; g < end; ++g) {
+          row_gradient<scalar_t, acc_t, index_t>(groups, g, go, ps, off, s, mean, a);
+          const int64_t row = groups.rows[g];
+          acc_t mult = step;
+          if (st) {
+            // Row-wise Adagrad (FBGEMM): one accumulator per row, the mean of g^2.
+            acc_t sq = 0;
+            for (int64_t d = 0; d < D; ++d) sq += a[d] * a[d];
+            const acc_t h = static_cast<acc_t>(st[row]) + sq / static_cast<acc_t>(D);
+            st[row] = static_cast<float>(h);
+            mult = step / (std::sqrt(h) + epsilon);
+          }
+          scalar_t* dst = w + row * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(dst[d]) - mult * a[d]);
+        }
+      });
     });
   });
   return grad_psw;
