@@ -226,13 +226,16 @@ __global__ void tbe_row_gradient_kernel(const scalar_t* __restrict__ grad_out, c
   acc_t mult = lr;
   if (kMode == RowUpdate::kRowwiseAdagrad) {
     // Row-wise Adagrad (FBGEMM): one accumulator per row, the mean of g^2 over D.
+    // Every lane reads the old state before the warp_sum barrier; lane 0
+    // writes the new one only after it.
+    const acc_t prev = static_cast<acc_t>(state[row]);
     acc_t sq = 0;
     for (int64_t col = lane; col < D; col += kWarp) {
       const acc_t v = column_gradient(col);
       sq += v * v;
     }
     sq = warp_sum(sq);
-    const acc_t h = static_cast<acc_t>(state[row]) + sq / static_cast<acc_t>(D);
+    const acc_t h = prev + sq / static_cast<acc_t>(D);
     if (lane == 0) state[row] = static_cast<float>(h);
     mult = lr / (sqrt(h) + eps);
   }
