@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${CUDA_PYTHON:-python}
+# Absolute (symlinks kept: a venv's python is one): the import check runs in another folder.
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; *) PY=$(command -v "$PY") ;; esac
 OUTDIR=${UNIREC_CUDA_BUILD_DIR:-/tmp/unirec-cuda-build}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

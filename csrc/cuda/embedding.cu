@@ -33,45 +33,50 @@ constexpr unsigned kFull = 0xffffffffu;
 
 int64_t blocks_for(int64_t items, int64_t per_block) { return std::max<int64_t>(1, (items + per_block - 1) / per_block); }
 
-// Sets *bad when any offset or index is invalid; the host then finds and names
-// the culprit on a CPU copy. Reads stay in bounds even for invalid offsets.
+// Every kernel that walks the bags validates what it reads and never reads
+// out of bounds: an invalid bag counts as empty and sets *bad. The host then
+// raises, naming the culprit from a CPU copy (one flag read per call, which
+// the op needs anyway to raise before returning).
+struct Bag {
+  int64_t start, stop, base, rows;
+};
+
 template <typename index_t>
-__global__ void tbe_check_kernel(const int64_t* __restrict__ toff, const index_t* __restrict__ idx,
-                                 const index_t* __restrict__ off, int64_t T, int64_t B, int64_t R, int64_t nnz,
-                                 int* __restrict__ bad) {
-  const int64_t bags = T * B;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i <= T; i += stride) {
-    if ((i == 0 && toff[0] != 0) || (i > 0 && toff[i] < toff[i - 1]) || (i == T && toff[T] != R)) *bad = 1;
+__device__ __forceinline__ Bag load_bag(const int64_t* __restrict__ toff, const index_t* __restrict__ off,
+                                        int64_t bag, int64_t T, int64_t B, int64_t R, int64_t nnz,
+                                        int* __restrict__ bad) {
+  const int64_t t = bag / B;
+  Bag g{static_cast<int64_t>(off[bag]), static_cast<int64_t>(off[bag + 1]), toff[t], toff[t + 1] - toff[t]};
+  const bool bad_offsets = g.start < 0 || g.stop < g.start || g.stop > nnz || (bag == 0 && g.start != 0) ||
+                           (bag == T * B - 1 && g.stop != nnz);
+  const bool bad_table = g.base < 0 || g.rows < 0 || g.base + g.rows > R || (t == 0 && g.base != 0) ||
+                         (t == T - 1 && g.base + g.rows != R);
+  if (bad_offsets || bad_table) {
+    *bad = 1;
+    g.stop = g.start;
+    g.rows = 0;
   }
-  for (int64_t bag = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; bag < bags; bag += stride) {
-    const int64_t start = off[bag], stop = off[bag + 1];
-    if (stop < start || (bag == 0 && start != 0) || (bag == bags - 1 && stop != nnz)) *bad = 1;
-    const int64_t t = bag / B;
-    const int64_t rows = toff[t + 1] - toff[t];
-    const int64_t lo = start > 0 ? start : 0, hi = stop < nnz ? stop : nnz;
-    for (int64_t p = lo; p < hi; ++p) {
-      if (idx[p] < 0 || idx[p] >= rows) *bad = 1;
-    }
-  }
-  if (bags == 0 && blockIdx.x == 0 && threadIdx.x == 0 && (off[0] != 0 || nnz != 0)) *bad = 1;
+  return g;
 }
 
-void check_values_cuda(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
-                       const TbeShape& s) {
-  at::Tensor bad = at::zeros({1}, table_offsets.options().dtype(at::kInt));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tbe_check_cuda", [&] {
-    const int64_t work = std::max(s.T * s.B, s.T + 1);
-    tbe_check_kernel<index_t><<<std::min<int64_t>(blocks_for(work, 256), 4096), 256, 0, stream>>>(
-        table_offsets.data_ptr<int64_t>(), indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), s.T, s.B,
-        s.R, s.nnz, bad.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  // One small device-to-host copy: a bad index must raise, never be read.
-  if (bad.item<int>() != 0) {
-    check_tbe_values(table_offsets.cpu(), indices.cpu(), offsets.cpu(), s);
-    UNIREC_CHECK(false, "invalid table_offsets, offsets or indices");
+__device__ __forceinline__ bool index_ok(int64_t row, int64_t rows, int* __restrict__ bad) {
+  const bool ok = row >= 0 && row < rows;
+  if (!ok) *bad = 1;
+  return ok;
+}
+
+void raise_if_bad(const at::Tensor& bad, const at::Tensor& table_offsets, const at::Tensor& indices,
+                  const at::Tensor& offsets, const TbeShape& s) {
+  if (bad.item<int>() == 0) return;
+  check_tbe_values(table_offsets.cpu(), indices.cpu(), offsets.cpu(), s);
+  UNIREC_CHECK(false, "invalid table_offsets, offsets or indices");
+}
+
+// With no bags nothing walks offsets; its one entry must still be 0 = nnz.
+void check_no_bags(const at::Tensor& offsets, const TbeShape& s) {
+  if (s.T * s.B == 0) {
+    UNIREC_CHECK(s.nnz == 0, "offsets[-1] must equal len(indices) (", s.nnz, "), got 0 bags");
+    UNIREC_CHECK(offsets.cpu().to(at::kLong).item<int64_t>() == 0, "offsets[0] must be 0");
   }
 }
 
@@ -84,14 +89,15 @@ template <typename scalar_t, typename index_t, int VEC>
 __global__ void tbe_forward_kernel(const scalar_t* __restrict__ weight, const int64_t* __restrict__ toff,
                                    const index_t* __restrict__ idx, const index_t* __restrict__ off,
                                    const scalar_t* __restrict__ psw, scalar_t* __restrict__ out, int64_t T, int64_t B,
-                                   int64_t D, bool mean) {
+                                   int64_t D, int64_t R, int64_t nnz, bool mean, int* __restrict__ bad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t bag = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (bag >= T * B) return;
   const int64_t t = bag / B, b = bag % B;
-  const scalar_t* table = weight + toff[t] * D;
-  const int64_t start = off[bag], stop = off[bag + 1];
+  const Bag g = load_bag(toff, off, bag, T, B, R, nnz, bad);
+  const scalar_t* table = weight + g.base * D;
+  const int64_t start = g.start, stop = g.stop;
   const acc_t norm = (mean && stop > start) ? acc_t(1) / acc_t(stop - start) : acc_t(1);
   scalar_t* dst = out + (b * T + t) * D;
   for (int64_t col0 = 0; col0 < D; col0 += kWarp * VEC) {
@@ -102,13 +108,15 @@ __global__ void tbe_forward_kernel(const scalar_t* __restrict__ weight, const in
     for (int k = 0; k < VEC; ++k) acc[k] = 0;
     for (int64_t base = start; base < stop; base += kWarp) {
       const int n = static_cast<int>(stop - base < kWarp ? stop - base : kWarp);
-      const int64_t my_row = lane < n ? static_cast<int64_t>(idx[base + lane]) : 0;
-      const acc_t my_scale = lane < n ? (psw ? static_cast<acc_t>(psw[base + lane]) : acc_t(1)) : acc_t(0);
+      int64_t my_row = lane < n ? static_cast<int64_t>(idx[base + lane]) : 0;
+      acc_t my_scale = lane < n ? (psw ? static_cast<acc_t>(psw[base + lane]) : acc_t(1)) : acc_t(0);
+      if (lane < n && !index_ok(my_row, g.rows, bad)) my_row = 0, my_scale = 0;
+      const bool skip_all = g.rows == 0;
 #pragma unroll 4
       for (int j = 0; j < n; ++j) {
         const int64_t row = __shfl_sync(kFull, my_row, j);
         const acc_t scale = __shfl_sync(kFull, my_scale, j);
-        if (active) {
+        if (active && !skip_all) {
           const Pack<scalar_t, VEC> p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(table + row * D + col);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) acc[k] += scale * static_cast<acc_t>(p.v[k]);
@@ -126,7 +134,7 @@ __global__ void tbe_forward_kernel(const scalar_t* __restrict__ weight, const in
 
 template <typename scalar_t, typename index_t>
 void launch_forward(const at::Tensor& weight, const at::Tensor& toff, const at::Tensor& idx, const at::Tensor& off,
-                    const at::Tensor& psw, at::Tensor& out, const TbeShape& s, bool mean) {
+                    const at::Tensor& psw, at::Tensor& out, const TbeShape& s, bool mean, at::Tensor& bad) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(blocks_for(s.T * s.B, kWarpsPerBlock)), block(kWarp * kWarpsPerBlock);
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -135,7 +143,7 @@ void launch_forward(const at::Tensor& weight, const at::Tensor& toff, const at::
 #define UNIREC_TBE_FWD(V)                                                                                        \
   tbe_forward_kernel<scalar_t, index_t, V><<<grid, block, 0, stream>>>(                                          \
       weight.data_ptr<scalar_t>(), toff.data_ptr<int64_t>(), idx.data_ptr<index_t>(), off.data_ptr<index_t>(), \
-      ps, out.data_ptr<scalar_t>(), s.T, s.B, s.D, mean)
+      ps, out.data_ptr<scalar_t>(), s.T, s.B, s.D, s.R, s.nnz, mean, bad.data_ptr<int>())
   if (aligned) {
     UNIREC_TBE_FWD(kVec);
   } else {
@@ -153,29 +161,34 @@ at::Tensor tbe_forward_cuda(const at::Tensor& weight_, const at::Tensor& table_o
   const bool mean = parse_pooling(pooling) == Pooling::kMean;
   const at::Tensor weight = weight_.contiguous(), table_offsets = table_offsets_.contiguous(),
                    indices = indices_.contiguous(), offsets = offsets_.contiguous();
-  check_values_cuda(table_offsets, indices, offsets, s);
+  check_no_bags(offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
   if (out.numel() == 0) return out;
+  at::Tensor bad = at::zeros({1}, indices.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_forward_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tbe_forward_cuda", [&] {
-      launch_forward<scalar_t, index_t>(weight, table_offsets, indices, offsets, psw, out, s, mean);
+      launch_forward<scalar_t, index_t>(weight, table_offsets, indices, offsets, psw, out, s, mean, bad);
     });
   });
+  raise_if_bad(bad, table_offsets, indices, offsets, s);
   return out;
 }
 
 template <typename index_t>
 __global__ void tbe_linearize_kernel(const int64_t* __restrict__ toff, const index_t* __restrict__ idx,
-                                     const index_t* __restrict__ off, int64_t T, int64_t B,
-                                     int64_t* __restrict__ bag_of, int64_t* __restrict__ row_of) {
+                                     const index_t* __restrict__ off, int64_t T, int64_t B, int64_t R,
+                                     int64_t nnz, int64_t* __restrict__ bag_of, int64_t* __restrict__ row_of,
+                                     int* __restrict__ bad) {
   const int lane = threadIdx.x % kWarp;
   const int64_t bag = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (bag >= T * B) return;
-  const int64_t base = toff[bag / B];
-  for (int64_t p = off[bag] + lane; p < off[bag + 1]; p += kWarp) {
+  const Bag g = load_bag(toff, off, bag, T, B, R, nnz, bad);
+  for (int64_t p = g.start + lane; p < g.stop; p += kWarp) {
+    const int64_t row = static_cast<int64_t>(idx[p]);
+    index_ok(row, g.rows, bad);
     bag_of[p] = bag;
-    row_of[p] = base + static_cast<int64_t>(idx[p]);
+    row_of[p] = g.base + row;
   }
 }
 
@@ -274,17 +287,20 @@ at::Tensor backward_rows(const at::Tensor& grad_output, const at::Tensor& weight
                          const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& psw,
                          const TbeShape& s, bool mean, at::Tensor& dst, float* state, double lr, double eps) {
   at::Tensor grad_psw = at::empty({psw.defined() ? s.nnz : 0}, weight.options());
-  if (s.nnz == 0) return grad_psw;
+  if (s.T * s.B == 0) return grad_psw;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto long_opts = indices.options().dtype(at::kLong);
   at::Tensor bag_of = at::empty({s.nnz}, long_opts), row_of = at::empty({s.nnz}, long_opts);
   const dim3 block(kWarp * kWarpsPerBlock);
+  at::Tensor bad = at::zeros({1}, indices.options().dtype(at::kInt));
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tbe_linearize_cuda", [&] {
     tbe_linearize_kernel<index_t><<<blocks_for(s.T * s.B, kWarpsPerBlock), block, 0, stream>>>(
         table_offsets.data_ptr<int64_t>(), indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), s.T, s.B,
-        bag_of.data_ptr<int64_t>(), row_of.data_ptr<int64_t>());
+        s.R, s.nnz, bag_of.data_ptr<int64_t>(), row_of.data_ptr<int64_t>(), bad.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // Invalid input must raise before anything is sorted or updated.
+  raise_if_bad(bad, table_offsets, indices, offsets, s);
   // Stable: equal rows keep position order, which fixes the summation order.
   at::Tensor sorted_rows, order;
   std::tie(sorted_rows, order) = at::sort(row_of, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -328,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> tbe_backward_cuda(const at::Tensor& grad_outp
   const at::Tensor weight = weight_.contiguous(), table_offsets = table_offsets_.contiguous(),
                    indices = indices_.contiguous(), offsets = offsets_.contiguous(),
                    grad_output = grad_output_.contiguous();
-  check_values_cuda(table_offsets, indices, offsets, s);
+  check_no_bags(offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor grad_weight = at::zeros_like(weight);
   at::Tensor grad_psw = backward_rows<RowUpdate::kDenseGrad>(grad_output, weight, table_offsets, indices, offsets,
@@ -348,7 +364,7 @@ at::Tensor tbe_backward_update_cuda(at::Tensor& weight, at::Tensor& state, const
   const bool mean = parse_pooling(pooling) == Pooling::kMean;
   const at::Tensor table_offsets = table_offsets_.contiguous(), indices = indices_.contiguous(),
                    offsets = offsets_.contiguous(), grad_output = grad_output_.contiguous();
-  check_values_cuda(table_offsets, indices, offsets, s);
+  check_no_bags(offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   if (opt == Optimizer::kRowwiseAdagrad) {
     return backward_rows<RowUpdate::kRowwiseAdagrad>(grad_output, weight, table_offsets, indices, offsets, psw, s,
