@@ -3,9 +3,10 @@
 // Forward: one warp per bag; the warp loads 32 indices at a time and
 // broadcasts them by shuffle, each lane owning VEC consecutive columns so a
 // row is read with 16-byte loads. Backward: positions are sorted by row
-// (stable), then one warp per unique row sums its contributions in order --
-// deterministic, no atomics -- and writes the dense gradient row or applies the
-// optimizer step to that row alone.
+// (stable) and cut into chunks of at most 32 positions of one row; one warp
+// per chunk sums it, then one warp per row sums its chunks in order --
+// deterministic, no atomics -- and writes the dense gradient row or applies
+// the optimizer step to that row alone.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -192,9 +193,16 @@ __global__ void tbe_linearize_kernel(const int64_t* __restrict__ toff, const ind
   }
 }
 
-__global__ void segment_flags_kernel(const int64_t* __restrict__ sorted, int64_t n, bool* __restrict__ flags) {
+// Positions sorted by row are cut into chunks of at most kChunk positions that
+// never straddle two rows: flag 2 opens a row (and a chunk), flag 1 a chunk only.
+// Hot rows (Zipf ids put a fifth of all lookups on one row) then spread over
+// many warps instead of serialising one.
+constexpr int64_t kChunk = 32;
+
+__global__ void chunk_flags_kernel(const int64_t* __restrict__ sorted, int64_t n, int8_t* __restrict__ flags) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) flags[i] = i == 0 || sorted[i] != sorted[i - 1];
+  if (i >= n) return;
+  flags[i] = (i == 0 || sorted[i] != sorted[i - 1]) ? 2 : (i % kChunk == 0 ? 1 : 0);
 }
 
 enum class RowUpdate { kDenseGrad, kSgd, kRowwiseAdagrad };
@@ -210,31 +218,69 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// One warp per unique row: g = sum over the row's positions (in position
-// order) of scale_p * grad_output[bag(p)], then the row's update.
-template <typename scalar_t, typename index_t, RowUpdate kMode>
-__global__ void tbe_row_gradient_kernel(const scalar_t* __restrict__ grad_out, const index_t* __restrict__ off,
-                                        const scalar_t* __restrict__ psw, const int64_t* __restrict__ bag_of,
-                                        const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
-                                        const int64_t* __restrict__ seg_start, int64_t segments, int64_t nnz,
-                                        int64_t T, int64_t B, int64_t D, bool mean, scalar_t* __restrict__ dst,
-                                        float* __restrict__ state, at::opmath_type<scalar_t> lr,
-                                        at::opmath_type<scalar_t> eps) {
+// Columns a lane accumulates per pass over a chunk's positions.
+constexpr int kCols = 4;
+
+// Pass 1, one warp per chunk: partial[c] = sum over the chunk's positions p
+// (in order) of scale_p * grad_output[bag(p)], in the accumulation type.
+template <typename scalar_t, typename index_t>
+__global__ void tbe_chunk_sum_kernel(const scalar_t* __restrict__ grad_out, const index_t* __restrict__ off,
+                                     const scalar_t* __restrict__ psw, const int64_t* __restrict__ bag_of,
+                                     const int64_t* __restrict__ order, const int64_t* __restrict__ chunk_start,
+                                     int64_t chunks, int64_t nnz, int64_t T, int64_t B, int64_t D, bool mean,
+                                     at::opmath_type<scalar_t>* __restrict__ partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (g >= segments) return;
-  const int64_t first = seg_start[g], last = g + 1 < segments ? seg_start[g + 1] : nnz;
-  const int64_t row = sorted_rows[first];
-  auto column_gradient = [&](int64_t col) {
-    acc_t acc = 0;
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t p = order[i], bag = bag_of[p];
-      acc_t scale = psw ? static_cast<acc_t>(psw[p]) : acc_t(1);
-      if (mean) scale /= static_cast<acc_t>(off[bag + 1] - off[bag]);
-      acc += scale * static_cast<acc_t>(grad_out[((bag % B) * T + bag / B) * D + col]);
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (c >= chunks) return;
+  const int64_t first = chunk_start[c], n = (c + 1 < chunks ? chunk_start[c + 1] : nnz) - first;
+  // Lane j holds position j of the chunk: its grad_output row and scale.
+  int64_t my_src = 0;
+  acc_t my_scale = 0;
+  if (lane < n) {
+    const int64_t p = order[first + lane], bag = bag_of[p];
+    my_src = ((bag % B) * T + bag / B) * D;
+    my_scale = psw ? static_cast<acc_t>(psw[p]) : acc_t(1);
+    if (mean) my_scale /= static_cast<acc_t>(off[bag + 1] - off[bag]);
+  }
+  for (int64_t col0 = 0; col0 < D; col0 += kWarp * kCols) {
+    acc_t acc[kCols] = {};
+    for (int j = 0; j < n; ++j) {
+      const int64_t src = __shfl_sync(kFull, my_src, j);
+      const acc_t scale = __shfl_sync(kFull, my_scale, j);
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        const int64_t col = col0 + k * kWarp + lane;
+        if (col < D) acc[k] += scale * static_cast<acc_t>(grad_out[src + col]);
+      }
     }
-    return acc;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      const int64_t col = col0 + k * kWarp + lane;
+      if (col < D) partial[c * D + col] = acc[k];
+    }
+  }
+}
+
+// Pass 2, one warp per chunk that opens a row: sums the row's chunks in order
+// and applies kMode to that row alone. Other warps exit at once.
+template <typename scalar_t, RowUpdate kMode>
+__global__ void tbe_row_update_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
+                                      const int8_t* __restrict__ flags, const int64_t* __restrict__ chunk_start,
+                                      const int64_t* __restrict__ sorted_rows, int64_t chunks, int64_t D,
+                                      scalar_t* __restrict__ dst, float* __restrict__ state,
+                                      at::opmath_type<scalar_t> lr, at::opmath_type<scalar_t> eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (c >= chunks || flags[chunk_start[c]] != 2) return;
+  int64_t end = c + 1;
+  while (end < chunks && flags[chunk_start[end]] != 2) ++end;
+  const int64_t row = sorted_rows[chunk_start[c]];
+  auto gradient = [&](int64_t col) {
+    acc_t v = 0;
+    for (int64_t k = c; k < end; ++k) v += partial[k * D + col];
+    return v;
   };
   acc_t mult = lr;
   if (kMode == RowUpdate::kRowwiseAdagrad) {
@@ -244,7 +290,7 @@ __global__ void tbe_row_gradient_kernel(const scalar_t* __restrict__ grad_out, c
     const acc_t prev = static_cast<acc_t>(state[row]);
     acc_t sq = 0;
     for (int64_t col = lane; col < D; col += kWarp) {
-      const acc_t v = column_gradient(col);
+      const acc_t v = gradient(col);
       sq += v * v;
     }
     sq = warp_sum(sq);
@@ -253,7 +299,7 @@ __global__ void tbe_row_gradient_kernel(const scalar_t* __restrict__ grad_out, c
     mult = lr / (sqrt(h) + eps);
   }
   for (int64_t col = lane; col < D; col += kWarp) {
-    const acc_t v = column_gradient(col);
+    const acc_t v = gradient(col);
     scalar_t* out = dst + row * D + col;
     if (kMode == RowUpdate::kDenseGrad) {
       *out = static_cast<scalar_t>(v);
@@ -304,12 +350,12 @@ at::Tensor backward_rows(const at::Tensor& grad_output, const at::Tensor& weight
   // Stable: equal rows keep position order, which fixes the summation order.
   at::Tensor sorted_rows, order;
   std::tie(sorted_rows, order) = at::sort(row_of, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  at::Tensor flags = at::empty({s.nnz}, long_opts.dtype(at::kBool));
-  segment_flags_kernel<<<blocks_for(s.nnz, 256), 256, 0, stream>>>(sorted_rows.data_ptr<int64_t>(), s.nnz,
-                                                                    flags.data_ptr<bool>());
+  at::Tensor flags = at::empty({s.nnz}, long_opts.dtype(at::kChar));
+  chunk_flags_kernel<<<blocks_for(s.nnz, 256), 256, 0, stream>>>(sorted_rows.data_ptr<int64_t>(), s.nnz,
+                                                                  flags.data_ptr<int8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor seg_start = at::nonzero(flags).view({-1}).contiguous();
-  const int64_t segments = seg_start.numel();
+  const at::Tensor chunk_start = at::nonzero(flags).view({-1}).contiguous();
+  const int64_t chunks = chunk_start.numel();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -321,10 +367,17 @@ at::Tensor backward_rows(const at::Tensor& grad_output, const at::Tensor& weight
             row_of.data_ptr<int64_t>(), s.nnz, s.T, s.B, s.D, grad_psw.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      tbe_row_gradient_kernel<scalar_t, index_t, kMode><<<blocks_for(segments, kWarpsPerBlock), block, 0, stream>>>(
+      if (chunks == 0) return;
+      at::Tensor partial = at::empty({chunks, s.D}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      const dim3 grid(blocks_for(chunks, kWarpsPerBlock));
+      tbe_chunk_sum_kernel<scalar_t, index_t><<<grid, block, 0, stream>>>(
           grad_output.data_ptr<scalar_t>(), offsets.data_ptr<index_t>(), ps, bag_of.data_ptr<int64_t>(),
-          sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(), segments,
-          s.nnz, s.T, s.B, s.D, mean, dst.data_ptr<scalar_t>(), state, static_cast<acc_t>(lr),
+          order.data_ptr<int64_t>(), chunk_start.data_ptr<int64_t>(), chunks, s.nnz, s.T, s.B, s.D, mean,
+          partial.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      tbe_row_update_kernel<scalar_t, kMode><<<grid, block, 0, stream>>>(
+          partial.data_ptr<acc_t>(), flags.data_ptr<int8_t>(), chunk_start.data_ptr<int64_t>(),
+          sorted_rows.data_ptr<int64_t>(), chunks, s.D, dst.data_ptr<scalar_t>(), state, static_cast<acc_t>(lr),
           static_cast<acc_t>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
