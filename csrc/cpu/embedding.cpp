@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kBagGrain = 16;
 
 // Rows read ahead of use: enough to cover DRAM latency for a few rows in flight.
-constexpr int64_t kPrefetchRows = 8;
+constexpr int64_t kPrefetchRows = 16;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t D) {
