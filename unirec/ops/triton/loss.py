@@ -22,9 +22,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    # PRECISION "upcast": the interpreter's bfloat16 tl.dot is wrong (triton
+    # 3.9 on CPU), so there both operands go through float32 exactly.
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     e = tl.load(E + rn[:, None] * stride_e + rd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-    z = tl.dot(h, tl.trans(e), input_precision=PRECISION, out_dtype=tl.float32)
+    z = _dot(h, tl.trans(e), tl.zeros((h.shape[0], e.shape[0]), tl.float32), PRECISION)
     if HAS_BIAS:
         z += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     return z, e
@@ -94,7 +104,7 @@ def _softmax_ce_bwd_dh_kernel(H, E, BIAS, T, G, LSE, DH, M, N, D, stride_h, stri
         nmask = rn < N
         z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS, PRECISION)
         dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps, SMOOTH)
-        acc = tl.dot(dz.to(e.dtype), e, acc, input_precision=PRECISION)
+        acc = _dot(dz.to(e.dtype), e, acc, PRECISION)
     tl.store(DH + rm[:, None] * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
@@ -119,7 +129,7 @@ def _softmax_ce_bwd_de_kernel(H, E, BIAS, T, G, LSE, DE, DB, M, N, D, stride_h, 
         z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS, PRECISION)
         dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps, SMOOTH)
         dz = tl.where(mmask[:, None], dz, 0.0)
-        acc = tl.dot(tl.trans(dz.to(h.dtype)), h, acc, input_precision=PRECISION)
+        acc = _dot(tl.trans(dz.to(h.dtype)), h, acc, PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(dz, 0)
     tl.store(DE + rn[:, None] * D + rd[None, :], acc, mask=nmask[:, None] & dmask[None, :])
@@ -136,9 +146,11 @@ def _config(hidden: torch.Tensor, D: int):
     return 64, 128, block_d, 4
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(t: torch.Tensor) -> str:
     # float32 computes in full precision ("ieee"), never silently in tf32.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if t.device.type == "cpu" and t.dtype != torch.float32:
+        return "upcast"
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def softmax_ce_fwd_triton(hidden, items, targets, item_bias, ignore_index: int, label_smoothing: float):
@@ -154,7 +166,7 @@ def softmax_ce_fwd_triton(hidden, items, targets, item_bias, ignore_index: int, 
     _softmax_ce_fwd_kernel[(triton.cdiv(M, bm),)](
         hidden, items, bias, targets, loss, lse, M, N, D, hidden.stride(0), items.stride(0), ignore_index,
         float(label_smoothing), HAS_BIAS=item_bias is not None, SMOOTH=label_smoothing > 0, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(hidden.dtype), num_warps=warps)
+        BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(hidden), num_warps=warps)
     return loss, lse
 
 
@@ -172,7 +184,7 @@ def softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ign
         bm, bn, bd, warps = _config(hidden, D)
         bias = item_bias.contiguous() if item_bias is not None else items
         common = dict(HAS_BIAS=item_bias is not None, SMOOTH=label_smoothing > 0, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bd, PRECISION=_precision(hidden.dtype), num_warps=warps)
+                      BLOCK_D=bd, PRECISION=_precision(hidden), num_warps=warps)
         _softmax_ce_bwd_dh_kernel[(triton.cdiv(M, bm),)](
             hidden, items, bias, targets, g, lse, dh, M, N, D, hidden.stride(0), items.stride(0),
             float(label_smoothing), **common)
