@@ -179,11 +179,11 @@ void check_exclusions(const at::Tensor& off, const at::Tensor& ids, int64_t B, i
   UNIREC_CHECK(off[B].item<int64_t>() == ids.numel(), "exclude_offsets[-1] must equal len(exclude_indices) (",
                ids.numel(), ")");
   if (B > 0) {
-    UNIREC_CHECK(!(off.narrow(0, 1, B) < off.narrow(0, 0, B)).any().item<bool>(),
+    UNIREC_CHECK(!off.narrow(0, 1, B).lt(off.narrow(0, 0, B)).any().item<bool>(),
                  "exclude_offsets must not decrease");
   }
   if (ids.numel() > 0) {
-    UNIREC_CHECK(!((ids < 0).logical_or(ids >= N)).any().item<bool>(),
+    UNIREC_CHECK(!ids.lt(0).logical_or(ids.ge(N)).any().item<bool>(),
                  "exclude_indices must lie in [0, N) with N = ", N);
   }
 }
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries, c
         filter_kernel<<<grid, kThreads, 0, stream>>>(sc.data_ptr<float>(), B, len, t0, bp, kth.data_ptr<int64_t>(),
                                                      count.data_ptr<int>(), cand.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        exact = (count > kCap).any().item<bool>();
+        exact = count.gt(kCap).any().item<bool>();
         if (!exact) {
           merge_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
               running.data_ptr<int64_t>(), scratch.data_ptr<int64_t>(), k, cand.data_ptr<int64_t>(),
