@@ -17,9 +17,10 @@
 //      appended to a candidate list (capacity kCap per query, atomics);
 //   3. merge: per query, running top-k + candidates (exclusions dropped) are
 //      ranked by counting and the best k written back, giving a new k-th key.
-// The first tile, and a tile where some query overflows its capacity (e.g.
-// scores increasing with the index), take the exact slow path: keys for the
-// whole tile, exclusions applied, at::topk over [running | tile].
+// The first tile takes the exact slow path for all queries: keys for the
+// whole tile, exclusions applied, at::topk over [running | tile]. Later, only
+// the queries whose candidates overflow (scores increasing with the index, or
+// a query that excludes almost everything) take it, for that tile.
 // Extra memory: B * (k + kCap + tile) * 12 bytes or so.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -105,6 +106,11 @@ __global__ void merge_kernel(int64_t* __restrict__ running, int64_t* __restrict_
   const int64_t b = blockIdx.x;
   const int c = count[b];
   if (c == 0) return;
+  if (c > kCap) {  // overflowed: this query takes the exact path for the tile
+    __syncthreads();
+    if (threadIdx.x == 0) count[b] = 0;
+    return;
+  }
   int64_t* run = running + b * k;
   int64_t* old = scratch + b * k;
   int64_t* cd = cand + b * kCap;
@@ -147,12 +153,15 @@ __global__ void keys_kernel(const float* __restrict__ scores, int64_t B, int64_t
   }
 }
 
-__global__ void exclude_kernel(int64_t* __restrict__ keys, int64_t B, int64_t len, int64_t t0,
-                               const int64_t* __restrict__ xoff, const int64_t* __restrict__ xids) {
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+// Row r of keys belongs to query rows[r] (rows == nullptr: query r).
+__global__ void exclude_kernel(int64_t* __restrict__ keys, int64_t R, int64_t len, int64_t t0,
+                               const int64_t* __restrict__ rows, const int64_t* __restrict__ xoff,
+                               const int64_t* __restrict__ xids) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const int64_t b = rows != nullptr ? rows[r] : r;
     for (int64_t p = xoff[b] + threadIdx.x; p < xoff[b + 1]; p += blockDim.x) {
       const int64_t i = xids[p];
-      if (i >= t0 && i < t0 + len) keys[b * len + (i - t0)] = kSentinel;
+      if (i >= t0 && i < t0 + len) keys[r * len + (i - t0)] = kSentinel;
     }
   }
 }
@@ -235,34 +244,44 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(const at::Tensor& queries, c
       len = std::min(len, N - t0);
       const at::Tensor sc = scores_tile(q, it.narrow(0, t0, len)).contiguous();
       bool exact = first || !rank_merge;
+      at::Tensor rows;  // the queries that overflowed in this tile (undefined: none, or all when exact)
       if (!exact) {
         const dim3 grid(static_cast<unsigned>(std::min<int64_t>((len + kThreads * 4 - 1) / (kThreads * 4), 1024)),
                         static_cast<unsigned>(std::min<int64_t>(B, 65535)));
         filter_kernel<<<grid, kThreads, 0, stream>>>(sc.data_ptr<float>(), B, len, t0, bp, kth.data_ptr<int64_t>(),
                                                      count.data_ptr<int>(), cand.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        exact = count.gt(kCap).any().item<bool>();
-        if (!exact) {
-          merge_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-              running.data_ptr<int64_t>(), scratch.data_ptr<int64_t>(), k, cand.data_ptr<int64_t>(),
-              count.data_ptr<int>(), kth.data_ptr<int64_t>(), xo, xi);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          count.zero_();
-        }
+        // One sync per tile: which queries overflowed their candidate lists.
+        const at::Tensor over = count.gt(kCap);
+        if (over.any().item<bool>()) rows = over.nonzero().squeeze(1);
+        merge_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+            running.data_ptr<int64_t>(), scratch.data_ptr<int64_t>(), k, cand.data_ptr<int64_t>(),
+            count.data_ptr<int>(), kth.data_ptr<int64_t>(), xo, xi);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        exact = rows.defined();
       }
       if (exact) {
-        at::Tensor keys = at::empty({B, len}, running.options());
-        keys_kernel<<<grid_for(B * len), kThreads, 0, stream>>>(sc.data_ptr<float>(), B, len, t0, bp,
+        // Exact path for all queries (first tile, large k) or the overflowed ones.
+        const at::Tensor sub = rows.defined() ? sc.index_select(0, rows) : sc;
+        const int64_t R = sub.size(0);
+        at::Tensor keys = at::empty({R, len}, running.options());
+        keys_kernel<<<grid_for(R * len), kThreads, 0, stream>>>(sub.data_ptr<float>(), R, len, t0, bp,
                                                                 keys.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (s.exclude) {
-          exclude_kernel<<<static_cast<unsigned>(std::min<int64_t>(B, 65535)), 64, 0, stream>>>(
-              keys.data_ptr<int64_t>(), B, len, t0, xo, xi);
+          exclude_kernel<<<static_cast<unsigned>(std::min<int64_t>(R, 65535)), 64, 0, stream>>>(
+              keys.data_ptr<int64_t>(), R, len, t0, rows.defined() ? rows.data_ptr<int64_t>() : nullptr, xo, xi);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        running = std::get<0>(at::topk(at::cat({running, keys}, 1), k, 1, true, true)).contiguous();
-        kth.copy_(running.select(1, k - 1));
+        const at::Tensor run_sub = rows.defined() ? running.index_select(0, rows) : running;
+        const at::Tensor top = std::get<0>(at::topk(at::cat({run_sub, keys}, 1), k, 1, true, true)).contiguous();
+        if (rows.defined()) {
+          running.index_copy_(0, rows, top);
+          kth.index_copy_(0, rows, top.select(1, k - 1).contiguous());
+        } else {
+          running.copy_(top);
+          kth.copy_(top.select(1, k - 1));
+        }
       }
       first = false;
     }

@@ -151,6 +151,10 @@ def _config(hidden: torch.Tensor, D: int):
     block_d = max(16, triton.next_power_of_2(D))
     if hidden.device.type == "cpu":  # the interpreter: few, large programs
         return 32, 32, block_d, 4
+    # The whole of D sits in one block: keep (BLOCK_M + BLOCK_N) x BLOCK_D tiles
+    # (pipelined) within shared memory (checked by compiling for sm_90).
+    if block_d >= 512:
+        return 32, 32, block_d, 8
     if block_d >= 256:
         return 64, 64, block_d, 8
     return 64, 128, block_d, 4
