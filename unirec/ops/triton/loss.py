@@ -142,9 +142,9 @@ def _softmax_ce_bwd_de_kernel(H, E, BIAS, T, G, LSE, DE, DB, M, N, D, stride_h, 
         acc = _dot(tl.trans(dz.to(h.dtype)), h, acc, PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(dz, 0)
-    tl.store(DE + rn[:, None] * D + rd[None, :], acc, mask=nmask[:, None] & dmask[None, :])
+    tl.store(DE + rn[:, None] * D + rd[None, :], acc.to(DE.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
     if HAS_BIAS:
-        tl.store(DB + rn, dbias, mask=nmask)
+        tl.store(DB + rn, dbias.to(DB.dtype.element_ty), mask=nmask)
 
 
 def _config(hidden: torch.Tensor, D: int):
@@ -214,8 +214,13 @@ def softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ign
     g = torch.where(targets != ignore_index, grad_loss.float(), 0.0).contiguous()
     lse = lse.float().contiguous()
     dh = torch.zeros(M, D, dtype=torch.float32, device=hidden.device)
-    de = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
-    db = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    # Each ditems / dbias block has one owner, which on the GPU stores it in the
+    # inputs' dtype directly (float32 accumulation in registers, round to
+    # nearest): no [N, D] float32 copy. The interpreter's float32 -> bfloat16
+    # store truncates, so there the blocks go through float32.
+    out_dtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
+    de = torch.zeros(N, D, dtype=out_dtype, device=hidden.device)
+    db = torch.zeros(N, dtype=out_dtype, device=hidden.device)
     if M > 0 and N > 0:
         bm, bn, bd, warps = _config(hidden, D)
         S, span = _splits(hidden, M, N, bm, bn)
@@ -230,5 +235,4 @@ def softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ign
         _softmax_ce_bwd_de_kernel[(triton.cdiv(N, bn),)](
             hidden, items, bias, targets, g, lse, de, db, M, N, D, hidden.stride(0), items.stride(0),
             float(label_smoothing), **common)
-    dt = hidden.dtype
-    return dh.to(dt), de.to(dt), db.to(dt)
+    return dh.to(hidden.dtype), de.to(hidden.dtype), db.to(hidden.dtype)
