@@ -24,6 +24,11 @@ import triton
 import triton.language as tl
 
 
+# Sizes that vary per call are not specialised (no recompilation for every
+# M, N or 1-valued flag); strides stay specialised for vectorised loads.
+_RUNTIME = ["M", "N", "has_bias"]
+
+
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     # PRECISION "upcast": the interpreter's bfloat16 tl.dot is wrong (triton
@@ -35,17 +40,16 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+def _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION: tl.constexpr):
     e = tl.load(E + rn[:, None] * stride_e + rd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
     z = _dot(h, tl.trans(e), tl.zeros((h.shape[0], e.shape[0]), tl.float32), PRECISION)
-    if HAS_BIAS:
-        z += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    z += tl.load(BIAS + rn, mask=nmask & ((rn * 0 + has_bias) > 0), other=0.0).to(tl.float32)[None, :]
     return z, e
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME + ["span", "ignore_index"])
 def _softmax_ce_fwd_kernel(H, E, BIAS, T, PMAX, PSUM, PZT, PZS, M, N, D, stride_h, stride_e, span, ignore_index,
-                           HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                           has_bias, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # Program (row block, split s) covers items [s*span, (s+1)*span) and writes
     # its partial max / sum of exp / target logit / sum of logits to row s of
@@ -66,35 +70,32 @@ def _softmax_ce_fwd_kernel(H, E, BIAS, T, PMAX, PSUM, PZT, PZS, M, N, D, stride_
     for n0 in range(split * span, n_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         nmask = rn < n_end
-        z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS, PRECISION)
+        z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION)
         z = tl.where(nmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
         m_i = m_new
         zt += tl.sum(tl.where(rn[None, :] == tgt[:, None], z, 0.0), 1)
-        if SMOOTH:
-            zs += tl.sum(tl.where(nmask[None, :], z, 0.0), 1)
+        zs += tl.sum(tl.where(nmask[None, :], z, 0.0), 1)
     off = split * M + rm
     tl.store(PMAX + off, m_i, mask=mmask)
     tl.store(PSUM + off, s_i, mask=mmask)
     tl.store(PZT + off, zt, mask=mmask)
-    if SMOOTH:
-        tl.store(PZS + off, zs, mask=mmask)
+    tl.store(PZS + off, zs, mask=mmask)
 
 
 @triton.jit
-def _dz_block(z, rn, nmask, lse, g, tgt, N, eps, SMOOTH: tl.constexpr):
+def _dz_block(z, rn, nmask, lse, g, tgt, N, eps):
     dz = tl.exp(z - lse[:, None]) * g[:, None]
-    if SMOOTH:
-        dz -= (g * (eps / N))[:, None]
+    dz -= (g * (eps / N))[:, None]
     dz -= tl.where(rn[None, :] == tgt[:, None], (g * (1.0 - eps))[:, None], 0.0)
     return tl.where(nmask[None, :], dz, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME + ["span", "eps"])
 def _softmax_ce_bwd_dh_kernel(H, E, BIAS, T, G, LSE, DH, M, N, D, stride_h, stride_e, span, eps,
-                              HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                              has_bias, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     # Program (row block, split s) writes its items' share of dhidden to DH[s].
     pid = tl.program_id(0)
@@ -112,15 +113,15 @@ def _softmax_ce_bwd_dh_kernel(H, E, BIAS, T, G, LSE, DH, M, N, D, stride_h, stri
     for n0 in range(split * span, n_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         nmask = rn < n_end
-        z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS, PRECISION)
-        dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps, SMOOTH)
+        z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION)
+        dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps)
         acc = _dot(dz.to(e.dtype), e, acc, PRECISION)
     tl.store(DH + split * M * D + rm[:, None] * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME + ["eps"])
 def _softmax_ce_bwd_de_kernel(H, E, BIAS, T, G, LSE, DE, DB, M, N, D, stride_h, stride_e, eps,
-                              HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                              has_bias, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,15 +137,13 @@ def _softmax_ce_bwd_de_kernel(H, E, BIAS, T, G, LSE, DE, DB, M, N, D, stride_h, 
         g = tl.load(G + rm, mask=mmask, other=0.0)
         lse = tl.load(LSE + rm, mask=mmask, other=0.0)
         h = tl.load(H + rm[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-        z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, HAS_BIAS, PRECISION)
-        dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps, SMOOTH)
+        z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION)
+        dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps)
         dz = tl.where(mmask[:, None], dz, 0.0)
         acc = _dot(tl.trans(dz.to(h.dtype)), h, acc, PRECISION)
-        if HAS_BIAS:
-            dbias += tl.sum(dz, 0)
+        dbias += tl.sum(dz, 0)
     tl.store(DE + rn[:, None] * D + rd[None, :], acc.to(DE.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
-    if HAS_BIAS:
-        tl.store(DB + rn, dbias.to(DB.dtype.element_ty), mask=nmask)
+    tl.store(DB + rn, dbias.to(DB.dtype.element_ty), mask=nmask & ((rn * 0 + has_bias) > 0))
 
 
 def _config(hidden: torch.Tensor, D: int):
@@ -190,11 +189,10 @@ def softmax_ce_fwd_triton(hidden, items, targets, item_bias, ignore_index: int, 
     bm, bn, bd, warps = _config(hidden, D)
     S, span = _splits(hidden, M, N, bm, bn)
     part = torch.empty(4, S, M, dtype=torch.float32, device=hidden.device)
-    part[3].zero_()
     bias = item_bias.contiguous() if item_bias is not None else items
     _softmax_ce_fwd_kernel[(triton.cdiv(M, bm), S)](
         hidden, items, bias, targets, part[0], part[1], part[2], part[3], M, N, D, hidden.stride(0),
-        items.stride(0), span, ignore_index, HAS_BIAS=item_bias is not None, SMOOTH=label_smoothing > 0,
+        items.stride(0), span, ignore_index, int(item_bias is not None),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(hidden), num_warps=warps)
     pmax, psum, pzt, pzs = part
     gmax = pmax.max(0).values
@@ -225,14 +223,13 @@ def softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ign
         bm, bn, bd, warps = _config(hidden, D)
         S, span = _splits(hidden, M, N, bm, bn)
         bias = item_bias.contiguous() if item_bias is not None else items
-        common = dict(HAS_BIAS=item_bias is not None, SMOOTH=label_smoothing > 0, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bd, PRECISION=_precision(hidden), num_warps=warps)
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(hidden), num_warps=warps)
         dh_part = torch.empty(S, M, D, dtype=torch.float32, device=hidden.device)
         _softmax_ce_bwd_dh_kernel[(triton.cdiv(M, bm), S)](
             hidden, items, bias, targets, g, lse, dh_part, M, N, D, hidden.stride(0), items.stride(0), span,
-            float(label_smoothing), **common)
+            float(label_smoothing), int(item_bias is not None), **common)
         dh = dh_part.sum(0) if S > 1 else dh_part[0]
         _softmax_ce_bwd_de_kernel[(triton.cdiv(N, bn),)](
             hidden, items, bias, targets, g, lse, de, db, M, N, D, hidden.stride(0), items.stride(0),
-            float(label_smoothing), **common)
+            float(label_smoothing), int(item_bias is not None), **common)
     return dh.to(hidden.dtype), de.to(hidden.dtype), db.to(hidden.dtype)
