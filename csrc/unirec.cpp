@@ -27,8 +27,22 @@ TORCH_LIBRARY(unirec, m) {
   // ---- attention: jagged (packed) multi-head attention ----
 
   // ---- retrieval: top-k over the catalogue ----
+  // queries [B, D], items [N, D], item_bias [N] or None; exclusions as CSR
+  // (exclude_offsets [B+1] int64, exclude_indices [nnz] int64 item ids).
+  // Returns (values [B, k] in queries' dtype, descending; indices [B, k] int64),
+  // ties by the smaller item index, tail -inf / -1 when fewer than k remain.
+  m.def("topk_scores(Tensor queries, Tensor items, int k, Tensor? item_bias, Tensor? exclude_offsets, "
+        "Tensor? exclude_indices) -> (Tensor values, Tensor indices)");
 
   // ---- loss: full-catalogue softmax cross-entropy ----
+  // hidden [M, D], items [N, D], targets [M] int64, item_bias [N] or None.
+  // Returns (loss_per_row [M], lse [M]), both float32 (float64 for float64
+  // inputs); rows whose target is ignore_index have loss 0.
+  m.def("softmax_ce_fwd(Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, int ignore_index, "
+        "float label_smoothing) -> (Tensor loss_per_row, Tensor lse)");
+  // grad_loss [M] (float32/float64) -> (dhidden [M, D], ditems [N, D], dbias [N]) in the inputs' dtype.
+  m.def("softmax_ce_bwd(Tensor grad_loss, Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, "
+        "Tensor lse, int ignore_index, float label_smoothing) -> (Tensor dhidden, Tensor ditems, Tensor dbias)");
 }
 
 namespace {
