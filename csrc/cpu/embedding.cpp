@@ -77,7 +77,22 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
           std::fill(acc.begin(), acc.end(), acc_t(0));
           acc_t* a = acc.data();
           const int64_t start = off[bag], stop = off[bag + 1];
-          for (int64_t p = start; p < stop; ++p) {
+          int64_t p = start;
+          // Four rows per pass over the accumulator: a quarter of its loads and stores.
+          for (; p + 4 <= stop; p += 4) {
+            for (int k = 0; k < 4; ++k) prefetch_next();
+            const scalar_t* r0 = table + static_cast<int64_t>(idx[p]) * D;
+            const scalar_t* r1 = table + static_cast<int64_t>(idx[p + 1]) * D;
+            const scalar_t* r2 = table + static_cast<int64_t>(idx[p + 2]) * D;
+            const scalar_t* r3 = table + static_cast<int64_t>(idx[p + 3]) * D;
+            const acc_t s0 = ps ? static_cast<acc_t>(ps[p]) : acc_t(1), s1 = ps ? static_cast<acc_t>(ps[p + 1]) : acc_t(1),
+                        s2 = ps ? static_cast<acc_t>(ps[p + 2]) : acc_t(1), s3 = ps ? static_cast<acc_t>(ps[p + 3]) : acc_t(1);
+            for (int64_t d = 0; d < D; ++d) {
+              a[d] += s0 * static_cast<acc_t>(r0[d]) + s1 * static_cast<acc_t>(r1[d]) +
+                      s2 * static_cast<acc_t>(r2[d]) + s3 * static_cast<acc_t>(r3[d]);
+            }
+          }
+          for (; p < stop; ++p) {
             prefetch_next();
             const scalar_t* row = table + static_cast<int64_t>(idx[p]) * D;
             const acc_t scale = ps ? static_cast<acc_t>(ps[p]) : acc_t(1);
