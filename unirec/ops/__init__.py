@@ -2,3 +2,6 @@
 from .embedding import embedding_bag, table_batched_embedding, tbe_backward_update_
 
 __all__ = ["table_batched_embedding", "embedding_bag", "tbe_backward_update_"]
+from .attention import jagged_attention  # noqa: E402
+
+__all__ += ["jagged_attention"]

@@ -2,3 +2,6 @@
 from .embedding import embedding_bag_ref, tbe_forward_ref
 
 __all__ = ["tbe_forward_ref", "embedding_bag_ref"]
+from .attention import jagged_attention_mask, jagged_attention_ref  # noqa: E402
+
+__all__ += ["jagged_attention_ref", "jagged_attention_mask"]
