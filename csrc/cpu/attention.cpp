@@ -40,6 +40,7 @@ namespace attn_base {
 namespace {
 
 constexpr int kTile = attn_base::kBK;
+constexpr double kSerialWork = 64.0 * 64.0 * 4;  // sum over items of L^2 below which one thread does all
 static_assert(attn_base::kBK == attn_base::kBQ, "copy-in pads to one tile size");
 
 bool use_avx2() {
@@ -102,14 +103,22 @@ void for_each_item(const Seqs& s, int64_t H, const F& fn) {
   });
   const int64_t n = B * H;
   std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+  auto worker = [&](int64_t, int64_t) {
     typename F::Scratch_ scratch;
     for (int64_t w; (w = next.fetch_add(1)) < n;) {
       const int64_t b = order[w / H], h = w % H;
       if (s.off[b + 1] > s.off[b]) fn(scratch, b, h);
     }
-  });
+  };
+  // Tiny problems run on the calling thread: waking a thread team costs more.
+  double work = 0;
+  for (int64_t b = 0; b < B; ++b) work += static_cast<double>(s.off[b + 1] - s.off[b]) * (s.off[b + 1] - s.off[b]);
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  if (nthreads == 1 || work * H < kSerialWork) {
+    worker(0, 1);
+  } else {
+    at::parallel_for(0, nthreads, 1, worker);
+  }
 }
 
 template <typename T>

@@ -41,8 +41,17 @@ static inline void vstore(T* p, typename Vec<T>::type v) {
   *reinterpret_cast<typename Vec<T>::type*>(p) = v;
 }
 
-// Register-blocked C[MR rows][NV vectors] (+)= A[MR][K] B[K][NV*W].
-template <typename T, int NV, int MR, bool ACC>
+template <typename T>
+static inline typename Vec<T>::type vbroadcast(T x) {
+  typename Vec<T>::type v;
+#pragma GCC unroll 8
+  for (int w = 0; w < Vec<T>::W; ++w) v[w] = x;
+  return v;
+}
+
+// Register-blocked C[MR rows][NV vectors] (+)= A[MR][K] B[K][NV*W]; with TA,
+// A is stored transposed (element (r, k) at A[k * lda + r]).
+template <typename T, int NV, int MR, bool ACC, bool TA>
 static inline void micro(int K, const T* __restrict A, int lda, const T* __restrict B, int ldb, T* __restrict C,
                          int ldc) {
   using V = typename Vec<T>::type;
@@ -58,7 +67,7 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
     for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V a = V{} + A[r * lda + k];
+      const V a = vbroadcast<T>(TA ? A[k * lda + r] : A[r * lda + k]);
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
@@ -69,8 +78,9 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
 }
 
-// C[M][N] (+)= A[M][K] B[K][N], N a compile-time multiple of the vector width.
-template <typename T, int N, bool ACC>
+// C[M][N] (+)= op(A)[M][K] B[K][N], N a compile-time multiple of the vector
+// width; op(A) = A [M][K] (row stride lda) or, with TA, A^T for A [K][M].
+template <typename T, int N, bool ACC, bool TA = false>
 static inline void gemm(int M, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc) {
   constexpr int W = Vec<T>::W;
   constexpr int NC = (N % (4 * W) == 0) ? 4 * W : ((N % (2 * W) == 0) ? 2 * W : W);
@@ -78,8 +88,10 @@ static inline void gemm(int M, int K, const T* A, int lda, const T* B, int ldb, 
   constexpr int MR = NV == 4 ? 3 : (NV == 2 ? 6 : 8);
   for (int n0 = 0; n0 < N; n0 += NC) {
     int i = 0;
-    for (; i + MR <= M; i += MR) micro<T, NV, MR, ACC>(K, A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
-    for (; i < M; ++i) micro<T, NV, 1, ACC>(K, A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
+    for (; i + MR <= M; i += MR)
+      micro<T, NV, MR, ACC, TA>(K, TA ? A + i : A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
+    for (; i < M; ++i)
+      micro<T, NV, 1, ACC, TA>(K, TA ? A + i : A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
   }
 }
 
@@ -111,6 +123,37 @@ static inline void exp_shift(float* x, int n, float shift) {
 }
 static inline void exp_shift(double* x, int n, double shift) {
   for (int j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
+}
+
+// max and sum of n (a multiple of the vector width) values, vectorised.
+template <typename T>
+static inline T vmax(const T* x, int n) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V m = vload(x);
+  for (int j = W; j < n; j += W) {
+    const V v = vload(x + j);
+    m = m > v ? m : v;
+  }
+  T r = m[0];
+  for (int w = 1; w < W; ++w) r = r > m[w] ? r : m[w];
+  return r;
+}
+template <typename T>
+static inline T vsum(const T* x, int n) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V a = vload(x), b = V{};
+  int j = W;
+  for (; j + W < n; j += 2 * W) {
+    a += vload(x + j);
+    b += vload(x + j + W);
+  }
+  for (; j < n; j += W) a += vload(x + j);
+  a += b;
+  T r = 0;
+  for (int w = 0; w < W; ++w) r += a[w];
+  return r;
 }
 
 // sg <- sigmoid(x) on n (a multiple of 8) values.
@@ -162,14 +205,12 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
           sigmoid(row, sg, kBK);
           for (int j = 0; j < nv; ++j) row[j] = row[j] * sg[j] * a.inv_n;
         } else if (nv > 0) {
-          T mx = row[0];
-          for (int j = 1; j < nv; ++j) mx = std::max(mx, row[j]);
-          const T mnew = std::max(m[r], mx);
+          for (int j = nv; j < kBK; ++j) row[j] = T(-1e30);
+          const T mnew = std::max(m[r], vmax(row, kBK));
           const T alpha = std::exp(m[r] - mnew);
           exp_shift(row, kBK, mnew);
-          T sum = 0;
-          for (int j = 0; j < nv; ++j) sum += row[j];
-          l[r] = l[r] * alpha + sum;
+          for (int j = nv; j < kBK; ++j) row[j] = T(0);
+          l[r] = l[r] * alpha + vsum(row, kBK);
           m[r] = mnew;
           if (alpha != T(1)) {
             T* o = Ot + r * DP;
@@ -250,12 +291,8 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
         if (drb) for (int j = 0; j < nv; ++j) drb[std::abs(i - k0 - j)] += dp[j];
       }
       // dV += P^T dO, dK += dS^T Qs, dQ += dS K
-      for (int j = 0; j < mk; ++j)
-        for (int r = 0; r < mq; ++r) Tr[j * kBQ + r] = S[r * kBK + j];
-      gemm<T, DP, true>(mk, mq, Tr, kBQ, dO + (int64_t)q0 * DP, DP, dV + (int64_t)k0 * DP, DP);
-      for (int j = 0; j < mk; ++j)
-        for (int r = 0; r < mq; ++r) Tr[j * kBQ + r] = dP[r * kBK + j];
-      gemm<T, DP, true>(mk, mq, Tr, kBQ, Qs + (int64_t)q0 * DP, DP, dK + (int64_t)k0 * DP, DP);
+      gemm<T, DP, true, true>(mk, mq, S, kBK, dO + (int64_t)q0 * DP, DP, dV + (int64_t)k0 * DP, DP);
+      gemm<T, DP, true, true>(mk, mq, dP, kBK, Qs + (int64_t)q0 * DP, DP, dK + (int64_t)k0 * DP, DP);
       gemm<T, DP, true>(mq, mk, dP, kBK, K + (int64_t)k0 * DP, DP, dQ + (int64_t)q0 * DP, DP);
     }
   }

@@ -26,6 +26,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter (triton 3.9) miscomputes 16-bit dots: it gets float32 copies of the same values.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, L, t0, CAUSAL: tl.constexpr):
     i = offs_m[:, None]
     j = offs_n[None, :]
@@ -44,7 +53,7 @@ def _jagged_attention_fwd_kernel(
     stride_t, H, max_seqlen, scale, inv_n,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -79,7 +88,7 @@ def _jagged_attention_fwd_kernel(
         kmask = (offs_n[:, None] < L) & dmask
         k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST)
         vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
         if SILU:
             s = s * scale
@@ -88,7 +97,7 @@ def _jagged_attention_fwd_kernel(
                 s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
             p = s * tl.sigmoid(s) * inv_n
             p = tl.where(vis, p, 0.0)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         else:
             s = s * qk_scale
             if HAS_BIAS:
@@ -99,7 +108,7 @@ def _jagged_attention_fwd_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
     rmask = offs_m < L
     if not SILU:
@@ -117,7 +126,7 @@ def _jagged_attention_bwd_dkdv_kernel(
     stride_t, H, max_seqlen, scale, inv_n,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -152,12 +161,12 @@ def _jagged_attention_bwd_dkdv_kernel(
         q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
         # transposed tile: rows are keys, columns queries
-        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
+        sT = _dot(k, tl.trans(q), PRECISION, UPCAST) * scale
         visT = tl.trans(_visible(offs_m, offs_n, L, t0, CAUSAL))
         if HAS_BIAS:
             relT = tl.abs(offs_n[:, None] - offs_m[None, :])
             sT += tl.load(RelBias + h * max_seqlen + relT, mask=visT, other=0.0).to(tl.float32)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dpT = _dot(v, tl.trans(do), PRECISION, UPCAST)
         if SILU:
             sg = tl.sigmoid(sT)
             pT = sT * sg * inv_n
@@ -169,8 +178,8 @@ def _jagged_attention_bwd_dkdv_kernel(
             dsT = pT * (dpT - delta[None, :])
         pT = tl.where(visT, pT, 0.0)
         dsT = tl.where(visT, dsT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
+        dk += _dot(dsT.to(q.dtype), q, PRECISION, UPCAST)
         if HAS_BIAS:
             tl.atomic_add(DRB + h * max_seqlen + relT, dsT, mask=visT)
     tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -184,7 +193,7 @@ def _jagged_attention_bwd_dq_kernel(
     stride_t, H, max_seqlen, scale, inv_n,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -220,12 +229,12 @@ def _jagged_attention_bwd_dq_kernel(
         kmask = (offs_n[:, None] < L) & dmask
         k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
         if HAS_BIAS:
             rel = tl.abs(offs_m[:, None] - offs_n[None, :])
             s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         if SILU:
             sg = tl.sigmoid(s)
             ds = dp * sg * (1.0 + s * (1.0 - sg)) * inv_n
@@ -233,7 +242,7 @@ def _jagged_attention_bwd_dq_kernel(
             p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
             ds = p * (dp - delta[:, None])
         ds = tl.where(vis, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     tl.store(DQ + base + offs_m[:, None] * stride_t + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
@@ -298,7 +307,8 @@ def _common(q, max_seqlen, num_targets, rel_bias, activation, offsets):
     nt = num_targets if num_targets is not None else offsets
     rb = rel_bias.contiguous() if rel_bias is not None else q
     return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=None, SILU=activation == "silu",
-                HAS_TARGETS=num_targets is not None, HAS_BIAS=rel_bias is not None, PRECISION=_precision(q)), nt, rb
+                HAS_TARGETS=num_targets is not None, HAS_BIAS=rel_bias is not None, PRECISION=_precision(q),
+                UPCAST=_interpreting(q) and q.element_size() < 4), nt, rb
 
 
 def jagged_attention_fwd_triton(q, k, v, offsets, max_seqlen, causal, num_targets, activation, rel_bias, scale):
