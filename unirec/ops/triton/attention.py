@@ -35,24 +35,20 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, L, t0, CAUSAL: tl.constexpr):
+def _visible(offs_m, offs_n, L, t0, causal):
     i = offs_m[:, None]
     j = offs_n[None, :]
-    nontarget = j < t0
-    if CAUSAL:
-        vis = nontarget & ((j <= i) | (i >= t0))
-    else:
-        vis = nontarget
+    vis = (j < t0) & ((j <= i) | (i >= t0) | ((j * 0 + causal) == 0))
     vis = vis | ((i == j) & (i >= t0))
     return vis & (i < L) & (j < L)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_fwd_kernel(
     Q, K, V, O, LSE, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n,
+    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -64,10 +60,9 @@ def _jagged_attention_fwd_kernel(
     q0 = pid_m * BLOCK_M
     if q0 >= L:
         return
-    if HAS_TARGETS:
+    t0 = L
+    if has_targets != 0:
         t0 = L - tl.load(NumTargets + b).to(tl.int32)
-    else:
-        t0 = L
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -79,17 +74,14 @@ def _jagged_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
-    if CAUSAL:
-        kend = tl.minimum(q0 + BLOCK_M, L)
-    else:
-        kend = L
+    kend = tl.where(causal != 0, tl.minimum(q0 + BLOCK_M, L), L)
     for k0 in range(0, kend, BLOCK_N):
         offs_n = k0 + offs_n0
         kmask = (offs_n[:, None] < L) & dmask
         k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST)
-        vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
+        vis = _visible(offs_m, offs_n, L, t0, causal)
         if SILU:
             s = s * scale
             if HAS_BIAS:
@@ -120,12 +112,12 @@ def _jagged_attention_fwd_kernel(
              mask=rmask[:, None] & dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, DRB, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n,
+    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -137,10 +129,9 @@ def _jagged_attention_bwd_dkdv_kernel(
     k0 = pid_n * BLOCK_N
     if k0 >= L:
         return
-    if HAS_TARGETS:
+    t0 = L
+    if has_targets != 0:
         t0 = L - tl.load(NumTargets + b).to(tl.int32)
-    else:
-        t0 = L
     offs_n = k0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -151,10 +142,7 @@ def _jagged_attention_bwd_dkdv_kernel(
     v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if CAUSAL:
-        qstart = (k0 // BLOCK_M) * BLOCK_M
-    else:
-        qstart = 0
+    qstart = tl.where(causal != 0, (k0 // BLOCK_M) * BLOCK_M, 0)
     for q0 in range(qstart, L, BLOCK_M):
         offs_m = q0 + offs_m0
         qmask = (offs_m[:, None] < L) & dmask
@@ -162,7 +150,7 @@ def _jagged_attention_bwd_dkdv_kernel(
         do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
         # transposed tile: rows are keys, columns queries
         sT = _dot(k, tl.trans(q), PRECISION, UPCAST) * scale
-        visT = tl.trans(_visible(offs_m, offs_n, L, t0, CAUSAL))
+        visT = tl.trans(_visible(offs_m, offs_n, L, t0, causal))
         if HAS_BIAS:
             relT = tl.abs(offs_n[:, None] - offs_m[None, :])
             sT += tl.load(RelBias + h * max_seqlen + relT, mask=visT, other=0.0).to(tl.float32)
@@ -187,12 +175,12 @@ def _jagged_attention_bwd_dkdv_kernel(
     tl.store(DV + base + offs_n[:, None] * stride_t + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n,
+    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -204,10 +192,9 @@ def _jagged_attention_bwd_dq_kernel(
     q0 = pid_m * BLOCK_M
     if q0 >= L:
         return
-    if HAS_TARGETS:
+    t0 = L
+    if has_targets != 0:
         t0 = L - tl.load(NumTargets + b).to(tl.int32)
-    else:
-        t0 = L
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -220,17 +207,14 @@ def _jagged_attention_bwd_dq_kernel(
         lse = tl.load(LSE + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
         delta = tl.load(Delta + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        kend = tl.minimum(q0 + BLOCK_M, L)
-    else:
-        kend = L
+    kend = tl.where(causal != 0, tl.minimum(q0 + BLOCK_M, L), L)
     for k0 in range(0, kend, BLOCK_N):
         offs_n = k0 + offs_n0
         kmask = (offs_n[:, None] < L) & dmask
         k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
+        vis = _visible(offs_m, offs_n, L, t0, causal)
         if HAS_BIAS:
             rel = tl.abs(offs_m[:, None] - offs_n[None, :])
             s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
@@ -251,8 +235,14 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+BLOCK_OVERRIDE = {}  # {"fwd"|"bwd": (BLOCK_M, BLOCK_N, num_warps, num_stages)}, for tuning
+
+
 def _blocks(q, backward):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    key = "bwd" if backward else "fwd"
+    if key in BLOCK_OVERRIDE:
+        return BLOCK_OVERRIDE[key]
     if _interpreting(q):
         return 32, 32, 4, 1
     D = q.shape[-1]
@@ -306,8 +296,7 @@ def _common(q, max_seqlen, num_targets, rel_bias, activation, offsets):
     BLOCK_D = max(16, triton.next_power_of_2(D))
     nt = num_targets if num_targets is not None else offsets
     rb = rel_bias.contiguous() if rel_bias is not None else q
-    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=None, SILU=activation == "silu",
-                HAS_TARGETS=num_targets is not None, HAS_BIAS=rel_bias is not None, PRECISION=_precision(q),
+    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, SILU=activation == "silu", HAS_BIAS=rel_bias is not None, PRECISION=_precision(q),
                 UPCAST=_interpreting(q) and q.element_size() < 4), nt, rb
 
 
@@ -323,12 +312,11 @@ def jagged_attention_fwd_triton(q, k, v, offsets, max_seqlen, causal, num_target
     if T == 0 or B == 0:
         return out, lse
     meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
-    meta["CAUSAL"] = bool(causal)
     BM, BN, warps, stages = _blocks(q, False)
     grid = (triton.cdiv(max_seqlen, BM), B * H)
     _jagged_attention_fwd_kernel[grid](
         q, k, v, out, lse if not silu else out, offsets, nt, rb, H * D, H, max_seqlen, float(scale),
-        1.0 / max(max_seqlen, 1), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
+        1.0 / max(max_seqlen, 1), int(bool(causal)), int(num_targets is not None), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
     return out, lse
 
 
@@ -345,14 +333,14 @@ def jagged_attention_bwd_triton(grad_out, q, k, v, out, lse, offsets, max_seqlen
     drb = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device) if rel_bias is not None else None
     if T > 0 and B > 0:
         meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
-        meta["CAUSAL"] = bool(causal)
         if silu:
             lse_t = delta = q.new_empty(1, dtype=torch.float32)
         else:
             lse_t = lse.contiguous().float()
             delta = (do.float() * out.contiguous().float()).sum(-1)  # [T, H]
         BM, BN, warps, stages = _blocks(q, True)
-        common = (H * D, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1))
+        common = (H * D, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1), int(bool(causal)),
+                  int(num_targets is not None))
         _jagged_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), B * H)](
             q, k, v, do, lse_t, delta, dk, dv, drb if drb is not None else dk, offsets, nt, rb, *common,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
