@@ -255,10 +255,10 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
 // tile, every query tile that sees it; probabilities are recomputed from lse.
 // dQ, dK, dV [Lp][DP] must be zero on entry; dQ comes out without the scale
 // factor (the caller multiplies). drb [max_seqlen] accumulates d rel_bias.
-// Scratch: S, P, dS each kBQ*kBK, Tr kBK*kBQ.
+// Scratch: S (scores, then P) and dP (then dS), each kBQ*kBK.
 template <typename T, int DP>
 void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb, const T* dO, const T* lse,
-             const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP, T* Tr) {
+             const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
   const int L = a.L;
   for (int k0 = 0; k0 < a.t0; k0 += kBK) {
     const int mk = std::min(kBK, a.t0 - k0);
@@ -337,13 +337,13 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
     }                                                                                                            \
   }                                                                                                              \
   inline void bwd(int DP, const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb, const T* dO, \
-                  const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP, T* Tr) {               \
+                  const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {               \
     switch (DP) {                                                                                                \
-      case 16: return bwd_seq<T, 16>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);            \
-      case 32: return bwd_seq<T, 32>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);            \
-      case 64: return bwd_seq<T, 64>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);            \
-      case 128: return bwd_seq<T, 128>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);          \
-      default: return bwd_seq<T, 256>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);           \
+      case 16: return bwd_seq<T, 16>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 32: return bwd_seq<T, 32>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 64: return bwd_seq<T, 64>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 128: return bwd_seq<T, 128>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);          \
+      default: return bwd_seq<T, 256>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);           \
     }                                                                                                            \
   }
 UNIREC_ATTN_ENTRIES(float)
