@@ -150,7 +150,7 @@ def test_opcheck(device, activation):
             rb.requires_grad_(), 0.25)
     torch.library.opcheck(torch.ops.unirec.jagged_attention_fwd.default, args)
     out, lse = torch.ops.unirec.jagged_attention_fwd(*args)
-    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, off, 9, True, nt,
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), off, 9, True, nt,
              activation, rb.detach(), 0.25)
     torch.library.opcheck(torch.ops.unirec.jagged_attention_bwd.default, bargs)
 
