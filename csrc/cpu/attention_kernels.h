@@ -17,6 +17,8 @@
 
 constexpr int kBQ = 64;  // query rows per tile
 constexpr int kBK = 64;  // keys per tile
+constexpr int kSub = 32;   // on the causal diagonal, row blocks that see < kSub keys compute only kSub columns
+constexpr int kRows = 30;  // rows of such a block (a multiple of the micro-kernels' 3 and 6 rows)
 
 template <typename T>
 struct Vec;
@@ -181,6 +183,22 @@ static inline int hi(const SeqArgs<T>& a, int i) {
   return i < a.t0 ? (a.causal ? i + 1 : a.t0) : a.t0;
 }
 
+// S[mq][kBK] = A[mq][DP] Bt, Bt one transposed tile [DP][kBK]. Rows see the
+// keys before nvr[r] (non-decreasing in r; callers mask the rest): rows that
+// see none are skipped, and leading blocks of kRows rows that see fewer than
+// kSub keys compute only kSub columns.
+template <typename T, int DP>
+static inline void scores(int mq, const int* nvr, const T* A, const T* Bt, T* S) {
+  int r = 0;
+  while (r < mq && nvr[r] == 0) ++r;
+  for (; r < mq; r += kRows) {
+    const int e = std::min(r + kRows, mq);
+    if (nvr[e - 1] > kSub) break;
+    gemm<T, kSub, false>(e - r, DP, A + (int64_t)r * DP, DP, Bt, kBK, S + r * kBK, kBK);
+  }
+  if (r < mq) gemm<T, kBK, false>(mq - r, DP, A + (int64_t)r * DP, DP, Bt, kBK, S + r * kBK, kBK);
+}
+
 // Forward of one (sequence, head). O [Lp][DP] receives the normalised output,
 // lse [L] the log-sum-exp (softmax). S is a kBQ*kBK scratch tile.
 template <typename T, int DP>
@@ -194,10 +212,12 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
     std::fill(Ot, Ot + (int64_t)mq * DP, T(0));
     for (int r = 0; r < mq; ++r) { m[r] = T(-1e30); l[r] = T(0); }
     for (int k0 = 0; k0 < kend; k0 += kBK) {
-      gemm<T, kBK, false>(mq, DP, Qs + (int64_t)q0 * DP, DP, Ktb + (int64_t)k0 * DP, kBK, S, kBK);
+      int nvr[kBQ];  // visible keys of each row in this tile, non-decreasing in the row
+      for (int r = 0; r < mq; ++r) nvr[r] = std::max(0, std::min(hi(a, q0 + r) - k0, kBK));
+      scores<T, DP>(mq, nvr, Qs + (int64_t)q0 * DP, Ktb + (int64_t)k0 * DP, S);
       for (int r = 0; r < mq; ++r) {
         const int i = q0 + r;
-        const int nv = std::max(0, std::min(hi(a, i) - k0, kBK));
+        const int nv = nvr[r];
         T* row = S + r * kBK;
         if (a.rb) for (int j = 0; j < nv; ++j) row[j] += a.rb[std::abs(i - k0 - j)];
         if (a.silu) {
@@ -219,7 +239,7 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
         }
         for (int j = nv; j < kBK; ++j) row[j] = T(0);
       }
-      gemm<T, DP, true>(mq, std::min(kBK, kend - k0), S, kBK, V + (int64_t)k0 * DP, DP, Ot, DP);
+      gemm<T, DP, true>(mq, nvr[mq - 1], S, kBK, V + (int64_t)k0 * DP, DP, Ot, DP);  // O += P V
     }
     for (int r = 0; r < mq; ++r) {
       const int i = q0 + r;
@@ -266,11 +286,13 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
     for (int q0 = qstart; q0 < L; q0 += kBQ) {
       const int mq = std::min(kBQ, L - q0);
       if (hi(a, q0 + mq - 1) <= k0) continue;
-      gemm<T, kBK, false>(mq, DP, Qs + (int64_t)q0 * DP, DP, Ktb + (int64_t)k0 * DP, kBK, S, kBK);
-      gemm<T, kBK, false>(mq, DP, dO + (int64_t)q0 * DP, DP, Vtb + (int64_t)k0 * DP, kBK, dP, kBK);
+      int nvr[kBQ];
+      for (int r = 0; r < mq; ++r) nvr[r] = std::max(0, std::min(hi(a, q0 + r) - k0, mk));
+      scores<T, DP>(mq, nvr, Qs + (int64_t)q0 * DP, Ktb + (int64_t)k0 * DP, S);
+      scores<T, DP>(mq, nvr, dO + (int64_t)q0 * DP, Vtb + (int64_t)k0 * DP, dP);
       for (int r = 0; r < mq; ++r) {
         const int i = q0 + r;
-        const int nv = std::max(0, std::min(hi(a, i) - k0, mk));
+        const int nv = nvr[r];
         T* s = S + r * kBK;
         T* dp = dP + r * kBK;
         if (a.rb) for (int j = 0; j < nv; ++j) s[j] += a.rb[std::abs(i - k0 - j)];
@@ -290,9 +312,10 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
         for (int j = nv; j < kBK; ++j) { s[j] = T(0); dp[j] = T(0); }
         if (drb) for (int j = 0; j < nv; ++j) drb[std::abs(i - k0 - j)] += dp[j];
       }
-      // dV += P^T dO, dK += dS^T Qs, dQ += dS K
+      // dV += P^T dO, dK += dS^T Qs
       gemm<T, DP, true, true>(mk, mq, S, kBK, dO + (int64_t)q0 * DP, DP, dV + (int64_t)k0 * DP, DP);
       gemm<T, DP, true, true>(mk, mq, dP, kBK, Qs + (int64_t)q0 * DP, DP, dK + (int64_t)k0 * DP, DP);
+      // dQ += dS K
       gemm<T, DP, true>(mq, mk, dP, kBK, K + (int64_t)k0 * DP, DP, dQ + (int64_t)q0 * DP, DP);
     }
   }
