@@ -43,6 +43,46 @@ def _visible(offs_m, offs_n, L, t0, causal):
     return vis & (i < L) & (j < L)
 
 
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, offs_n, offs_d, dmask, L, t0, causal, h,
+               max_seqlen, scale, qk_scale, inv_n, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the forward; MASKED=False for blocks every row sees entirely (keys < t0, causal-safe)."""
+    if MASKED:
+        kmask = (offs_n[:, None] < L) & dmask
+        vis = _visible(offs_m, offs_n, L, t0, causal)
+        bmask = vis
+    else:
+        kmask = (offs_n[:, None] >= 0) & dmask
+        bmask = (offs_m[:, None] < L) & (offs_n[None, :] >= 0)
+    k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST)
+    if SILU:
+        s = s * scale
+        if HAS_BIAS:
+            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+            s += tl.load(RelBias + h * max_seqlen + rel, mask=bmask, other=0.0).to(tl.float32)
+        p = s * tl.sigmoid(s) * inv_n
+        if MASKED:
+            p = tl.where(vis, p, 0.0)
+        acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    else:
+        s = s * qk_scale
+        if HAS_BIAS:
+            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+            s += tl.load(RelBias + h * max_seqlen + rel, mask=bmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        if MASKED:
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_fwd_kernel(
     Q, K, V, O, LSE, Offsets, NumTargets, RelBias,
@@ -75,33 +115,16 @@ def _jagged_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     kend = tl.where(causal != 0, tl.minimum(q0 + BLOCK_M, L), L)
-    for k0 in range(0, kend, BLOCK_N):
-        offs_n = k0 + offs_n0
-        kmask = (offs_n[:, None] < L) & dmask
-        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST)
-        vis = _visible(offs_m, offs_n, L, t0, causal)
-        if SILU:
-            s = s * scale
-            if HAS_BIAS:
-                rel = tl.abs(offs_m[:, None] - offs_n[None, :])
-                s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
-            p = s * tl.sigmoid(s) * inv_n
-            p = tl.where(vis, p, 0.0)
-            acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        else:
-            s = s * qk_scale
-            if HAS_BIAS:
-                rel = tl.abs(offs_m[:, None] - offs_n[None, :])
-                s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32) * 1.4426950408889634
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-            m_i = m_new
+    # key blocks every row of this block sees in full need no mask
+    kfull = (tl.where(causal != 0, tl.minimum(q0 + 1, t0), t0) // BLOCK_N) * BLOCK_N
+    for k0 in range(0, kfull, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d,
+                                   dmask, L, t0, causal, h, max_seqlen, scale, qk_scale, inv_n,
+                                   SILU, HAS_BIAS, PRECISION, UPCAST, False)
+    for k0 in range(kfull, kend, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d,
+                                   dmask, L, t0, causal, h, max_seqlen, scale, qk_scale, inv_n,
+                                   SILU, HAS_BIAS, PRECISION, UPCAST, True)
     rmask = offs_m < L
     if not SILU:
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the end see nothing
@@ -175,6 +198,37 @@ def _jagged_attention_bwd_dkdv_kernel(
     tl.store(DV + base + offs_n[:, None] * stride_t + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
 
 
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, offs_n, offs_d, dmask, L, t0, causal, h,
+              max_seqlen, scale, inv_n, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the dq pass; MASKED as in _fwd_block."""
+    if MASKED:
+        kmask = (offs_n[:, None] < L) & dmask
+        vis = _visible(offs_m, offs_n, L, t0, causal)
+        bmask = vis
+    else:
+        kmask = (offs_n[:, None] >= 0) & dmask
+        bmask = (offs_m[:, None] < L) & (offs_n[None, :] >= 0)
+    k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+    if HAS_BIAS:
+        rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+        s += tl.load(RelBias + h * max_seqlen + rel, mask=bmask, other=0.0).to(tl.float32)
+    dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+    if SILU:
+        sg = tl.sigmoid(s)
+        ds = dp * sg * (1.0 + s * (1.0 - sg)) * inv_n
+    else:
+        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+        ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(vis, ds, 0.0)
+    dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    return dq
+
+
 @triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, Offsets, NumTargets, RelBias,
@@ -203,30 +257,21 @@ def _jagged_attention_bwd_dq_kernel(
     qmask = (offs_m[:, None] < L) & dmask
     q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
-    if not SILU:
+    if SILU:
+        lse = tl.zeros([BLOCK_M], tl.float32)
+        delta = lse
+    else:
         lse = tl.load(LSE + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
         delta = tl.load(Delta + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kend = tl.where(causal != 0, tl.minimum(q0 + BLOCK_M, L), L)
-    for k0 in range(0, kend, BLOCK_N):
-        offs_n = k0 + offs_n0
-        kmask = (offs_n[:, None] < L) & dmask
-        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        vis = _visible(offs_m, offs_n, L, t0, causal)
-        if HAS_BIAS:
-            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
-            s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        if SILU:
-            sg = tl.sigmoid(s)
-            ds = dp * sg * (1.0 + s * (1.0 - sg)) * inv_n
-        else:
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-            ds = p * (dp - delta[:, None])
-        ds = tl.where(vis, ds, 0.0)
-        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    kfull = (tl.where(causal != 0, tl.minimum(q0 + 1, t0), t0) // BLOCK_N) * BLOCK_N
+    for k0 in range(0, kfull, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d, dmask, L,
+                       t0, causal, h, max_seqlen, scale, inv_n, SILU, HAS_BIAS, PRECISION, UPCAST, False)
+    for k0 in range(kfull, kend, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d, dmask, L,
+                       t0, causal, h, max_seqlen, scale, inv_n, SILU, HAS_BIAS, PRECISION, UPCAST, True)
     tl.store(DQ + base + offs_m[:, None] * stride_t + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
