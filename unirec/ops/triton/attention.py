@@ -10,6 +10,9 @@ t0 = L - num_targets sees key j when
 
 so with ``causal`` the key loop of a query block stops at the block's last
 row, and the query loop of a key block starts at the key block's first row.
+The forward and dq kernels first run over the key blocks that every row of
+the query block sees entirely (no mask arithmetic), then over the rest with
+the mask.
 Softmax is computed in base 2 with the scale folded in; the forward saves the
 natural log-sum-exp per (token, head) for the backward, which recomputes the
 probabilities. Scores, softmax and accumulators are float32; tl.dot takes the
