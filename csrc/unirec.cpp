@@ -25,6 +25,15 @@ TORCH_LIBRARY(unirec, m) {
         "str pooling, str optimizer, float lr, float eps) -> Tensor");
 
   // ---- attention: jagged (packed) multi-head attention ----
+  // q, k, v [total, H, Dh]; offsets [B+1] int64; num_targets [B] int64;
+  // rel_bias [H, max_seqlen]. Returns out [total, H, Dh] and lse [total, H]
+  // (float32, float64 for float64 inputs; [0] for silu).
+  m.def("jagged_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor offsets, int max_seqlen, bool causal, "
+        "Tensor? num_targets, str activation, Tensor? rel_bias, float scale) -> (Tensor out, Tensor lse)");
+  // Returns dq, dk, dv [total, H, Dh] and drel_bias ([H, max_seqlen], [0] without rel_bias).
+  m.def("jagged_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor offsets, int max_seqlen, bool causal, Tensor? num_targets, str activation, Tensor? rel_bias, "
+        "float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drel_bias)");
 
   // ---- retrieval: top-k over the catalogue ----
   // queries [B, D], items [N, D], item_bias [N] or None; exclusions as CSR

@@ -1,8 +1,14 @@
-"""unirec's fused ops. Each takes ``impl=`` to pick a backend; see DESIGN of each family module."""
+"""unirec's fused ops. Each takes ``impl=`` to pick a backend (see each family's module)."""
+from .attention import jagged_attention
 from .embedding import embedding_bag, table_batched_embedding, tbe_backward_update_
+from .loss import softmax_cross_entropy
+from .retrieval import topk_scores
 
-__all__ = ["table_batched_embedding", "embedding_bag", "tbe_backward_update_"]
-from .retrieval import topk_scores  # noqa: E402
-from .loss import softmax_cross_entropy  # noqa: E402
-
-__all__ += ["topk_scores", "softmax_cross_entropy"]
+__all__ = [
+    "table_batched_embedding",
+    "embedding_bag",
+    "tbe_backward_update_",
+    "jagged_attention",
+    "topk_scores",
+    "softmax_cross_entropy",
+]

@@ -1,1 +1,2 @@
-"""Triton kernels (imported lazily: importing unirec never imports triton)."""
+"""Triton kernels (GPU; on CPU tensors they run under TRITON_INTERPRET=1). Imported lazily:
+importing unirec never imports triton."""
