@@ -2,6 +2,8 @@
 # One call on a machine with a CUDA GPU: build unirec in place with its CUDA
 # kernels, run the CUDA tests, run the benchmarks on CUDA, print a table last.
 # Logs and the benchmark JSON go to $OUT (default /tmp/unirec-gpu-check).
+# Needs torch (CUDA), triton, pytest and pytest-benchmark; where pytest-benchmark
+# is missing, carry its wheel (and py-cpuinfo's) and put them on PYTHONPATH.
 #
 #   bash scripts/gpu_check.sh            # everything
 #   BENCH_FILTER="tbe" bash scripts/gpu_check.sh   # a subset of benchmarks (-k)
@@ -35,6 +37,10 @@ timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests/ops -q -k cuda -p no:cachep
   > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -25 "$OUT/tests.log"
+
+stamp "Triton attention block-size sweep (bf16, the GPU benchmark shape)"
+timeout "${SWEEP_TIMEOUT:-120}" "$PY" benchmarks/tune_attention_blocks.py > "$OUT/sweep.log" 2>&1
+tail -20 "$OUT/sweep.log"
 
 stamp "benchmarks on CUDA"
 UNIREC_BENCH_DEVICE=cuda timeout "${BENCH_TIMEOUT:-300}" "$PY" -m pytest benchmarks/ --benchmark-only -q \
