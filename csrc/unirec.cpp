@@ -25,10 +25,33 @@ TORCH_LIBRARY(unirec, m) {
         "str pooling, str optimizer, float lr, float eps) -> Tensor");
 
   // ---- attention: jagged (packed) multi-head attention ----
+  // q, k, v [total, H, Dh]; offsets [B+1] int64; num_targets [B] int64;
+  // rel_bias [H, max_seqlen]. Returns out [total, H, Dh] and lse [total, H]
+  // (float32, float64 for float64 inputs; [0] for silu).
+  m.def("jagged_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor offsets, int max_seqlen, bool causal, "
+        "Tensor? num_targets, str activation, Tensor? rel_bias, float scale) -> (Tensor out, Tensor lse)");
+  // Returns dq, dk, dv [total, H, Dh] and drel_bias ([H, max_seqlen], [0] without rel_bias).
+  m.def("jagged_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor offsets, int max_seqlen, bool causal, Tensor? num_targets, str activation, Tensor? rel_bias, "
+        "float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drel_bias)");
 
   // ---- retrieval: top-k over the catalogue ----
+  // queries [B, D], items [N, D], item_bias [N] or None; exclusions as CSR
+  // (exclude_offsets [B+1] int64, exclude_indices [nnz] int64 item ids).
+  // Returns (values [B, k] in queries' dtype, descending; indices [B, k] int64),
+  // ties by the smaller item index, tail -inf / -1 when fewer than k remain.
+  m.def("topk_scores(Tensor queries, Tensor items, int k, Tensor? item_bias, Tensor? exclude_offsets, "
+        "Tensor? exclude_indices) -> (Tensor values, Tensor indices)");
 
   // ---- loss: full-catalogue softmax cross-entropy ----
+  // hidden [M, D], items [N, D], targets [M] int64, item_bias [N] or None.
+  // Returns (loss_per_row [M], lse [M]), both float32 (float64 for float64
+  // inputs); rows whose target is ignore_index have loss 0.
+  m.def("softmax_ce_fwd(Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, int ignore_index, "
+        "float label_smoothing) -> (Tensor loss_per_row, Tensor lse)");
+  // grad_loss [M] (float32/float64) -> (dhidden [M, D], ditems [N, D], dbias [N]) in the inputs' dtype.
+  m.def("softmax_ce_bwd(Tensor grad_loss, Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, "
+        "Tensor lse, int ignore_index, float label_smoothing) -> (Tensor dhidden, Tensor ditems, Tensor dbias)");
 }
 
 namespace {

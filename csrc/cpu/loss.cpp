@@ -1,0 +1,218 @@
+// Full-catalogue softmax cross-entropy on the CPU without the M x N logits.
+//
+// With z_ij = <h_i, e_j> + b_j, lse_i = log sum_j exp(z_ij), t_i the target
+// and eps the label smoothing,
+//     loss_i = lse_i - (1 - eps) z_{i t_i} - eps/N sum_j z_ij
+//     dz_ij  = g_i (softmax_ij - (1 - eps) [j = t_i] - eps/N).
+// The items are cut into one contiguous chunk per thread. A thread walks its
+// chunk in tiles and the rows in blocks; each (row block, item tile) of logits
+// is made by a single-threaded GEMM into a cache-sized buffer and reduced with
+// ATen's vectorised exp (the forward keeps a running max and sum per row; the
+// backward recomputes the block from lse). Each thread owns the rows of
+// ditems / dbias of its chunk; dhidden is summed over per-thread copies.
+// Extra memory: threads * (block + M * D) in the accumulation type.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "unirec/loss.h"
+
+namespace unirec {
+namespace {
+
+constexpr int64_t kRowBlock = 256;
+
+struct Blocking {
+  int64_t tile, nchunks, chunk;
+};
+
+Blocking blocking(int64_t M, int64_t N) {
+  Blocking b;
+  b.tile = 512;
+  b.nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + b.tile - 1) / b.tile));
+  b.chunk = (N + b.nchunks - 1) / b.nchunks;
+  return b;
+}
+
+void check_targets(const at::Tensor& targets, int64_t N, int64_t ignore_index) {
+  const int64_t* t = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    UNIREC_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < N), "targets[", i, "] = ", t[i],
+                 " is outside [0, N) with N = ", N, " and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+at::ScalarType acc_type_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// logits block = h_blk @ tile^T + bias_tile, written into buf [rows, len].
+at::Tensor logits_block(at::Tensor& buf, const at::Tensor& h_blk, const at::Tensor& tile, const at::Tensor& bias,
+                        int64_t t0, int64_t len) {
+  at::Tensor z = buf.narrow(0, 0, h_blk.size(0) * len).view({h_blk.size(0), len});
+  if (bias.defined()) {
+    at::addmm_out(z, bias.narrow(0, t0, len).unsqueeze(0), h_blk, tile.t());
+  } else {
+    at::mm_out(z, h_blk, tile.t());
+  }
+  return z;
+}
+
+// The items of [t0, t0+len) in the accumulation type (a copy only for bf16/half).
+at::Tensor tile_of(const at::Tensor& items, at::Tensor& tbuf, int64_t t0, int64_t len) {
+  at::Tensor it = items.narrow(0, t0, len);
+  return tbuf.defined() ? tbuf.narrow(0, 0, len).copy_(it) : it;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_, const at::Tensor& items_,
+                                                      const at::Tensor& targets_,
+                                                      const std::optional<at::Tensor>& item_bias,
+                                                      int64_t ignore_index, double label_smoothing) {
+  // Inner ATen calls must not record autograd: the inputs are detached (the
+  // guard is thread-local and does not reach the pool's threads).
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const CeShape s = check_ce_args(hidden_, items_, targets_, item_bias, label_smoothing);
+  const at::Tensor targets = targets_.contiguous();
+  check_targets(targets, s.N, ignore_index);
+  const auto acc = acc_type_of(hidden_);
+  const auto aopt = hidden_.options().dtype(acc);
+  at::Tensor loss = at::zeros({s.M}, aopt);
+  at::Tensor lse = at::zeros({s.M}, aopt);
+  if (s.M == 0) return {loss, lse};
+  UNIREC_CHECK(s.N > 0, "items must have at least one row for a softmax over the catalogue");
+  const at::Tensor h = hidden_.detach().to(acc).contiguous();
+  const at::Tensor items = items_.detach().contiguous();
+  const at::Tensor bias = s.bias ? item_bias->detach().to(acc).contiguous() : at::Tensor();
+  const bool convert = items.scalar_type() != acc;
+  const bool smooth = label_smoothing > 0.0;
+  const Blocking bl = blocking(s.M, s.N);
+  // Per chunk: running max, running sum of exp, sum of logits (for smoothing).
+  at::Tensor cmax = at::full({bl.nchunks, s.M}, -std::numeric_limits<double>::infinity(), aopt);
+  at::Tensor csum = at::zeros({bl.nchunks, s.M}, aopt);
+  at::Tensor czs = at::zeros({bl.nchunks, s.M}, aopt);
+  const double lowest = acc == at::kDouble ? std::numeric_limits<double>::lowest()
+                                           : static_cast<double>(std::numeric_limits<float>::lowest());
+
+  at::parallel_for(0, bl.nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+    at::Tensor buf = at::empty({kRowBlock * bl.tile}, aopt);
+    at::Tensor tbuf = convert ? at::empty({bl.tile, s.D}, aopt) : at::Tensor();
+    for (int64_t c = cbegin; c < cend; ++c) {
+      const int64_t lo = c * bl.chunk, hi = std::min(s.N, lo + bl.chunk);
+      for (int64_t t0 = lo; t0 < hi; t0 += bl.tile) {
+        const int64_t len = std::min(bl.tile, hi - t0);
+        const at::Tensor tile = tile_of(items, tbuf, t0, len);
+        for (int64_t r0 = 0; r0 < s.M; r0 += kRowBlock) {
+          const int64_t rows = std::min(kRowBlock, s.M - r0);
+          at::Tensor z = logits_block(buf, h.narrow(0, r0, rows), tile, bias, t0, len);
+          at::Tensor m_run = cmax[c].narrow(0, r0, rows);
+          at::Tensor s_run = csum[c].narrow(0, r0, rows);
+          if (smooth) czs[c].narrow(0, r0, rows).add_(z.sum(1));
+          at::Tensor m_new = at::maximum(m_run, std::get<0>(z.max(1)));
+          // A row of -inf logits so far keeps sum 0: shift by a finite value.
+          at::Tensor shift = m_new.clamp_min(lowest);
+          s_run.mul_((m_run - shift).exp_()).add_(z.sub_(shift.unsqueeze(1)).exp_().sum(1));
+          m_run.copy_(m_new);
+        }
+      }
+    }
+  });
+
+  // Merge the chunks' (max, sum) pairs, then the target logits by direct dots.
+  at::Tensor gmax = std::get<0>(cmax.max(0)).clamp_min(lowest);
+  lse.copy_((csum * (cmax - gmax.unsqueeze(0)).exp()).sum(0).log().add_(gmax));
+  at::Tensor valid = targets.ne(ignore_index);
+  at::Tensor tsafe = at::where(valid, targets, at::zeros_like(targets));
+  at::Tensor zt = (h * items.index_select(0, tsafe).to(acc)).sum(1);
+  if (s.bias) zt.add_(bias.index_select(0, tsafe));
+  at::Tensor l = lse - zt * (1.0 - label_smoothing);
+  if (smooth) l.sub_(czs.sum(0), label_smoothing / static_cast<double>(s.N));
+  loss.copy_(at::where(valid, l, at::zeros_like(l)));
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& hidden_, const at::Tensor& items_, const at::Tensor& targets_,
+    const std::optional<at::Tensor>& item_bias, const at::Tensor& lse_, int64_t ignore_index,
+    double label_smoothing) {
+  // Inner ATen calls must not record autograd: the inputs are detached (the
+  // guard is thread-local and does not reach the pool's threads).
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const CeShape s = check_ce_args(hidden_, items_, targets_, item_bias, label_smoothing);
+  const auto acc = acc_type_of(hidden_);
+  const auto aopt = hidden_.options().dtype(acc);
+  check_dim(grad_loss, 1, "grad_loss");
+  check_dim(lse_, 1, "lse");
+  UNIREC_CHECK(grad_loss.size(0) == s.M && lse_.size(0) == s.M, "grad_loss and lse must have M = ", s.M,
+               " entries, got ", grad_loss.size(0), " and ", lse_.size(0));
+  const at::Tensor targets = targets_.contiguous();
+  check_targets(targets, s.N, ignore_index);
+  at::Tensor dh_acc = at::zeros({s.M, s.D}, aopt);
+  at::Tensor di_acc = at::zeros({s.N, s.D}, aopt);
+  at::Tensor db_acc = at::zeros({s.N}, aopt);
+  if (s.M > 0 && s.N > 0) {
+    const at::Tensor h = hidden_.detach().to(acc).contiguous();
+    const at::Tensor items = items_.detach().contiguous();
+    const at::Tensor bias = s.bias ? item_bias->detach().to(acc).contiguous() : at::Tensor();
+    const at::Tensor valid = targets.ne(ignore_index);
+    // g_i = 0 on ignored rows, so their block rows vanish.
+    const at::Tensor g = at::where(valid, grad_loss.detach().to(acc), at::zeros({}, aopt)).contiguous();
+    const at::Tensor lse = lse_.detach().to(acc).contiguous();
+    const at::Tensor gu = (g * (label_smoothing / static_cast<double>(s.N))).contiguous();
+    const at::Tensor gt = (g * (1.0 - label_smoothing)).contiguous();
+    const bool convert = items.scalar_type() != acc;
+    const bool smooth = label_smoothing > 0.0;
+    const Blocking bl = blocking(s.M, s.N);
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    at::Tensor dh_part = at::zeros({bl.nchunks, s.M, s.D}, aopt);
+
+    at::parallel_for(0, bl.nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+      at::Tensor buf = at::empty({kRowBlock * bl.tile}, aopt);
+      at::Tensor tbuf = convert ? at::empty({bl.tile, s.D}, aopt) : at::Tensor();
+      for (int64_t c = cbegin; c < cend; ++c) {
+        const int64_t lo = c * bl.chunk, hi = std::min(s.N, lo + bl.chunk);
+        at::Tensor dh = dh_part[c];
+        for (int64_t t0 = lo; t0 < hi; t0 += bl.tile) {
+          const int64_t len = std::min(bl.tile, hi - t0);
+          const at::Tensor tile = tile_of(items, tbuf, t0, len);
+          at::Tensor ditile = di_acc.narrow(0, t0, len);
+          at::Tensor dbtile = db_acc.narrow(0, t0, len);
+          for (int64_t r0 = 0; r0 < s.M; r0 += kRowBlock) {
+            const int64_t rows = std::min(kRowBlock, s.M - r0);
+            const at::Tensor hb = h.narrow(0, r0, rows);
+            at::Tensor z = logits_block(buf, hb, tile, bias, t0, len);
+            z.sub_(lse.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(g.narrow(0, r0, rows).unsqueeze(1));
+            if (smooth) z.sub_(gu.narrow(0, r0, rows).unsqueeze(1));
+            AT_DISPATCH_FLOATING_TYPES(acc, "softmax_ce_bwd_target", [&] {
+              scalar_t* zp = z.data_ptr<scalar_t>();
+              const scalar_t* gtp = gt.data_ptr<scalar_t>();
+              for (int64_t r = 0; r < rows; ++r) {
+                const int64_t t = tp[r0 + r];
+                if (t >= t0 && t < t0 + len) zp[r * len + (t - t0)] -= gtp[r0 + r];
+              }
+            });
+            dh.narrow(0, r0, rows).addmm_(z, tile);
+            ditile.addmm_(z.t(), hb);
+            if (s.bias) dbtile.add_(z.sum(0));
+          }
+        }
+      }
+    });
+    dh_acc = dh_part.sum(0);
+  }
+  const auto dt = hidden_.scalar_type();
+  return {dh_acc.to(dt), di_acc.to(dt), db_acc.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unirec, CPU, m) {
+  m.impl("softmax_ce_fwd", &softmax_ce_fwd_cpu);
+  m.impl("softmax_ce_bwd", &softmax_ce_bwd_cpu);
+}
+
+}  // namespace unirec

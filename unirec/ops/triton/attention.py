@@ -1,0 +1,357 @@
+"""Triton kernels of jagged attention (flash-attention-2 style over packed sequences).
+
+Grid of the forward and the dq kernel: (query blocks of max_seqlen, B * H);
+the dk/dv kernel: (key blocks, B * H). A program whose block starts past its
+sequence's end exits at once. Token i of a sequence of length L with
+t0 = L - num_targets sees key j when
+
+    j < t0 and (j <= i or not causal or i >= t0)     (non-target keys)
+    or j == i and i >= t0                            (a target sees itself)
+
+so with ``causal`` the key loop of a query block stops at the block's last
+row, and the query loop of a key block starts at the key block's first row.
+Softmax is computed in base 2 with the scale folded in; the forward saves the
+natural log-sum-exp per (token, head) for the backward, which recomputes the
+probabilities. Scores, softmax and accumulators are float32; tl.dot takes the
+inputs' dtype (bfloat16) or float32 with ``input_precision`` ("ieee" for
+exact float32, "tf32" for speed).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _visible(offs_m, offs_n, L, t0, CAUSAL: tl.constexpr):
+    i = offs_m[:, None]
+    j = offs_n[None, :]
+    nontarget = j < t0
+    if CAUSAL:
+        vis = nontarget & ((j <= i) | (i >= t0))
+    else:
+        vis = nontarget
+    vis = vis | ((i == j) & (i >= t0))
+    return vis & (i < L) & (j < L)
+
+
+@triton.jit
+def _jagged_attention_fwd_kernel(
+    Q, K, V, O, LSE, Offsets, NumTargets, RelBias,
+    stride_t, H, max_seqlen, scale, inv_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = tl.load(Offsets + b)
+    L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
+    q0 = pid_m * BLOCK_M
+    if q0 >= L:
+        return
+    if HAS_TARGETS:
+        t0 = L - tl.load(NumTargets + b).to(tl.int32)
+    else:
+        t0 = L
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    base = start.to(tl.int64) * stride_t + h * HEAD_DIM
+    q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=(offs_m[:, None] < L) & dmask,
+                other=0.0)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    if CAUSAL:
+        kend = tl.minimum(q0 + BLOCK_M, L)
+    else:
+        kend = L
+    for k0 in range(0, kend, BLOCK_N):
+        offs_n = k0 + offs_n0
+        kmask = (offs_n[:, None] < L) & dmask
+        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
+        if SILU:
+            s = s * scale
+            if HAS_BIAS:
+                rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+                s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
+            p = s * tl.sigmoid(s) * inv_n
+            p = tl.where(vis, p, 0.0)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            s = s * qk_scale
+            if HAS_BIAS:
+                rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+                s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    rmask = offs_m < L
+    if not SILU:
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the end see nothing
+        acc = acc / l_i[:, None]
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + (start + offs_m) * H + h, lse, mask=rmask)
+    tl.store(O + base + offs_m[:, None] * stride_t + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=rmask[:, None] & dmask)
+
+
+@triton.jit
+def _jagged_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV, DRB, Offsets, NumTargets, RelBias,
+    stride_t, H, max_seqlen, scale, inv_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = tl.load(Offsets + b)
+    L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
+    k0 = pid_n * BLOCK_N
+    if k0 >= L:
+        return
+    if HAS_TARGETS:
+        t0 = L - tl.load(NumTargets + b).to(tl.int32)
+    else:
+        t0 = L
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    base = start.to(tl.int64) * stride_t + h * HEAD_DIM
+    kmask = (offs_n[:, None] < L) & dmask
+    k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:
+        qstart = (k0 // BLOCK_M) * BLOCK_M
+    else:
+        qstart = 0
+    for q0 in range(qstart, L, BLOCK_M):
+        offs_m = q0 + offs_m0
+        qmask = (offs_m[:, None] < L) & dmask
+        q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
+        # transposed tile: rows are keys, columns queries
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
+        visT = tl.trans(_visible(offs_m, offs_n, L, t0, CAUSAL))
+        if HAS_BIAS:
+            relT = tl.abs(offs_n[:, None] - offs_m[None, :])
+            sT += tl.load(RelBias + h * max_seqlen + relT, mask=visT, other=0.0).to(tl.float32)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if SILU:
+            sg = tl.sigmoid(sT)
+            pT = sT * sg * inv_n
+            dsT = dpT * sg * (1.0 + sT * (1.0 - sg)) * inv_n
+        else:
+            lse = tl.load(LSE + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
+            delta = tl.load(Delta + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
+            pT = tl.exp2((sT - lse[None, :]) * 1.4426950408889634)
+            dsT = pT * (dpT - delta[None, :])
+        pT = tl.where(visT, pT, 0.0)
+        dsT = tl.where(visT, dsT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        if HAS_BIAS:
+            tl.atomic_add(DRB + h * max_seqlen + relT, dsT, mask=visT)
+    tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kmask)
+    tl.store(DV + base + offs_n[:, None] * stride_t + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _jagged_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, Offsets, NumTargets, RelBias,
+    stride_t, H, max_seqlen, scale, inv_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = tl.load(Offsets + b)
+    L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
+    q0 = pid_m * BLOCK_M
+    if q0 >= L:
+        return
+    if HAS_TARGETS:
+        t0 = L - tl.load(NumTargets + b).to(tl.int32)
+    else:
+        t0 = L
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    base = start.to(tl.int64) * stride_t + h * HEAD_DIM
+    qmask = (offs_m[:, None] < L) & dmask
+    q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
+    if not SILU:
+        lse = tl.load(LSE + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
+        delta = tl.load(Delta + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        kend = tl.minimum(q0 + BLOCK_M, L)
+    else:
+        kend = L
+    for k0 in range(0, kend, BLOCK_N):
+        offs_n = k0 + offs_n0
+        kmask = (offs_n[:, None] < L) & dmask
+        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
+        if HAS_BIAS:
+            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+            s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if SILU:
+            sg = tl.sigmoid(s)
+            ds = dp * sg * (1.0 + s * (1.0 - sg)) * inv_n
+        else:
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            ds = p * (dp - delta[:, None])
+        ds = tl.where(vis, ds, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + base + offs_m[:, None] * stride_t + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=qmask)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(q, backward):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if _interpreting(q):
+        return 32, 32, 4, 1
+    D = q.shape[-1]
+    big = D <= 64 and q.element_size() <= 2
+    if backward:
+        return (64, 64, 4, 2) if big else (32, 32, 4, 1)
+    return (128, 64, 8, 3) if big else (64, 32, 4, 2)
+
+
+def _precision(q):
+    if q.dtype != torch.float32:
+        return "ieee"
+    return os.environ.get("UNIREC_TRITON_F32_PRECISION", "ieee")
+
+
+def _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias):
+    if activation not in ("softmax", "silu"):
+        raise ValueError(f'activation must be "softmax" or "silu", got {activation!r}')
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [total, H, Dh], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    for name, t in (("k", k), ("v", v), ("offsets", offsets), ("num_targets", num_targets), ("rel_bias", rel_bias)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
+        raise ValueError(f"offsets must be a 1-D int64 tensor of B+1 entries, got {offsets.dtype} {tuple(offsets.shape)}")
+    B = offsets.numel() - 1
+    if num_targets is not None and (num_targets.dtype != torch.int64 or num_targets.shape != (B,)):
+        raise ValueError(f"num_targets must be int64 [{B}], got {num_targets.dtype} {tuple(num_targets.shape)}")
+    if rel_bias is not None and (tuple(rel_bias.shape) != (q.shape[1], max_seqlen) or rel_bias.dtype != q.dtype):
+        raise ValueError(f"rel_bias must be [H, max_seqlen] = [{q.shape[1]}, {max_seqlen}] of q's dtype, "
+                         f"got {rel_bias.dtype} {tuple(rel_bias.shape)}")
+    lengths = offsets[1:] - offsets[:-1]
+    bad = torch.stack([
+        offsets[0] != 0, offsets[-1] != q.shape[0], (lengths < 0).any(), (lengths > max_seqlen).any(),
+        ((num_targets < 0) | (num_targets > lengths)).any() if num_targets is not None else offsets[0] != offsets[0],
+    ]).tolist()
+    msgs = [f"offsets[0] must be 0", f"offsets[-1] must equal q.shape[0] ({q.shape[0]})", "offsets must not decrease",
+            f"a sequence is longer than max_seqlen = {max_seqlen}", "num_targets[b] must be in [0, length of b]"]
+    for flag, msg in zip(bad, msgs):
+        if flag:
+            raise ValueError(msg)
+
+
+def _common(q, max_seqlen, num_targets, rel_bias, activation, offsets):
+    H, D = q.shape[1], q.shape[2]
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    nt = num_targets if num_targets is not None else offsets
+    rb = rel_bias.contiguous() if rel_bias is not None else q
+    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=None, SILU=activation == "silu",
+                HAS_TARGETS=num_targets is not None, HAS_BIAS=rel_bias is not None, PRECISION=_precision(q)), nt, rb
+
+
+def jagged_attention_fwd_triton(q, k, v, offsets, max_seqlen, causal, num_targets, activation, rel_bias, scale):
+    """Forward: (out [total, H, Dh], lse [total, H] float32, [0] for silu)."""
+    _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    T, H, D = q.shape
+    B = offsets.numel() - 1
+    out = torch.empty_like(q)
+    silu = activation == "silu"
+    lse = q.new_empty((0,) if silu else (T, H), dtype=torch.float32)
+    if T == 0 or B == 0:
+        return out, lse
+    meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
+    meta["CAUSAL"] = bool(causal)
+    BM, BN, warps, stages = _blocks(q, False)
+    grid = (triton.cdiv(max_seqlen, BM), B * H)
+    _jagged_attention_fwd_kernel[grid](
+        q, k, v, out, lse if not silu else out, offsets, nt, rb, H * D, H, max_seqlen, float(scale),
+        1.0 / max(max_seqlen, 1), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
+    return out, lse
+
+
+def jagged_attention_bwd_triton(grad_out, q, k, v, out, lse, offsets, max_seqlen, causal, num_targets, activation,
+                                rel_bias, scale):
+    """Backward: (dq, dk, dv, drel_bias ([H, max_seqlen], [0] without rel_bias))."""
+    _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    do = grad_out.contiguous().to(q.dtype)
+    T, H, D = q.shape
+    B = offsets.numel() - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    silu = activation == "silu"
+    drb = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device) if rel_bias is not None else None
+    if T > 0 and B > 0:
+        meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
+        meta["CAUSAL"] = bool(causal)
+        if silu:
+            lse_t = delta = q.new_empty(1, dtype=torch.float32)
+        else:
+            lse_t = lse.contiguous().float()
+            delta = (do.float() * out.contiguous().float()).sum(-1)  # [T, H]
+        BM, BN, warps, stages = _blocks(q, True)
+        common = (H * D, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1))
+        _jagged_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), B * H)](
+            q, k, v, do, lse_t, delta, dk, dv, drb if drb is not None else dk, offsets, nt, rb, *common,
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
+        _jagged_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, BM), B * H)](
+            q, k, v, do, lse_t, delta, dq, offsets, nt, rb, *common,
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
+    else:
+        dq.zero_(); dk.zero_(); dv.zero_()
+        if drb is not None:
+            drb.zero_()
+    drb = drb.to(q.dtype) if drb is not None else q.new_empty(0)
+    return dq, dk, dv, drb
