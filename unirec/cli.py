@@ -69,16 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", choices=["softmax", "silu"], help="attention kind (silu = HSTU pointwise)")
     t.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
                    help="kernel backend for every op; reference = pure PyTorch (default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=60, help="maximum epochs (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     t.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
-    t.add_argument("--patience", type=int, default=8,
+    t.add_argument("--patience", type=int, default=5,
                    help="stop after this many epochs without a better validation NDCG@10 (default: %(default)s)")
-    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop training after the epoch that passes this many seconds (default: none)")
+    t.add_argument("--time-budget", type=float, default=480.0, metavar="SECONDS",
+                   help="stop training after the epoch that passes this many seconds, so that `unirec train` "
+                        "ends within 10 minutes on a small CPU; 0 = no limit (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed; CPU runs with the same seed repeat exactly "
                                                        "(default: %(default)s)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -198,7 +199,7 @@ def cmd_train(args) -> int:
     cfg = UniRecConfig.from_dict(d)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
-                     seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget)
+                     seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None)
     data = _data_spec(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data["source"])
     metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress)

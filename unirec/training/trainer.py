@@ -27,14 +27,14 @@ from .progress import Progress
 class TrainConfig:
     """Optimisation settings (serialisable with asdict)."""
 
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
-    patience: int = 8
+    patience: int = 5
     seed: int = 0
     device: str = "cpu"
     bf16: bool = True
