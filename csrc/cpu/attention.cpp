@@ -25,6 +25,10 @@
 
 #include "unirec/attention.h"
 
+// The baseline copy passes 32-byte vectors by value without AVX: only inside this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wunused-local-typedefs"
+
 namespace unirec {
 namespace attn_avx2 {
 #pragma GCC push_options
@@ -40,6 +44,7 @@ namespace attn_base {
 namespace {
 
 constexpr int kTile = attn_base::kBK;
+constexpr double kSerialWork = 64.0 * 64.0 * 4;  // sum over items of L^2 below which one thread does all
 static_assert(attn_base::kBK == attn_base::kBQ, "copy-in pads to one tile size");
 
 bool use_avx2() {
@@ -102,14 +107,22 @@ void for_each_item(const Seqs& s, int64_t H, const F& fn) {
   });
   const int64_t n = B * H;
   std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+  auto worker = [&](int64_t, int64_t) {
     typename F::Scratch_ scratch;
     for (int64_t w; (w = next.fetch_add(1)) < n;) {
       const int64_t b = order[w / H], h = w % H;
       if (s.off[b + 1] > s.off[b]) fn(scratch, b, h);
     }
-  });
+  };
+  // Tiny problems run on the calling thread: waking a thread team costs more.
+  double work = 0;
+  for (int64_t b = 0; b < B; ++b) work += static_cast<double>(s.off[b + 1] - s.off[b]) * (s.off[b + 1] - s.off[b]);
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  if (nthreads == 1 || work * H < kSerialWork) {
+    worker(0, 1);
+  } else {
+    at::parallel_for(0, nthreads, 1, worker);
+  }
 }
 
 template <typename T>
@@ -124,12 +137,12 @@ void run_fwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, 
 
 template <typename T>
 void run_bwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb,
-             const T* dO, const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP, T* Tr) {
+             const T* dO, const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
   if (use_avx2()) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
-    attn_avx2::bwd(DP, b, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);
+    attn_avx2::bwd(DP, b, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);
   } else {
-    attn_base::bwd(DP, a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);
+    attn_base::bwd(DP, a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);
   }
 }
 
@@ -262,13 +275,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
     std::vector<T> drb_parts(rbp ? static_cast<size_t>(nthreads) * H * max_seqlen : 0, T(0));
     const int64_t Lmax = round_up(std::max<int64_t>(seqs.maxlen, 1), kTile);
     struct Scratch {
-      std::vector<T> Qs, K, Ktb, Vt, Vtb, dO, lse, delta, dQ, dK, dV, S, dP, Tr, rb;
+      std::vector<T> Qs, K, Ktb, Vt, Vtb, dO, lse, delta, dQ, dK, dV, S, dP, rb;
     };
     std::function<void(Scratch&, int64_t, int64_t)> body = [&](Scratch& s, int64_t b, int64_t h) {
       if (s.Qs.empty()) {
         for (auto* vec : {&s.Qs, &s.K, &s.Ktb, &s.Vt, &s.Vtb, &s.dO, &s.dQ, &s.dK, &s.dV}) vec->resize(Lmax * DP);
         s.lse.resize(Lmax); s.delta.resize(Lmax);
-        s.S.resize(kTile * kTile); s.dP.resize(kTile * kTile); s.Tr.resize(kTile * kTile);
+        s.S.resize(kTile * kTile); s.dP.resize(kTile * kTile);
         s.rb.resize(std::max<int64_t>(max_seqlen, 1));
       }
       const int64_t start = seqs.off[b], L = seqs.off[b + 1] - start, Lp = round_up(L, kTile);
@@ -299,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
       attn_base::SeqArgs<T> a{static_cast<int>(L), static_cast<int>(seqs.t0[b]), causal, silu,
                               static_cast<T>(1.0 / std::max<int64_t>(max_seqlen, 1)), rbp ? s.rb.data() : nullptr};
       run_bwd<T>(DP, a, s.Qs.data(), s.K.data(), s.Ktb.data(), s.Vtb.data(), s.dO.data(), s.lse.data(),
-                 s.delta.data(), s.dQ.data(), s.dK.data(), s.dV.data(), drbp, s.S.data(), s.dP.data(), s.Tr.data());
+                 s.delta.data(), s.dQ.data(), s.dK.data(), s.dV.data(), drbp, s.S.data(), s.dP.data());
       store_rows(s.dQ.data(), start, L, h, H, D, DP, static_cast<T>(scale), dqp);
       store_rows(s.dK.data(), start, L, h, H, D, DP, T(1), dkp);
       store_rows(s.dV.data(), start, L, h, H, D, DP, T(1), dvp);

@@ -17,6 +17,8 @@
 
 constexpr int kBQ = 64;  // query rows per tile
 constexpr int kBK = 64;  // keys per tile
+constexpr int kSub = 32;   // on the causal diagonal, row blocks that see < kSub keys compute only kSub columns
+constexpr int kRows = 30;  // rows of such a block (a multiple of the micro-kernels' 3 and 6 rows)
 
 template <typename T>
 struct Vec;
@@ -41,8 +43,17 @@ static inline void vstore(T* p, typename Vec<T>::type v) {
   *reinterpret_cast<typename Vec<T>::type*>(p) = v;
 }
 
-// Register-blocked C[MR rows][NV vectors] (+)= A[MR][K] B[K][NV*W].
-template <typename T, int NV, int MR, bool ACC>
+template <typename T>
+static inline typename Vec<T>::type vbroadcast(T x) {
+  typename Vec<T>::type v;
+#pragma GCC unroll 8
+  for (int w = 0; w < Vec<T>::W; ++w) v[w] = x;
+  return v;
+}
+
+// Register-blocked C[MR rows][NV vectors] (+)= A[MR][K] B[K][NV*W]; with TA,
+// A is stored transposed (element (r, k) at A[k * lda + r]).
+template <typename T, int NV, int MR, bool ACC, bool TA>
 static inline void micro(int K, const T* __restrict A, int lda, const T* __restrict B, int ldb, T* __restrict C,
                          int ldc) {
   using V = typename Vec<T>::type;
@@ -58,7 +69,7 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
     for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V a = V{} + A[r * lda + k];
+      const V a = vbroadcast<T>(TA ? A[k * lda + r] : A[r * lda + k]);
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
@@ -69,8 +80,9 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
     for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
 }
 
-// C[M][N] (+)= A[M][K] B[K][N], N a compile-time multiple of the vector width.
-template <typename T, int N, bool ACC>
+// C[M][N] (+)= op(A)[M][K] B[K][N], N a compile-time multiple of the vector
+// width; op(A) = A [M][K] (row stride lda) or, with TA, A^T for A [K][M].
+template <typename T, int N, bool ACC, bool TA = false>
 static inline void gemm(int M, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc) {
   constexpr int W = Vec<T>::W;
   constexpr int NC = (N % (4 * W) == 0) ? 4 * W : ((N % (2 * W) == 0) ? 2 * W : W);
@@ -78,8 +90,10 @@ static inline void gemm(int M, int K, const T* A, int lda, const T* B, int ldb, 
   constexpr int MR = NV == 4 ? 3 : (NV == 2 ? 6 : 8);
   for (int n0 = 0; n0 < N; n0 += NC) {
     int i = 0;
-    for (; i + MR <= M; i += MR) micro<T, NV, MR, ACC>(K, A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
-    for (; i < M; ++i) micro<T, NV, 1, ACC>(K, A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
+    for (; i + MR <= M; i += MR)
+      micro<T, NV, MR, ACC, TA>(K, TA ? A + i : A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
+    for (; i < M; ++i)
+      micro<T, NV, 1, ACC, TA>(K, TA ? A + i : A + i * lda, lda, B + n0, ldb, C + i * ldc + n0, ldc);
   }
 }
 
@@ -113,6 +127,37 @@ static inline void exp_shift(double* x, int n, double shift) {
   for (int j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
 }
 
+// max and sum of n (a multiple of the vector width) values, vectorised.
+template <typename T>
+static inline T vmax(const T* x, int n) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V m = vload(x);
+  for (int j = W; j < n; j += W) {
+    const V v = vload(x + j);
+    m = m > v ? m : v;
+  }
+  T r = m[0];
+  for (int w = 1; w < W; ++w) r = r > m[w] ? r : m[w];
+  return r;
+}
+template <typename T>
+static inline T vsum(const T* x, int n) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V a = vload(x), b = V{};
+  int j = W;
+  for (; j + W < n; j += 2 * W) {
+    a += vload(x + j);
+    b += vload(x + j + W);
+  }
+  for (; j < n; j += W) a += vload(x + j);
+  a += b;
+  T r = 0;
+  for (int w = 0; w < W; ++w) r += a[w];
+  return r;
+}
+
 // sg <- sigmoid(x) on n (a multiple of 8) values.
 static inline void sigmoid(const float* x, float* sg, int n) {
   for (int j = 0; j < n; ++j) sg[j] = -x[j];
@@ -138,6 +183,22 @@ static inline int hi(const SeqArgs<T>& a, int i) {
   return i < a.t0 ? (a.causal ? i + 1 : a.t0) : a.t0;
 }
 
+// S[mq][kBK] = A[mq][DP] Bt, Bt one transposed tile [DP][kBK]. Rows see the
+// keys before nvr[r] (non-decreasing in r; callers mask the rest): rows that
+// see none are skipped, and leading blocks of kRows rows that see fewer than
+// kSub keys compute only kSub columns.
+template <typename T, int DP>
+static inline void scores(int mq, const int* nvr, const T* A, const T* Bt, T* S) {
+  int r = 0;
+  while (r < mq && nvr[r] == 0) ++r;
+  for (; r < mq; r += kRows) {
+    const int e = std::min(r + kRows, mq);
+    if (nvr[e - 1] > kSub) break;
+    gemm<T, kSub, false>(e - r, DP, A + (int64_t)r * DP, DP, Bt, kBK, S + r * kBK, kBK);
+  }
+  if (r < mq) gemm<T, kBK, false>(mq - r, DP, A + (int64_t)r * DP, DP, Bt, kBK, S + r * kBK, kBK);
+}
+
 // Forward of one (sequence, head). O [Lp][DP] receives the normalised output,
 // lse [L] the log-sum-exp (softmax). S is a kBQ*kBK scratch tile.
 template <typename T, int DP>
@@ -151,10 +212,12 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
     std::fill(Ot, Ot + (int64_t)mq * DP, T(0));
     for (int r = 0; r < mq; ++r) { m[r] = T(-1e30); l[r] = T(0); }
     for (int k0 = 0; k0 < kend; k0 += kBK) {
-      gemm<T, kBK, false>(mq, DP, Qs + (int64_t)q0 * DP, DP, Ktb + (int64_t)k0 * DP, kBK, S, kBK);
+      int nvr[kBQ];  // visible keys of each row in this tile, non-decreasing in the row
+      for (int r = 0; r < mq; ++r) nvr[r] = std::max(0, std::min(hi(a, q0 + r) - k0, kBK));
+      scores<T, DP>(mq, nvr, Qs + (int64_t)q0 * DP, Ktb + (int64_t)k0 * DP, S);
       for (int r = 0; r < mq; ++r) {
         const int i = q0 + r;
-        const int nv = std::max(0, std::min(hi(a, i) - k0, kBK));
+        const int nv = nvr[r];
         T* row = S + r * kBK;
         if (a.rb) for (int j = 0; j < nv; ++j) row[j] += a.rb[std::abs(i - k0 - j)];
         if (a.silu) {
@@ -162,14 +225,12 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
           sigmoid(row, sg, kBK);
           for (int j = 0; j < nv; ++j) row[j] = row[j] * sg[j] * a.inv_n;
         } else if (nv > 0) {
-          T mx = row[0];
-          for (int j = 1; j < nv; ++j) mx = std::max(mx, row[j]);
-          const T mnew = std::max(m[r], mx);
+          for (int j = nv; j < kBK; ++j) row[j] = T(-1e30);
+          const T mnew = std::max(m[r], vmax(row, kBK));
           const T alpha = std::exp(m[r] - mnew);
           exp_shift(row, kBK, mnew);
-          T sum = 0;
-          for (int j = 0; j < nv; ++j) sum += row[j];
-          l[r] = l[r] * alpha + sum;
+          for (int j = nv; j < kBK; ++j) row[j] = T(0);
+          l[r] = l[r] * alpha + vsum(row, kBK);
           m[r] = mnew;
           if (alpha != T(1)) {
             T* o = Ot + r * DP;
@@ -178,7 +239,7 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
         }
         for (int j = nv; j < kBK; ++j) row[j] = T(0);
       }
-      gemm<T, DP, true>(mq, std::min(kBK, kend - k0), S, kBK, V + (int64_t)k0 * DP, DP, Ot, DP);
+      gemm<T, DP, true>(mq, nvr[mq - 1], S, kBK, V + (int64_t)k0 * DP, DP, Ot, DP);  // O += P V
     }
     for (int r = 0; r < mq; ++r) {
       const int i = q0 + r;
@@ -214,10 +275,10 @@ void fwd_seq(const SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T
 // tile, every query tile that sees it; probabilities are recomputed from lse.
 // dQ, dK, dV [Lp][DP] must be zero on entry; dQ comes out without the scale
 // factor (the caller multiplies). drb [max_seqlen] accumulates d rel_bias.
-// Scratch: S, P, dS each kBQ*kBK, Tr kBK*kBQ.
+// Scratch: S (scores, then P) and dP (then dS), each kBQ*kBK.
 template <typename T, int DP>
 void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb, const T* dO, const T* lse,
-             const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP, T* Tr) {
+             const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
   const int L = a.L;
   for (int k0 = 0; k0 < a.t0; k0 += kBK) {
     const int mk = std::min(kBK, a.t0 - k0);
@@ -225,11 +286,13 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
     for (int q0 = qstart; q0 < L; q0 += kBQ) {
       const int mq = std::min(kBQ, L - q0);
       if (hi(a, q0 + mq - 1) <= k0) continue;
-      gemm<T, kBK, false>(mq, DP, Qs + (int64_t)q0 * DP, DP, Ktb + (int64_t)k0 * DP, kBK, S, kBK);
-      gemm<T, kBK, false>(mq, DP, dO + (int64_t)q0 * DP, DP, Vtb + (int64_t)k0 * DP, kBK, dP, kBK);
+      int nvr[kBQ];
+      for (int r = 0; r < mq; ++r) nvr[r] = std::max(0, std::min(hi(a, q0 + r) - k0, mk));
+      scores<T, DP>(mq, nvr, Qs + (int64_t)q0 * DP, Ktb + (int64_t)k0 * DP, S);
+      scores<T, DP>(mq, nvr, dO + (int64_t)q0 * DP, Vtb + (int64_t)k0 * DP, dP);
       for (int r = 0; r < mq; ++r) {
         const int i = q0 + r;
-        const int nv = std::max(0, std::min(hi(a, i) - k0, mk));
+        const int nv = nvr[r];
         T* s = S + r * kBK;
         T* dp = dP + r * kBK;
         if (a.rb) for (int j = 0; j < nv; ++j) s[j] += a.rb[std::abs(i - k0 - j)];
@@ -249,13 +312,10 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
         for (int j = nv; j < kBK; ++j) { s[j] = T(0); dp[j] = T(0); }
         if (drb) for (int j = 0; j < nv; ++j) drb[std::abs(i - k0 - j)] += dp[j];
       }
-      // dV += P^T dO, dK += dS^T Qs, dQ += dS K
-      for (int j = 0; j < mk; ++j)
-        for (int r = 0; r < mq; ++r) Tr[j * kBQ + r] = S[r * kBK + j];
-      gemm<T, DP, true>(mk, mq, Tr, kBQ, dO + (int64_t)q0 * DP, DP, dV + (int64_t)k0 * DP, DP);
-      for (int j = 0; j < mk; ++j)
-        for (int r = 0; r < mq; ++r) Tr[j * kBQ + r] = dP[r * kBK + j];
-      gemm<T, DP, true>(mk, mq, Tr, kBQ, Qs + (int64_t)q0 * DP, DP, dK + (int64_t)k0 * DP, DP);
+      // dV += P^T dO, dK += dS^T Qs
+      gemm<T, DP, true, true>(mk, mq, S, kBK, dO + (int64_t)q0 * DP, DP, dV + (int64_t)k0 * DP, DP);
+      gemm<T, DP, true, true>(mk, mq, dP, kBK, Qs + (int64_t)q0 * DP, DP, dK + (int64_t)k0 * DP, DP);
+      // dQ += dS K
       gemm<T, DP, true>(mq, mk, dP, kBK, K + (int64_t)k0 * DP, DP, dQ + (int64_t)q0 * DP, DP);
     }
   }
@@ -300,13 +360,13 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
     }                                                                                                            \
   }                                                                                                              \
   inline void bwd(int DP, const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb, const T* dO, \
-                  const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP, T* Tr) {               \
+                  const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {               \
     switch (DP) {                                                                                                \
-      case 16: return bwd_seq<T, 16>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);            \
-      case 32: return bwd_seq<T, 32>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);            \
-      case 64: return bwd_seq<T, 64>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);            \
-      case 128: return bwd_seq<T, 128>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);          \
-      default: return bwd_seq<T, 256>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP, Tr);           \
+      case 16: return bwd_seq<T, 16>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 32: return bwd_seq<T, 32>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 64: return bwd_seq<T, 64>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 128: return bwd_seq<T, 128>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);          \
+      default: return bwd_seq<T, 256>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);           \
     }                                                                                                            \
   }
 UNIREC_ATTN_ENTRIES(float)

@@ -6,6 +6,7 @@ Triton kernels of ``unirec.ops.triton.attention`` (registered below with
 ``torch.library.register_kernel``, Triton is imported on first use only).
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -144,6 +145,9 @@ def jagged_attention(
         return jagged_attention_ref(q, k, v, offsets, max_seqlen, causal=causal, num_targets=num_targets,
                                     activation=activation, rel_bias=rel_bias, scale=scale)
     if impl == "triton":
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError("impl='triton' on CPU tensors runs under Triton's interpreter: set TRITON_INTERPRET=1 "
+                             "before triton is imported")
         return _TritonAttention.apply(q, k, v, offsets, max_seqlen, bool(causal), num_targets, activation, rel_bias,
                                       scale)
     out, _ = torch.ops.unirec.jagged_attention_fwd(q, k, v, offsets, max_seqlen, bool(causal), num_targets,

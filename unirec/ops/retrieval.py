@@ -84,7 +84,9 @@ def topk_scores(
         equal scores ordered by the smaller item index. Scores accumulate in
         float32 (float64 for float64); on CUDA, bfloat16 scores come from a
         bfloat16 GEMM with float32 accumulation and a float32 output.
-        values is differentiable in queries, items and item_bias.
+        values is differentiable in queries, items and item_bias. Items
+        with a NaN score are never returned on the CPU; on CUDA their order is
+        unspecified.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -10,6 +10,9 @@ t0 = L - num_targets sees key j when
 
 so with ``causal`` the key loop of a query block stops at the block's last
 row, and the query loop of a key block starts at the key block's first row.
+The forward and dq kernels first run over the key blocks that every row of
+the query block sees entirely (no mask arithmetic), then over the rest with
+the mask.
 Softmax is computed in base 2 with the scale folded in; the forward saves the
 natural log-sum-exp per (token, head) for the backward, which recomputes the
 probabilities. Scores, softmax and accumulators are float32; tl.dot takes the
@@ -26,25 +29,70 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _visible(offs_m, offs_n, L, t0, CAUSAL: tl.constexpr):
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter (triton 3.9) miscomputes 16-bit dots: it gets float32 copies of the same values.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, L, t0, causal):
     i = offs_m[:, None]
     j = offs_n[None, :]
-    nontarget = j < t0
-    if CAUSAL:
-        vis = nontarget & ((j <= i) | (i >= t0))
-    else:
-        vis = nontarget
+    vis = (j < t0) & ((j <= i) | (i >= t0) | ((j * 0 + causal) == 0))
     vis = vis | ((i == j) & (i >= t0))
     return vis & (i < L) & (j < L)
 
 
 @triton.jit
+def _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, offs_n, offs_d, dmask, L, t0, causal, h,
+               max_seqlen, scale, qk_scale, inv_n, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the forward; MASKED=False for blocks every row sees entirely (keys < t0, causal-safe)."""
+    if MASKED:
+        kmask = (offs_n[:, None] < L) & dmask
+        vis = _visible(offs_m, offs_n, L, t0, causal)
+        bmask = vis
+    else:
+        kmask = (offs_n[:, None] >= 0) & dmask
+        bmask = (offs_m[:, None] < L) & (offs_n[None, :] >= 0)
+    k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST)
+    if SILU:
+        s = s * scale
+        if HAS_BIAS:
+            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+            s += tl.load(RelBias + h * max_seqlen + rel, mask=bmask, other=0.0).to(tl.float32)
+        p = s * tl.sigmoid(s) * inv_n
+        if MASKED:
+            p = tl.where(vis, p, 0.0)
+        acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    else:
+        s = s * qk_scale
+        if HAS_BIAS:
+            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+            s += tl.load(RelBias + h * max_seqlen + rel, mask=bmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        if MASKED:
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_fwd_kernel(
     Q, K, V, O, LSE, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n,
+    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -55,10 +103,9 @@ def _jagged_attention_fwd_kernel(
     q0 = pid_m * BLOCK_M
     if q0 >= L:
         return
-    if HAS_TARGETS:
+    t0 = L
+    if has_targets != 0:
         t0 = L - tl.load(NumTargets + b).to(tl.int32)
-    else:
-        t0 = L
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -70,37 +117,17 @@ def _jagged_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
-    if CAUSAL:
-        kend = tl.minimum(q0 + BLOCK_M, L)
-    else:
-        kend = L
-    for k0 in range(0, kend, BLOCK_N):
-        offs_n = k0 + offs_n0
-        kmask = (offs_n[:, None] < L) & dmask
-        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
-        if SILU:
-            s = s * scale
-            if HAS_BIAS:
-                rel = tl.abs(offs_m[:, None] - offs_n[None, :])
-                s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
-            p = s * tl.sigmoid(s) * inv_n
-            p = tl.where(vis, p, 0.0)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        else:
-            s = s * qk_scale
-            if HAS_BIAS:
-                rel = tl.abs(offs_m[:, None] - offs_n[None, :])
-                s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32) * 1.4426950408889634
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    kend = tl.where(causal != 0, tl.minimum(q0 + BLOCK_M, L), L)
+    # key blocks every row of this block sees in full need no mask
+    kfull = (tl.where(causal != 0, tl.minimum(q0 + 1, t0), t0) // BLOCK_N) * BLOCK_N
+    for k0 in range(0, kfull, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d,
+                                   dmask, L, t0, causal, h, max_seqlen, scale, qk_scale, inv_n,
+                                   SILU, HAS_BIAS, PRECISION, UPCAST, False)
+    for k0 in range(kfull, kend, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d,
+                                   dmask, L, t0, causal, h, max_seqlen, scale, qk_scale, inv_n,
+                                   SILU, HAS_BIAS, PRECISION, UPCAST, True)
     rmask = offs_m < L
     if not SILU:
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the end see nothing
@@ -111,13 +138,13 @@ def _jagged_attention_fwd_kernel(
              mask=rmask[:, None] & dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, DRB, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n,
+    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -128,10 +155,9 @@ def _jagged_attention_bwd_dkdv_kernel(
     k0 = pid_n * BLOCK_N
     if k0 >= L:
         return
-    if HAS_TARGETS:
+    t0 = L
+    if has_targets != 0:
         t0 = L - tl.load(NumTargets + b).to(tl.int32)
-    else:
-        t0 = L
     offs_n = k0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -142,22 +168,19 @@ def _jagged_attention_bwd_dkdv_kernel(
     v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if CAUSAL:
-        qstart = (k0 // BLOCK_M) * BLOCK_M
-    else:
-        qstart = 0
+    qstart = tl.where(causal != 0, (k0 // BLOCK_M) * BLOCK_M, 0)
     for q0 in range(qstart, L, BLOCK_M):
         offs_m = q0 + offs_m0
         qmask = (offs_m[:, None] < L) & dmask
         q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
         # transposed tile: rows are keys, columns queries
-        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
-        visT = tl.trans(_visible(offs_m, offs_n, L, t0, CAUSAL))
+        sT = _dot(k, tl.trans(q), PRECISION, UPCAST) * scale
+        visT = tl.trans(_visible(offs_m, offs_n, L, t0, causal))
         if HAS_BIAS:
             relT = tl.abs(offs_n[:, None] - offs_m[None, :])
             sT += tl.load(RelBias + h * max_seqlen + relT, mask=visT, other=0.0).to(tl.float32)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dpT = _dot(v, tl.trans(do), PRECISION, UPCAST)
         if SILU:
             sg = tl.sigmoid(sT)
             pT = sT * sg * inv_n
@@ -169,8 +192,8 @@ def _jagged_attention_bwd_dkdv_kernel(
             dsT = pT * (dpT - delta[None, :])
         pT = tl.where(visT, pT, 0.0)
         dsT = tl.where(visT, dsT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
+        dk += _dot(dsT.to(q.dtype), q, PRECISION, UPCAST)
         if HAS_BIAS:
             tl.atomic_add(DRB + h * max_seqlen + relT, dsT, mask=visT)
     tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -179,12 +202,43 @@ def _jagged_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, offs_n, offs_d, dmask, L, t0, causal, h,
+              max_seqlen, scale, inv_n, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the dq pass; MASKED as in _fwd_block."""
+    if MASKED:
+        kmask = (offs_n[:, None] < L) & dmask
+        vis = _visible(offs_m, offs_n, L, t0, causal)
+        bmask = vis
+    else:
+        kmask = (offs_n[:, None] >= 0) & dmask
+        bmask = (offs_m[:, None] < L) & (offs_n[None, :] >= 0)
+    k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+    if HAS_BIAS:
+        rel = tl.abs(offs_m[:, None] - offs_n[None, :])
+        s += tl.load(RelBias + h * max_seqlen + rel, mask=bmask, other=0.0).to(tl.float32)
+    dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+    if SILU:
+        sg = tl.sigmoid(s)
+        ds = dp * sg * (1.0 + s * (1.0 - sg)) * inv_n
+    else:
+        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+        ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(vis, ds, 0.0)
+    dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit(do_not_specialize=["causal", "has_targets"])
 def _jagged_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n,
+    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, SILU: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -195,10 +249,9 @@ def _jagged_attention_bwd_dq_kernel(
     q0 = pid_m * BLOCK_M
     if q0 >= L:
         return
-    if HAS_TARGETS:
+    t0 = L
+    if has_targets != 0:
         t0 = L - tl.load(NumTargets + b).to(tl.int32)
-    else:
-        t0 = L
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,33 +260,21 @@ def _jagged_attention_bwd_dq_kernel(
     qmask = (offs_m[:, None] < L) & dmask
     q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
-    if not SILU:
+    if SILU:
+        lse = tl.zeros([BLOCK_M], tl.float32)
+        delta = lse
+    else:
         lse = tl.load(LSE + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
         delta = tl.load(Delta + (start + offs_m) * H + h, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        kend = tl.minimum(q0 + BLOCK_M, L)
-    else:
-        kend = L
-    for k0 in range(0, kend, BLOCK_N):
-        offs_n = k0 + offs_n0
-        kmask = (offs_n[:, None] < L) & dmask
-        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        vis = _visible(offs_m, offs_n, L, t0, CAUSAL)
-        if HAS_BIAS:
-            rel = tl.abs(offs_m[:, None] - offs_n[None, :])
-            s += tl.load(RelBias + h * max_seqlen + rel, mask=vis, other=0.0).to(tl.float32)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if SILU:
-            sg = tl.sigmoid(s)
-            ds = dp * sg * (1.0 + s * (1.0 - sg)) * inv_n
-        else:
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-            ds = p * (dp - delta[:, None])
-        ds = tl.where(vis, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    kend = tl.where(causal != 0, tl.minimum(q0 + BLOCK_M, L), L)
+    kfull = (tl.where(causal != 0, tl.minimum(q0 + 1, t0), t0) // BLOCK_N) * BLOCK_N
+    for k0 in range(0, kfull, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d, dmask, L,
+                       t0, causal, h, max_seqlen, scale, inv_n, SILU, HAS_BIAS, PRECISION, UPCAST, False)
+    for k0 in range(kfull, kend, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, k0 + offs_n0, offs_d, dmask, L,
+                       t0, causal, h, max_seqlen, scale, inv_n, SILU, HAS_BIAS, PRECISION, UPCAST, True)
     tl.store(DQ + base + offs_m[:, None] * stride_t + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
@@ -242,15 +283,27 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(q, backward):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+BLOCK_OVERRIDE = {}  # {"fwd"|"dkdv"|"dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)}, for tuning
+
+
+def _blocks(q, kernel):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq".
+
+    GPU defaults follow the flash-attention-2 Triton recipe for Hopper at
+    Dh <= 64 in 16-bit (forward 128x64; backward 32x128 tiles for dk/dv, 128x32
+    for dq); larger heads or float32 take smaller tiles. Under the interpreter
+    small tiles keep numpy fast.
+    """
+    if kernel in BLOCK_OVERRIDE:
+        return BLOCK_OVERRIDE[kernel]
     if _interpreting(q):
         return 32, 32, 4, 1
-    D = q.shape[-1]
-    big = D <= 64 and q.element_size() <= 2
-    if backward:
-        return (64, 64, 4, 2) if big else (32, 32, 4, 1)
-    return (128, 64, 8, 3) if big else (64, 32, 4, 2)
+    small = q.shape[-1] <= 64 and q.element_size() <= 2
+    if kernel == "fwd":
+        return (128, 64, 4, 3) if small else (64, 32, 4, 2)
+    if kernel == "dkdv":
+        return (32, 128, 4, 3) if small else (32, 64, 4, 2)
+    return (128, 32, 4, 3) if small else (64, 32, 4, 2)
 
 
 def _precision(q):
@@ -297,8 +350,8 @@ def _common(q, max_seqlen, num_targets, rel_bias, activation, offsets):
     BLOCK_D = max(16, triton.next_power_of_2(D))
     nt = num_targets if num_targets is not None else offsets
     rb = rel_bias.contiguous() if rel_bias is not None else q
-    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=None, SILU=activation == "silu",
-                HAS_TARGETS=num_targets is not None, HAS_BIAS=rel_bias is not None, PRECISION=_precision(q)), nt, rb
+    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, SILU=activation == "silu", HAS_BIAS=rel_bias is not None, PRECISION=_precision(q),
+                UPCAST=_interpreting(q) and q.element_size() < 4), nt, rb
 
 
 def jagged_attention_fwd_triton(q, k, v, offsets, max_seqlen, causal, num_targets, activation, rel_bias, scale):
@@ -313,12 +366,11 @@ def jagged_attention_fwd_triton(q, k, v, offsets, max_seqlen, causal, num_target
     if T == 0 or B == 0:
         return out, lse
     meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
-    meta["CAUSAL"] = bool(causal)
-    BM, BN, warps, stages = _blocks(q, False)
+    BM, BN, warps, stages = _blocks(q, "fwd")
     grid = (triton.cdiv(max_seqlen, BM), B * H)
     _jagged_attention_fwd_kernel[grid](
         q, k, v, out, lse if not silu else out, offsets, nt, rb, H * D, H, max_seqlen, float(scale),
-        1.0 / max(max_seqlen, 1), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
+        1.0 / max(max_seqlen, 1), int(bool(causal)), int(num_targets is not None), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
     return out, lse
 
 
@@ -335,17 +387,18 @@ def jagged_attention_bwd_triton(grad_out, q, k, v, out, lse, offsets, max_seqlen
     drb = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device) if rel_bias is not None else None
     if T > 0 and B > 0:
         meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
-        meta["CAUSAL"] = bool(causal)
         if silu:
             lse_t = delta = q.new_empty(1, dtype=torch.float32)
         else:
             lse_t = lse.contiguous().float()
             delta = (do.float() * out.contiguous().float()).sum(-1)  # [T, H]
-        BM, BN, warps, stages = _blocks(q, True)
-        common = (H * D, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1))
+        common = (H * D, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1), int(bool(causal)),
+                  int(num_targets is not None))
+        BM, BN, warps, stages = _blocks(q, "dkdv")
         _jagged_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), B * H)](
             q, k, v, do, lse_t, delta, dk, dv, drb if drb is not None else dk, offsets, nt, rb, *common,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
+        BM, BN, warps, stages = _blocks(q, "dq")
         _jagged_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, BM), B * H)](
             q, k, v, do, lse_t, delta, dq, offsets, nt, rb, *common,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)

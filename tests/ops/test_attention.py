@@ -1,0 +1,223 @@
+"""jagged_attention: every impl against the padded reference, forward and backward."""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import unirec  # noqa: F401,E402
+from unirec.ops import jagged_attention  # noqa: E402
+from unirec.ops.reference import jagged_attention_ref  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def impls_for(device):
+    """Triton runs on CPU tensors only under the interpreter (set when there is no GPU)."""
+    if device == "cpu":
+        return ["cpp", "triton", "reference"] if INTERPRET else ["cpp", "reference"]
+    return ["auto", "triton", "reference"]
+
+
+def make(lengths, H, D, max_seqlen, dtype=torch.float32, device="cpu", targets=None, bias=False):
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    T = int(offsets[-1])
+    q, k, v = (torch.randn(T, H, D, dtype=dtype, device=device) for _ in range(3))
+    nt = torch.tensor(targets, dtype=torch.long, device=device) if targets is not None else None
+    rb = torch.randn(H, max_seqlen, dtype=dtype, device=device) * 0.5 if bias else None
+    return q, k, v, offsets.to(device), nt, rb
+
+
+def run(impl, q, k, v, off, N, nt, rb, grad, **kw):
+    """Output and the gradients of q, k, v (and rel_bias), in float64."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    rbl = rb.detach().clone().requires_grad_() if rb is not None else None
+    out = jagged_attention(*leaves, off, N, num_targets=nt, rel_bias=rbl, impl=impl, **kw)
+    out.backward(grad.to(out.dtype))
+    res = [out] + [t.grad for t in leaves] + ([rbl.grad] if rbl is not None else [])
+    return [r.double() for r in res]
+
+
+LENGTHS = [0, 1, 70, 37, 5, 64]   # 0, 1 and max_seqlen in one batch
+TARGETS = [0, 1, 4, 9, 5, 0]
+N = 70
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("targets", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_reference(device, activation, causal, targets, bias):
+    H, D = 3, 24
+    q, k, v, off, nt, rb = make(LENGTHS, H, D, N, device=device, targets=TARGETS if targets else None, bias=bias)
+    g = torch.randn_like(q)
+    kw = dict(causal=causal, activation=activation)
+    want = run("reference", q.double(), k.double(), v.double(), off, N, nt, rb.double() if bias else None, g, **kw)
+    for impl in impls_for(device):
+        got = run(impl, q, k, v, off, N, nt, rb, g, **kw)
+        for name, a, b in zip(["out", "dq", "dk", "dv", "drel_bias"], got, want):
+            scale = b.abs().max().item() + 1e-6
+            assert (a - b).abs().max().item() <= 2e-5 * scale + 1e-6, f"{impl} {name}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [16, 24, 32, 64])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_head_dims(device, D, activation):
+    H = 5  # not a power of two
+    q, k, v, off, nt, rb = make([3, 0, 150, 130, 1], H, D, 150, device=device, targets=[1, 0, 3, 0, 0], bias=True)
+    g = torch.randn_like(q)
+    want = run("reference", q.double(), k.double(), v.double(), off, 150, nt, rb.double(), g, activation=activation)
+    impls = impls_for(device) if (device == "cuda" or D in (16, 64)) else ["cpp", "reference"]
+    for impl in impls:
+        got = run(impl, q, k, v, off, 150, nt, rb, g, activation=activation)
+        for name, a, b in zip(["out", "dq", "dk", "dv", "drel_bias"], got, want):
+            scale = b.abs().max().item() + 1e-6
+            assert (a - b).abs().max().item() <= 2e-5 * scale + 1e-6, f"{impl} D={D} {name}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_bfloat16_against_float64(device, activation):
+    """bf16 error of each impl at most a small multiple of the reference's own bf16 error."""
+    H, D = 2, 32
+    q, k, v, off, nt, rb = make([50, 1, 96, 0, 33], H, D, 96, device=device, targets=[3, 0, 5, 0, 0], bias=True)
+    g = torch.randn_like(q)
+    want = run("reference", q.double(), k.double(), v.double(), off, 96, nt, rb.double(), g, activation=activation)
+    args = [t.bfloat16() for t in (q, k, v)]
+    ref_bf16 = run("reference", *args, off, 96, nt, rb.bfloat16(), g, activation=activation)
+    impls = [i for i in impls_for(device) if i != "reference"]
+    for impl in impls:
+        got = run(impl, *args, off, 96, nt, rb.bfloat16(), g, activation=activation)
+        for name, a, r, w in zip(["out", "dq", "dk", "dv", "drel_bias"], got, ref_bf16, want):
+            ref_err = (r - w).abs().max().item()
+            err = (a - w).abs().max().item()
+            assert err <= 3 * ref_err + 1e-3 * w.abs().max().item(), f"{impl} {name}: {err} vs reference {ref_err}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_targets_do_not_see_each_other(device, activation):
+    H, D = 2, 16
+    q, k, v, off, nt, _ = make([20, 12], H, D, 20, device=device, targets=[4, 3])
+    for impl in impls_for(device):
+        out = jagged_attention(q, k, v, off, 20, num_targets=nt, activation=activation, impl=impl)
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for t in (q2, k2, v2):
+            t[17] += 3.0  # target 17 of sequence 0 (targets are 16..19)
+        out2 = jagged_attention(q2, k2, v2, off, 20, num_targets=nt, activation=activation, impl=impl)
+        others = [16, 18, 19] + list(range(20, 32))
+        assert torch.equal(out[others], out2[others]), impl
+        assert not torch.equal(out[17], out2[17]), impl
+        # non-targets do not see targets either
+        assert torch.equal(out[:16], out2[:16]), impl
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_empty(device, lengths):
+    q, k, v, off, _, _ = make(lengths, 2, 16, 8, device=device)
+    for impl in impls_for(device):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = jagged_attention(*leaves, off, 8, impl=impl)
+        assert out.shape == (0, 2, 16)
+        out.sum().backward()
+        assert leaves[0].grad.shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_poisoned_outputs_fully_written(device):
+    """Outputs are fresh tensors; NaN in padding of inputs of other sequences must not leak."""
+    q, k, v, off, nt, _ = make([7, 9], 2, 16, 9, device=device, targets=[2, 1])
+    for impl in impls_for(device):
+        out = jagged_attention(q, k, v, off, 9, num_targets=nt, impl=impl)
+        assert torch.isfinite(out).all(), impl
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_opcheck(device, activation):
+    q, k, v, off, nt, rb = make([5, 0, 9], 2, 16, 9, device=device, targets=[1, 0, 2], bias=True)
+    if device == "cpu":
+        q, k, v, rb = q.double(), k.double(), v.double(), rb.double()
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), off, 9, True, nt, activation,
+            rb.requires_grad_(), 0.25)
+    torch.library.opcheck(torch.ops.unirec.jagged_attention_fwd.default, args)
+    out, lse = torch.ops.unirec.jagged_attention_fwd(*args)
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), off, 9, True, nt,
+             activation, rb.detach(), 0.25)
+    torch.library.opcheck(torch.ops.unirec.jagged_attention_bwd.default, bargs)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_float64(activation, causal):
+    q, k, v, off, nt, rb = make([4, 0, 7, 1], 2, 8, 7, dtype=torch.float64, targets=[1, 0, 2, 1], bias=True)
+    inputs = [t.requires_grad_() for t in (q, k, v, rb)]
+
+    def f(q, k, v, rb):
+        return jagged_attention(q, k, v, off, 7, causal=causal, num_targets=nt, activation=activation, rel_bias=rb,
+                                impl="cpp")
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["cpp_or_auto", "triton"])
+def test_bad_inputs(device, impl):
+    if impl == "cpp_or_auto":
+        impl = "cpp" if device == "cpu" else "auto"
+    elif device == "cpu" and not INTERPRET:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    q, k, v, off, nt, rb = make([3, 4], 2, 16, 4, device=device)
+    T = q.shape[0]
+
+    def call(q=q, k=k, v=v, off=off, N=4, **kw):
+        return jagged_attention(q, k, v, off, N, impl=impl, **kw)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    with pytest.raises(ValueError, match="offsets"):
+        call(off=t([1, 3, T]))
+    with pytest.raises(ValueError, match="offsets"):
+        call(off=t([0, 3, T - 1]))
+    with pytest.raises(ValueError, match="offsets"):
+        call(off=t([0, 5, T - 3]))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        call(off=t([0, 1, T]), N=4)
+    with pytest.raises(ValueError, match="num_targets"):
+        call(num_targets=t([4, 0]))
+    with pytest.raises(ValueError, match="num_targets"):
+        call(num_targets=t([0]))
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        call(k=k[:, :1])
+    with pytest.raises(ValueError, match="dtype"):
+        call(v=v.double())
+    with pytest.raises(ValueError, match="rel_bias"):
+        call(rel_bias=torch.zeros(2, 3, device=device))
+    with pytest.raises(ValueError, match="activation"):
+        call(activation="relu")
+    if device == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            call(k=k.cpu())
+
+
+def test_default_scale_and_impl_errors():
+    q, k, v, off, _, _ = make([5], 1, 16, 5)
+    a = jagged_attention(q, k, v, off, 5)
+    b = jagged_attention(q, k, v, off, 5, scale=1 / math.sqrt(16))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="impl"):
+        jagged_attention(q, k, v, off, 5, impl="cuda")
+    with pytest.raises(ValueError, match="activation"):
+        jagged_attention_ref(q, k, v, off, 5, activation="tanh")  # noqa

@@ -1,0 +1,179 @@
+"""softmax_cross_entropy: every backend against F.cross_entropy on materialised logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unirec  # noqa: F401
+from unirec.ops import softmax_cross_entropy
+from unirec.ops.reference import softmax_cross_entropy_ref
+
+try:
+    from conftest import DEVICES
+except ImportError:  # pragma: no cover
+    DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def _impls(device):
+    # "auto" on CUDA is the Triton kernel registered for the op; "triton" on CPU
+    # runs the same kernels in the interpreter.
+    return ["cpp", "triton"] if device == "cpu" else ["auto", "triton"]
+
+
+SHAPES = [(37, 100, 13), (1, 1, 1), (64, 257, 32), (20, 70, 100)]
+# On the GPU every block width / dtype compiles its own Triton kernels: two
+# widths (D 13 -> 16, D 100 -> 128) keep the file well under a minute there.
+CUDA_SHAPES = [(37, 100, 13), (20, 70, 100)]
+
+
+def _cases():
+    for device in DEVICES:
+        dev = device.values[0] if hasattr(device, "values") else device
+        marks = device.marks if hasattr(device, "marks") else ()
+        for impl in ["cpp", "triton", "auto"]:
+            if (dev == "cpu" and impl == "auto") or (dev == "cuda" and impl == "cpp"):
+                continue
+            for dtype in [torch.float32, torch.bfloat16, torch.float64]:
+                if dtype == torch.float64 and (impl != "cpp"):
+                    continue
+                for shape in SHAPES if dev == "cpu" else CUDA_SHAPES:
+                    yield pytest.param(dev, impl, dtype, shape, marks=marks,
+                                       id=f"{dev}-{impl}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+
+
+def _inputs(M, N, D, device, dtype, bias, n_ignored=3):
+    h = torch.randn(M, D, device=device, dtype=dtype) / D**0.25
+    e = torch.randn(N, D, device=device, dtype=dtype) / D**0.25
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    t = torch.randint(0, N, (M,), device=device)
+    t[torch.randperm(M, device=device)[: min(n_ignored, M - 1)]] = -100
+    return h, e, b, t
+
+
+def _loss_and_grads(fn, h, e, b, t, reduction, eps):
+    h, e = h.detach().requires_grad_(), e.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    loss = fn(h, e, t, b, reduction, eps)
+    gen = torch.Generator().manual_seed(1)  # the same output gradient for every implementation
+    gout = torch.randn(loss.shape, generator=gen).to(device=loss.device, dtype=loss.dtype)
+    grads = torch.autograd.grad(loss, [x for x in (h, e, b) if x is not None], gout)
+    return [loss, *grads]
+
+
+def _lowprec_torch(h, e, t, b, reduction, eps):
+    """Materialised logits in the low dtype itself: the error scale the kernels are judged against."""
+    z = h @ e.T + (b if b is not None else 0)
+    per_row = F.cross_entropy(z, t, reduction="none", label_smoothing=eps)
+    if reduction == "none":
+        return per_row
+    s = per_row.sum()
+    return s if reduction == "sum" else s / (t != -100).sum().clamp_min(1)
+
+
+@pytest.mark.parametrize("device,impl,dtype,shape", list(_cases()))
+@pytest.mark.parametrize("bias,reduction,eps", [(False, "mean", 0.0), (True, "sum", 0.1), (True, "none", 0.0)])
+def test_against_reference(device, impl, dtype, shape, bias, reduction, eps):
+    M, N, D = shape
+    h, e, b, t = _inputs(M, N, D, device, dtype, bias)
+
+    def ours(h, e, t, b, reduction, eps):
+        return softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction, label_smoothing=eps, impl=impl)
+
+    def ref64(h, e, t, b, reduction, eps):
+        return softmax_cross_entropy_ref(h.double(), e.double(), t, None if b is None else b.double(), -100,
+                                         reduction, eps)
+
+    got = _loss_and_grads(ours, h, e, b, t, reduction, eps)
+    exact = _loss_and_grads(ref64, h, e, b, t, reduction, eps)
+    assert got[0].dtype == dtype and got[0].shape == exact[0].shape
+    for g in got[1:]:
+        assert g.dtype == dtype
+    if dtype == torch.bfloat16:
+        low = _loss_and_grads(_lowprec_torch, h, e, b, t, reduction, eps)
+        for x, y, z in zip(got, exact, low):
+            err = (x.double() - y.double()).abs().max().item()
+            ref_err = (z.double() - y.double()).abs().max().item()
+            assert err <= 2 * ref_err + 1e-4, (err, ref_err)
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        for x, y in zip(got, exact):
+            torch.testing.assert_close(x.double(), y.double(), atol=tol, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(device, reduction):
+    # The documented rule: an all-ignored batch gives loss 0 (torch: NaN for mean) and zero gradients.
+    for impl in _impls(device) + ["reference"]:
+        h = torch.randn(5, 8, device=device, requires_grad=True)
+        e = torch.randn(30, 8, device=device, requires_grad=True)
+        t = torch.full((5,), -100, device=device)
+        loss = softmax_cross_entropy(h, e, t, reduction=reduction, impl=impl)
+        assert torch.equal(loss.detach(), torch.zeros_like(loss)), impl
+        loss.sum().backward()
+        assert (h.grad == 0).all() and (e.grad == 0).all(), impl
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ignore_index_and_empty(device):
+    for impl in _impls(device):
+        h, e = torch.randn(6, 8, device=device), torch.randn(30, 8, device=device)
+        t = torch.tensor([1, 7, 7, 29, 0, 7], device=device)
+        got = softmax_cross_entropy(h, e, t, ignore_index=7, impl=impl)
+        ref = F.cross_entropy(h @ e.T, t, ignore_index=7)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        empty = softmax_cross_entropy(h[:0], e, t[:0], impl=impl)
+        assert empty.item() == 0.0
+        assert softmax_cross_entropy(h[:0], e, t[:0], reduction="none", impl=impl).shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    h, e = torch.randn(4, 8, device=device), torch.randn(30, 8, device=device)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    for impl in _impls(device):
+        with pytest.raises(ValueError, match="outside"):
+            softmax_cross_entropy(h, e, torch.tensor([0, 30, 1, 2], device=device), impl=impl)
+        with pytest.raises(ValueError, match="outside"):
+            softmax_cross_entropy(h, e, torch.tensor([0, -1, 1, 2], device=device), impl=impl)
+        with pytest.raises(ValueError, match="share D"):
+            softmax_cross_entropy(h, torch.randn(30, 7, device=device), t, impl=impl)
+        with pytest.raises(ValueError, match="dtype"):
+            softmax_cross_entropy(h, e.to(torch.bfloat16), t, impl=impl)
+        with pytest.raises(ValueError, match="targets"):
+            softmax_cross_entropy(h, e, t.int(), impl=impl)
+        with pytest.raises(ValueError, match="targets"):
+            softmax_cross_entropy(h, e, t[:3], impl=impl)
+        with pytest.raises(ValueError, match="item_bias"):
+            softmax_cross_entropy(h, e, t, item_bias=torch.randn(29, device=device), impl=impl)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            softmax_cross_entropy(h, e, t, label_smoothing=1.5, impl=impl)
+    with pytest.raises(ValueError, match="reduction"):
+        softmax_cross_entropy(h, e, t, reduction="avg")
+    if device == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            softmax_cross_entropy(h, e.cpu(), t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    h = torch.randn(9, 12, device=device, requires_grad=True)
+    e = torch.randn(40, 12, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    t = torch.randint(0, 40, (9,), device=device)
+    t[2] = -100
+    torch.library.opcheck(torch.ops.unirec.softmax_ce_fwd, (h, e, t, b, -100, 0.1))
+    torch.library.opcheck(torch.ops.unirec.softmax_ce_fwd, (h, e, t, None, -100, 0.0))
+    loss, lse = torch.ops.unirec.softmax_ce_fwd(h.detach(), e.detach(), t, b.detach(), -100, 0.1)
+    torch.library.opcheck(torch.ops.unirec.softmax_ce_bwd,
+                          (torch.randn_like(loss), h.detach(), e.detach(), t, b.detach(), lse, -100, 0.1))
+
+
+def test_gradcheck_cpu():
+    h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 10, 3, 5])
+    for reduction, eps in [("mean", 0.0), ("none", 0.2)]:
+        torch.autograd.gradcheck(
+            lambda h, e, b: softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction, label_smoothing=eps,
+                                                  impl="cpp"), (h, e, b))
