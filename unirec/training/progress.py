@@ -51,7 +51,7 @@ class Progress:
                 self._tqdm.write(suffix)
             self._tqdm.close()
         else:
-            self.stream.write((f" {suffix}" if suffix else "") + "\n")
+            self.stream.write((f" | {suffix}" if suffix else "") + "\n")
             self.stream.flush()
 
     def __enter__(self):

@@ -123,7 +123,7 @@ class Trainer:
         secs = bar.elapsed
         out = {k: v / max(n, 1) for k, v in sums.items()}
         out.update(tokens_per_s=tokens / max(secs, 1e-9), seconds=secs)
-        bar.close(f"loss {out.get('loss', float('nan')):.4f}  {out['tokens_per_s']:,.0f} tok/s  {secs:.1f}s")
+        bar.close(f"epoch mean loss {out.get('loss', float('nan')):.4f}, {secs:.1f}s")
         return out
 
     def validate(self) -> Dict[str, object]:
