@@ -1,0 +1,80 @@
+"""One training epoch of the unified model on MovieLens-100K: the fast impls vs impl="reference".
+
+Both providers train the same model (same initial weights, same batches) for one epoch; only
+the ops' backends differ. pytest mode (medians in the benchmark table):
+
+    PYTHONPATH=$PWD python -m pytest benchmarks/bench_train.py --benchmark-only
+
+Script mode (alternating runs, prints seconds per epoch and the ratio):
+
+    PYTHONPATH=$PWD python benchmarks/bench_train.py [--config unified] [--repeats 2]
+"""
+import argparse
+import copy
+import time
+
+import pytest
+import torch
+
+from unirec.models import UniRec, UniRecConfig, preset
+from unirec.training import TrainConfig, Trainer
+
+
+def _setup(config: str = "unified", device: str = "cpu"):
+    from unirec.data import FetchError, leave_one_out, load_dataset
+    try:
+        ds = load_dataset("ml-100k")
+    except FetchError as exc:
+        pytest.skip(f"MovieLens-100K could not be fetched: {str(exc).splitlines()[0]}")
+    split = leave_one_out(ds)
+    torch.manual_seed(0)
+    base = UniRec.from_dataset(ds, preset(config))
+    return split, base
+
+
+def _epoch_fn(split, base, impl: str, device: str):
+    cfg = UniRecConfig.from_dict({**base.config.to_dict(), "impl": impl})
+    state = copy.deepcopy(base.state_dict())
+
+    def run():
+        model = UniRec(cfg)
+        model.load_state_dict(state)
+        t = Trainer(model, split, TrainConfig(epochs=1, device=device), progress=False, log=lambda s: None)
+        return t.train_epoch(0)
+    return run
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_train_epoch(benchmark, impl):
+    from conftest import bench_device, measure
+    device = bench_device()
+    split, base = _setup(device=device)
+    fn = _epoch_fn(split, base, impl, device)
+    tokens = sum(int(min(n - 1, base.config.max_len)) for n in split.train_len if n >= 2)
+    measure(benchmark, fn, device=device, group="train epoch ml-100k unified", provider=f"unirec-{impl}",
+            rounds=1 if device == "cpu" else 3, tokens_per_epoch=tokens)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="unified", help="model preset (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=2, help="epochs per impl, alternating (default: %(default)s)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    split, base = _setup(args.config, args.device)
+    fns = {impl: _epoch_fn(split, base, impl, args.device) for impl in ("auto", "reference")}
+    times = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for impl, fn in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[impl].append(time.perf_counter() - t0)
+            print(f"{impl:>9}: {times[impl][-1]:.2f}s  loss {out['loss']:.4f}  {out['tokens_per_s']:,.0f} tok/s",
+                  flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"epoch (best of {args.repeats}): auto {best['auto']:.2f}s, reference {best['reference']:.2f}s, "
+          f"speed-up {best['reference'] / best['auto']:.2f}x  (torch threads {torch.get_num_threads()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""``python -m unirec`` = the ``unirec`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,263 @@
+"""The ``unirec`` command: train, evaluate, recommend, data info.
+
+    unirec train                       # MovieLens-100K, the unified config, ./runs/ml-100k-<time>
+    unirec evaluate runs/ml-100k-...   # metrics of a run's best model
+    unirec recommend runs/ml-100k-... --user 42 -k 10
+    unirec data info                   # what the data set holds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+DATA_HELP = ('data set: "ml-100k" (fetched on first use into $UNIREC_HOME, default ~/.cache/unirec), '
+             '"synthetic" (planted taste clusters; see --synthetic-*), or a path to RecBole atomic files, '
+             'MovieLens files or a CSV/Parquet of user,item,timestamp[,rating] (default: %(default)s)')
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="ml-100k", help=DATA_HELP)
+    p.add_argument("--synthetic-users", type=int, default=1000, help="synthetic data: users (default: %(default)s)")
+    p.add_argument("--synthetic-items", type=int, default=2000, help="synthetic data: items (default: %(default)s)")
+    p.add_argument("--synthetic-length", type=float, default=30.0,
+                   help="synthetic data: mean events per user (default: %(default)s)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic data: generator seed (default: %(default)s)")
+
+
+def _data_spec(args) -> dict:
+    if args.data == "synthetic":
+        return {"source": "synthetic", "kwargs": {"num_users": args.synthetic_users, "num_items": args.synthetic_items,
+                                                  "mean_length": args.synthetic_length, "seed": args.synthetic_seed}}
+    return {"source": args.data, "kwargs": {}}
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.config import PRESETS
+    p = argparse.ArgumentParser(prog="unirec", description="A unified Transformer recommender on fused kernels.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+
+    t = sub.add_parser("train", help="train a model, evaluate it on test, print metrics and a user's top 10",
+                       description="Train on a leave-one-out split (early stopping on validation NDCG@10), "
+                                   "evaluate the best model on test with history masked and unmasked, write the "
+                                   "run folder (config, metrics.json, checkpoint, training.png) and show one "
+                                   "user's top 10 with that user's last five items.")
+    _add_data_args(t)
+    t.add_argument("--config", default="unified",
+                   help=f"model preset ({', '.join(sorted(PRESETS))}; sasrec = the SASRec-equivalent baseline) "
+                        "or a JSON file of UniRecConfig fields (default: %(default)s)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a UniRecConfig field, e.g. --set dim=128 --set attention=silu (repeatable)")
+    t.add_argument("--dim", type=int, help="embedding / hidden width (preset default 64)")
+    t.add_argument("--blocks", type=int, help="Transformer blocks (preset default 2)")
+    t.add_argument("--heads", type=int, help="attention heads (preset default 2)")
+    t.add_argument("--max-len", type=int, help="history tokens per user (preset default 200)")
+    t.add_argument("--dropout", type=float, help="dropout (preset default 0.2)")
+    t.add_argument("--attention", choices=["softmax", "silu"], help="attention kind (silu = HSTU pointwise)")
+    t.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
+                   help="kernel backend for every op; reference = pure PyTorch (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=5,
+                   help="stop after this many epochs without a better validation NDCG@10 (default: %(default)s)")
+    t.add_argument("--time-budget", type=float, default=480.0, metavar="SECONDS",
+                   help="stop training after the epoch that passes this many seconds, so that `unirec train` "
+                        "ends within 10 minutes on a small CPU; 0 = no limit (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed; CPU runs with the same seed repeat exactly "
+                                                       "(default: %(default)s)")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    t.add_argument("--no-bf16", action="store_true", help="on CUDA, train in float32 instead of bf16 autocast")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--out", default=None, help="run folder (default: ./runs/<dataset>-<UTC time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    t.add_argument("--user", default=None, help="user id whose top 10 is shown (default: the first user)")
+    t.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+
+    e = sub.add_parser("evaluate", help="evaluate a run's best model on validation and test",
+                       description="Recompute a run's metrics (full ranking, history masked and unmasked, "
+                                   "rating and like metrics) from its checkpoint and data.")
+    e.add_argument("run", help="run folder written by `unirec train`")
+    e.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
+                   help="kernel backend (default: %(default)s)")
+    e.add_argument("--device", default="cpu", help="device (default: %(default)s)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    r = sub.add_parser("recommend", help="top-k items for a user from a run's model",
+                       description="Recommend after all of the user's events (their last five are shown).")
+    r.add_argument("run", help="run folder written by `unirec train`")
+    r.add_argument("--user", required=True, help="the data set's user id")
+    r.add_argument("-k", type=int, default=10, help="how many items (default: %(default)s)")
+    r.add_argument("--include-seen", action="store_true", help="allow items the user already has")
+    r.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
+                   help="kernel backend (default: %(default)s)")
+
+    d = sub.add_parser("data", help="data set commands", description="Data set commands.")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", help="data command")
+    info = dsub.add_parser("info", help="summarise a data set (counts, lengths, ratings, features)",
+                           description="Load (fetching if needed) and summarise a data set.")
+    _add_data_args(info)
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _title(ds, item: int) -> str:
+    text = ds.item_text[item] if ds.item_text is not None else ""
+    return f"{text} [{ds.item_vocab[item]}]" if text else f"item {ds.item_vocab[item]}"
+
+
+def _top_for_user(model, split, user_id: Optional[str], k: int, exclude: bool = True):
+    """(user index, last five item ids, [(item, score)] top k) after all the user's events."""
+    from .models import TokenBuilder
+    ds = split.dataset
+    try:
+        u = ds.user_index(user_id) if user_id is not None else int(split.eval_users[0])
+    except KeyError as exc:
+        raise SystemExit(f"{exc.args[0]} (user ids look like {ds.user_vocab[1]!r})") from None
+    b = TokenBuilder.for_config(split, model.config).user_batch([u], "test")
+    s, e = split.user_offsets[u], split.user_offsets[u + 1]
+    hist_items = split.items[s:e]
+    b.history_items = torch.from_numpy(hist_items.copy())
+    b.history_offsets = torch.tensor([0, len(hist_items)])
+    vals, idx = model.recommend(b, k, exclude_history=exclude)
+    top = [(int(i), float(v)) for i, v in zip(idx[0], vals[0]) if int(i) > 0]
+    return u, hist_items[-5:], top
+
+
+def _print_top(split, u, last5, top, out=None) -> None:
+    ds, out = split.dataset, out or sys.stdout
+    print(f"\nuser {ds.user_vocab[u]}: last five items", file=out)
+    for i in last5:
+        print(f"    {_title(ds, int(i))}", file=out)
+    print(f"top {len(top)} recommendations", file=out)
+    for r, (i, s) in enumerate(top, 1):
+        print(f"  {r:2d}. {_title(ds, i)}  (score {s:.3f})", file=out)
+
+
+def format_metrics(metrics: dict) -> str:
+    """A table: rows = metric, columns = valid / test / test unmasked / popularity."""
+    cols = [("valid", "valid"), ("test", "test"), ("test_unmasked", "test unmasked"), ("popularity_test", "popularity")]
+    cols = [(k, n) for k, n in cols if k in metrics]
+    keys = [f"{m}@{k}" for k in (5, 10, 20) for m in ("ndcg", "hr", "mrr")] + ["rmse", "mae", "auc", "gauc"]
+    lines = [f"{'metric':<10}" + "".join(f"{n:>15}" for _, n in cols)]
+    for key in keys:
+        vals = [metrics[c].get(key) for c, _ in cols]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{key:<10}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
+    lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from .data import leave_one_out
+    from .models import UniRecConfig, preset
+    from .models.config import PRESETS
+    from .training import TrainConfig, load_data, load_model, train_run
+    from .training.run import default_run_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.config in PRESETS:
+        cfg = preset(args.config)
+    else:
+        path = Path(args.config)
+        if not path.exists():
+            raise SystemExit(f"--config {args.config!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+        cfg = UniRecConfig.from_json(path.read_text())
+    over = {"dim": args.dim, "num_blocks": args.blocks, "num_heads": args.heads, "max_len": args.max_len,
+            "dropout": args.dropout, "attention": args.attention, "impl": args.impl}
+    d = cfg.to_dict()
+    d.update({k: v for k, v in over.items() if v is not None})
+    for kv in args.set:
+        if "=" not in kv:
+            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        d[k] = _parse_value(v)
+    cfg = UniRecConfig.from_dict(d)
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                     warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
+                     seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None)
+    data = _data_spec(args)
+    run_dir = Path(args.out) if args.out else default_run_dir(data["source"])
+    metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress)
+    print()
+    print(format_metrics(metrics))
+    print(f"\nbest epoch {metrics['best_epoch']} of {metrics['epochs_run']}; "
+          f"{metrics['total_seconds']:.0f}s in all; run folder {run_dir}")
+    model = load_model(run_dir, impl=args.impl)
+    split = leave_one_out(load_data(data))
+    _print_top(split, *_top_for_user(model, split, args.user, 10))
+    return 0
+
+
+def _load_run(run: str, impl: str):
+    from .data import leave_one_out
+    from .training import load_data, load_model
+    path = Path(run)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise SystemExit(f"{run}: no config.json; pass a folder written by `unirec train`")
+    data = json.loads(cfg_file.read_text())["data"]
+    return load_model(path, impl=impl), leave_one_out(load_data(data))
+
+
+def cmd_evaluate(args) -> int:
+    from .training import evaluate_run_model
+    model, split = _load_run(args.run, args.impl)
+    metrics = evaluate_run_model(model.to(args.device), split, device=args.device)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_metrics(metrics))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    model, split = _load_run(args.run, args.impl)
+    _print_top(split, *_top_for_user(model, split, args.user, args.k, exclude=not args.include_seen))
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    from .data import describe
+    from .training import load_data
+    print(describe(load_data(_data_spec(args))))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
+    if args.command == "recommend":
+        return cmd_recommend(args)
+    return cmd_data_info(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

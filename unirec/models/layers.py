@@ -1,0 +1,61 @@
+"""Transformer blocks over packed (jagged) token streams, built on unirec.ops.jagged_attention."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ._impl import op_impl
+
+
+class JaggedSelfAttention(nn.Module):
+    """Multi-head causal self-attention within each packed sequence.
+
+    ``activation="softmax"``: standard attention, out = W_o(attn(q, k, v)).
+    ``activation="silu"``: HSTU-style pointwise attention with a gate u and an
+    optional relative position bias [H, max_seqlen]: out = W_o(LN(attn) * silu(u)).
+
+    forward(x [T, D], offsets [B + 1], num_targets [B] or None) -> [T, D].
+    """
+
+    def __init__(self, dim: int, num_heads: int, max_seqlen: int, activation: str = "softmax",
+                 rel_bias: bool = False, dropout: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.max_seqlen, self.activation, self.impl = max_seqlen, activation, impl
+        self.qkv = nn.Linear(dim, (4 if activation == "silu" else 3) * dim)
+        self.out = nn.Linear(dim, dim)
+        self.attn_norm = nn.LayerNorm(dim) if activation == "silu" else None
+        self.rel_bias = nn.Parameter(torch.zeros(num_heads, max_seqlen)) if rel_bias else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None):
+        T = x.shape[0]
+        parts = self.qkv(x).view(T, -1, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = (p.contiguous() for p in parts[:3])
+        rel = None if self.rel_bias is None else self.rel_bias.to(q.dtype)
+        a = ops.jagged_attention(q, k, v, offsets, self.max_seqlen, causal=True, num_targets=num_targets,
+                                 activation=self.activation, rel_bias=rel, impl=op_impl(self.impl, "attention")).reshape(T, self.dim)
+        if self.activation == "silu":
+            a = self.attn_norm(a) * F.silu(parts[3].reshape(T, self.dim))
+        return self.out(self.dropout(a))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Drop(Attn(LN(x))), then x + Drop(FFN(LN(x))). Shapes as JaggedSelfAttention."""
+
+    def __init__(self, dim: int, num_heads: int, max_seqlen: int, ffn_mult: int = 2, dropout: float = 0.2,
+                 activation: str = "softmax", rel_bias: bool = False, impl: str = "auto"):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = JaggedSelfAttention(dim, num_heads, max_seqlen, activation, rel_bias, dropout, impl)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn_mult * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, offsets, num_targets=None):
+        x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets))
+        return x + self.drop(self.ffn(self.norm2(x)))

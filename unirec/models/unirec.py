@@ -1,0 +1,280 @@
+"""UniRec: one token stream per user, one Transformer, a retrieval head and a ranking head.
+
+Item representation (all N + 1 catalogue rows at once, one ``table_batched_embedding`` call):
+``item_rep[i] = sum_t w_t * E_t(bag_t(i))`` over the id table and the attribute tables
+(w_t = 1 for ``feature_mix="sum"``, learned for ``"mix"``); row 0 (padding) is zero.
+
+Event token = item_rep[item] + E_rating(level) + E_gap(time bucket) + E_pos(distance from
+the end); a candidate token uses the "candidate" rating level. An optional profile token
+(pooled user attribute embeddings, from the same kind of call) leads the stream.
+
+Heads:
+- retrieval: the hidden state of each history token (and the profile token) scores the
+  next item against item_rep (tied): full-catalogue ``softmax_cross_entropy``, or a sampled
+  softmax over the batch's targets (in-batch negatives);
+- ranking: each candidate's hidden state (candidates are ``num_targets`` of
+  ``jagged_attention``) -> MLP -> (rating, like logit); loss MSE + BCE.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ._impl import op_impl
+from .config import UniRecConfig
+from .inputs import TokenBatch
+from .layers import Block
+
+
+def _tbe_impl(impl: str) -> str:
+    return op_impl(impl, "embedding")
+
+
+def gather_bags(all_indices: torch.Tensor, all_offsets: torch.Tensor, num_tables: int, num_rows: int,
+                ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bags of entities ``ids`` [B] from a feature-major layout over all ``num_rows`` entities.
+
+    all_offsets: [num_tables * num_rows + 1]; bag (t, r) = all_indices[all_offsets[t*R + r] : ...+1].
+    Returns (indices [nnz], offsets [num_tables * B + 1]) in the same feature-major layout.
+    """
+    rows = (torch.arange(num_tables, device=ids.device).unsqueeze(1) * num_rows + ids.unsqueeze(0)).reshape(-1)
+    start, lens = all_offsets[rows], all_offsets[rows + 1] - all_offsets[rows]
+    total = int(lens.sum())
+    first = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(total, device=ids.device) + torch.repeat_interleave(start - first, lens, output_size=total)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(lens, 0, out=offsets[1:])
+    return all_indices[pos], offsets
+
+
+class UniRec(nn.Module):
+    """The unified recommender (see the module docstring). Build with :meth:`from_dataset`,
+    or ``UniRec(config)`` then ``load_state_dict`` (the bag buffers are in the state dict)."""
+
+    def __init__(self, config: UniRecConfig):
+        super().__init__()
+        c = self.config = config
+        D = c.dim
+        item_sizes = [c.num_items + 1] + (list(c.item_feature_sizes) if c.use_item_features else [])
+        self.item_tables = len(item_sizes)
+        self.register_buffer("item_table_offsets", torch.cumsum(torch.tensor([0] + item_sizes), 0))
+        self.item_weight = nn.Parameter(torch.randn(sum(item_sizes), D) * 0.02)
+        self.register_buffer("item_bag_indices", torch.zeros(c.item_bag_nnz, dtype=torch.int64))
+        self.register_buffer("item_bag_offsets", torch.zeros(self.item_tables * (c.num_items + 1) + 1,
+                                                             dtype=torch.int64))
+        self.item_mix = nn.Parameter(torch.ones(self.item_tables)) if c.feature_mix == "mix" else None
+        self.use_profile = c.use_profile and len(c.user_feature_sizes) > 0
+        if self.use_profile:
+            self.register_buffer("user_table_offsets", torch.cumsum(torch.tensor([0] + list(c.user_feature_sizes)), 0))
+            self.user_weight = nn.Parameter(torch.randn(sum(c.user_feature_sizes), D) * 0.02)
+            self.register_buffer("user_bag_indices", torch.zeros(c.user_bag_nnz, dtype=torch.int64))
+            self.register_buffer("user_bag_offsets", torch.zeros(len(c.user_feature_sizes) * (c.num_users + 1) + 1,
+                                                                 dtype=torch.int64))
+            self.profile_type = nn.Parameter(torch.zeros(D))
+        # rating levels: 0 unknown, 1..L ratings, L + 1 candidate
+        self.rating_emb = nn.Embedding(c.rating_levels + 2, D) if c.use_rating else None
+        self.gap_emb = nn.Embedding(c.num_time_buckets + 1, D) if c.use_time else None
+        self.cand_emb = nn.Parameter(torch.zeros(D))  # marks candidate tokens (always on)
+        self.pos_emb = nn.Embedding(c.max_len + 2, D) if c.positions else None
+        for e in (self.rating_emb, self.gap_emb, self.pos_emb):
+            if e is not None:
+                nn.init.normal_(e.weight, std=0.02)
+        self.emb_norm = nn.LayerNorm(D)
+        self.emb_drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.max_seqlen, c.ffn_mult, c.dropout, c.attention,
+                                          c.rel_bias, c.impl) for _ in range(c.num_blocks))
+        self.final_norm = nn.LayerNorm(D)
+        self.rank_mlp = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 2)) if c.ranking_head else None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dataset(cls, dataset, config: UniRecConfig) -> "UniRec":
+        """Fills ``config``'s data-dependent fields from ``dataset`` and copies its feature bags in."""
+        c = config
+        c.num_items, c.num_users = dataset.num_items, dataset.num_users
+        ift, uft = dataset.item_features, dataset.user_features
+        c.item_feature_names = [f.name for f in ift.features] if ift is not None else []
+        c.item_feature_sizes = [f.size for f in ift.features] if ift is not None else []
+        c.user_feature_names = [f.name for f in uft.features] if uft is not None else []
+        c.user_feature_sizes = [f.size for f in uft.features] if uft is not None else []
+        if dataset.rating is not None and len(dataset.rating):
+            c.rating_min, c.rating_max = float(dataset.rating.min()), float(dataset.rating.max())
+        ids = torch.arange(c.num_items + 1)
+        if ift is not None and c.use_item_features:
+            ib = ift.bags(ids, include_id=True)
+            ii, io = ib.indices, ib.offsets
+        else:
+            ii, io = ids[1:].clone(), torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(c.num_items + 1)])
+        c.item_bag_nnz = ii.numel()
+        ui = uo = None
+        if uft is not None and uft.features and c.use_profile:
+            ub = uft.bags(torch.arange(c.num_users + 1), include_id=False)
+            ui, uo = ub.indices, ub.offsets
+            c.user_bag_nnz = ui.numel()
+        model = cls(c)
+        with torch.no_grad():
+            model.item_bag_indices.copy_(ii)
+            model.item_bag_offsets.copy_(io)
+            if model.use_profile:
+                model.user_bag_indices.copy_(ui)
+                model.user_bag_offsets.copy_(uo)
+        return model
+
+    # ------------------------------------------------------------------ embeddings
+
+    def item_representations(self) -> torch.Tensor:
+        """[N + 1, D] every catalogue item's representation (row 0 = padding = 0), one TBE call."""
+        pooled = ops.table_batched_embedding(self.item_weight, self.item_table_offsets, self.item_bag_indices,
+                                             self.item_bag_offsets, None, "sum",
+                                             impl=_tbe_impl(self.config.impl))  # [N + 1, T, D]
+        if self.item_mix is not None:
+            return (pooled * self.item_mix.view(1, -1, 1)).sum(1)
+        return pooled.sum(1)
+
+    def profile_tokens(self, users: torch.Tensor) -> torch.Tensor:
+        """[B, D] pooled user attribute embeddings + the profile type vector."""
+        T = len(self.config.user_feature_sizes)
+        ind, off = gather_bags(self.user_bag_indices, self.user_bag_offsets, T, self.config.num_users + 1, users)
+        pooled = ops.table_batched_embedding(self.user_weight, self.user_table_offsets, ind, off, None, "sum",
+                                             impl=_tbe_impl(self.config.impl))
+        return pooled.sum(1) + self.profile_type
+
+    def _rating_levels(self, ratings: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+        c = self.config
+        if ratings is None:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+        span = max(c.rating_max - c.rating_min, 1e-6)
+        lv = torch.round((ratings.float() - c.rating_min) / span * (c.rating_levels - 1)).clamp(0, c.rating_levels - 1)
+        return torch.where(torch.isnan(ratings.float()), torch.zeros_like(lv), lv + 1).to(torch.int64)
+
+    # ------------------------------------------------------------------ the stream
+
+    def encode(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Runs the Transformer over the batch's streams.
+
+        Returns a dict with item_rep [N + 1, D]; hidden [S, D] (S = all tokens); offsets [B + 1];
+        hist_pos [L] (row of each history token), cand_pos [C], profile_pos [B] (or None),
+        last_pos [B] (the last non-candidate token of each stream).
+        """
+        c, dev = self.config, batch.items.device
+        if item_rep is None:
+            item_rep = self.item_representations()
+        B = batch.batch_size
+        P = int(self.use_profile)
+        hl = torch.diff(batch.offsets)
+        cl = torch.diff(batch.cand_offsets)
+        seq = P + hl + cl
+        offsets = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(seq, 0, out=offsets[1:])
+        L, C = batch.items.numel(), batch.cand_items.numel()
+        user_of_h = torch.repeat_interleave(torch.arange(B, device=dev), hl, output_size=L)
+        user_of_c = torch.repeat_interleave(torch.arange(B, device=dev), cl, output_size=C)
+        j_h = torch.arange(L, device=dev) - batch.offsets[user_of_h]
+        j_c = torch.arange(C, device=dev) - batch.cand_offsets[user_of_c]
+        hist_pos = offsets[user_of_h] + P + j_h
+        cand_pos = offsets[user_of_c] + P + hl[user_of_c] + j_c
+
+        h = item_rep[batch.items]
+        ct = item_rep[batch.cand_items] + self.cand_emb
+        if self.rating_emb is not None:
+            h = h + self.rating_emb(self._rating_levels(batch.ratings, L, dev))
+            ct = ct + self.rating_emb.weight[c.rating_levels + 1]
+        if self.gap_emb is not None:
+            h = h + self.gap_emb(batch.gaps)
+            ct = ct + self.gap_emb(batch.cand_gaps)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb((hl[user_of_h] - j_h).clamp(max=c.max_len))  # 1 = most recent
+            ct = ct + self.pos_emb.weight[0]
+        parts, dest = [h, ct], [hist_pos, cand_pos]
+        profile_pos = None
+        if P:
+            profile_pos = offsets[:-1]
+            parts.append(self.profile_tokens(batch.users))
+            dest.append(profile_pos)
+        tokens = torch.cat(parts)
+        perm = torch.empty_like(torch.cat(dest))
+        perm[torch.cat(dest)] = torch.arange(perm.numel(), device=dev)
+        x = self.emb_drop(self.emb_norm(tokens[perm]))
+        num_targets = cl if C else None
+        for blk in self.blocks:
+            x = blk(x, offsets, num_targets)
+        x = self.final_norm(x)
+        last_pos = offsets[:-1] + P + hl - 1
+        return dict(item_rep=item_rep, hidden=x, offsets=offsets, hist_pos=hist_pos, cand_pos=cand_pos,
+                    profile_pos=profile_pos, last_pos=last_pos)
+
+    # ------------------------------------------------------------------ heads
+
+    def rank_outputs(self, enc: Dict[str, torch.Tensor], cand_items: torch.Tensor):
+        """(rating [C], like_logit [C]) of the candidates; None when there is no ranking head."""
+        if self.rank_mlp is None:
+            return None
+        hc = enc["hidden"][enc["cand_pos"]]
+        ic = enc["item_rep"][cand_items].to(hc.dtype)
+        out = self.rank_mlp(torch.cat([hc, hc * ic], 1)).float()
+        mid = 0.5 * (self.config.rating_min + self.config.rating_max)
+        return mid + out[:, 0], out[:, 1]
+
+    def loss(self, batch: TokenBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Training loss: retrieval cross-entropy (+ ranking_weight * (MSE + BCE) with the ranking head).
+
+        Returns (scalar loss, {"retrieval": ..., "rating": ..., "like": ...} as floats).
+        """
+        c = self.config
+        enc = self.encode(batch)
+        q_pos, tgt = [enc["hist_pos"]], [batch.next_items]
+        if enc["profile_pos"] is not None:
+            q_pos.append(enc["profile_pos"])
+            tgt.append(batch.first_items)
+        q_pos, tgt = torch.cat(q_pos), torch.cat(tgt)
+        keep = tgt > 0
+        q = enc["hidden"][q_pos[keep]]
+        tgt = tgt[keep]
+        items = enc["item_rep"][1:]
+        if c.retrieval_loss == "full":
+            ret = ops.softmax_cross_entropy(q, items.to(q.dtype), tgt - 1, impl=op_impl(c.impl, "loss"))
+        else:
+            uniq, inv = torch.unique(tgt, return_inverse=True)
+            ret = F.cross_entropy((q @ enc["item_rep"][uniq].to(q.dtype).T).float(), inv)
+        parts = {"retrieval": float(ret.detach())}
+        total = ret
+        ro = self.rank_outputs(enc, batch.cand_items)
+        if ro is not None and batch.cand_ratings is not None and batch.cand_items.numel():
+            rating, like_logit = ro
+            y = batch.cand_ratings.float()
+            ok = ~torch.isnan(y)
+            if ok.any():
+                mse = F.mse_loss(rating[ok], y[ok])
+                bce = F.binary_cross_entropy_with_logits(like_logit[ok], (y[ok] >= c.like_threshold).float())
+                total = total + c.ranking_weight * (mse + bce)
+                parts.update(rating=float(mse.detach()), like=float(bce.detach()))
+        return total, parts
+
+    @torch.no_grad()
+    def predict(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Inference: {"queries": [B, D] float32 user states after the history, "item_rep": [N + 1, D] float32,
+        "rating": [C], "like": [C] probabilities (when the model has a ranking head)}."""
+        enc = self.encode(batch, item_rep)
+        out = {"queries": enc["hidden"][enc["last_pos"]].float(), "item_rep": enc["item_rep"].float()}
+        ro = self.rank_outputs(enc, batch.cand_items)
+        if ro is not None:
+            out["rating"] = ro[0].clamp(self.config.rating_min, self.config.rating_max)
+            out["like"] = torch.sigmoid(ro[1])
+        return out
+
+    @torch.no_grad()
+    def recommend(self, batch: TokenBatch, k: int = 10, exclude_history: bool = True):
+        """Top-k items per user after their history: (scores [B, k], items [B, k] int64, -1 = none)."""
+        p = self.predict(batch)
+        kw = {}
+        if exclude_history:
+            kw = dict(exclude_offsets=batch.history_offsets, exclude_indices=batch.history_items - 1) \
+                if batch.history_items is not None else \
+                dict(exclude_offsets=batch.offsets, exclude_indices=batch.items - 1)
+        vals, idx = ops.topk_scores(p["queries"], p["item_rep"][1:], k, impl=op_impl(self.config.impl, "retrieval"), **kw)
+        return vals, torch.where(idx >= 0, idx + 1, idx)
