@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -19,7 +20,20 @@
 #include <sys/mman.h>
 #endif
 
+#include "unirec/cpu_features.h"
 #include "unirec/embedding.h"
+
+namespace unirec {
+namespace emb_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "embedding_kernels.h"
+#pragma GCC pop_options
+}  // namespace emb_avx2
+namespace emb_base {
+#include "embedding_kernels.h"
+}  // namespace emb_base
+}  // namespace unirec
 
 namespace unirec {
 namespace {
@@ -27,8 +41,8 @@ namespace {
 // Bags per parallel task: small bags are cheap, so hand out several at once.
 constexpr int64_t kBagGrain = 16;
 
-// Rows read ahead of use: enough to cover DRAM latency for a few rows in flight.
-constexpr int64_t kPrefetchRows = 16;
+// Rows prefetched past the current bag: about two bags of 20 ids.
+constexpr int64_t kPrefetchAhead = 40;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t D) {
@@ -43,10 +57,13 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
   const bool mean = parse_pooling(pooling) == Pooling::kMean;
   const at::Tensor weight = weight_.contiguous(), table_offsets = table_offsets_.contiguous(),
                    indices = indices_.contiguous(), offsets = offsets_.contiguous();
-  check_tbe_values(table_offsets, indices, offsets, s);
+  // Indices are checked as the prefetch cursor reads them, ahead of any use.
+  check_tbe_offsets(table_offsets, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
   if (out.numel() == 0) return out;
+  const bool avx2 = cpu_has_avx2_fma();
+  std::atomic<bool> bad_index{false};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -59,52 +76,41 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t D = s.D;
       at::parallel_for(0, s.T * s.B, kBagGrain, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(D);
-        // A prefetch cursor runs kPrefetchRows positions ahead, across bag
-        // boundaries: random rows of a large table are latency-bound otherwise.
+        // A prefetch cursor runs kPrefetchAhead positions past the current
+        // bag, across bag boundaries (random rows of a large table are
+        // latency-bound otherwise), and checks each index it passes: a bag is
+        // pooled only once all its indices were found inside their table.
         int64_t pf_bag = begin, pf_p = off[begin];
         const int64_t pf_end = off[end];
-        auto prefetch_next = [&]() {
-          if (pf_p >= pf_end) return;
-          while (pf_p >= off[pf_bag + 1]) ++pf_bag;
-          prefetch_row(w + (toff[pf_bag / s.B] + static_cast<int64_t>(idx[pf_p])) * D, D);
-          ++pf_p;
+        auto prefetch_upto = [&](int64_t limit) {
+          for (; pf_p < limit && pf_p < pf_end; ++pf_p) {
+            while (pf_p >= off[pf_bag + 1]) ++pf_bag;
+            const int64_t t = pf_bag / s.B, row = static_cast<int64_t>(idx[pf_p]);
+            if (row < 0 || row >= toff[t + 1] - toff[t]) return false;
+            prefetch_row(w + (toff[t] + row) * D, D);
+          }
+          return true;
         };
-        for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next();
         for (int64_t bag = begin; bag < end; ++bag) {
-          const int64_t t = bag / s.B, b = bag % s.B;
-          const scalar_t* table = w + toff[t] * D;
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          acc_t* a = acc.data();
-          const int64_t start = off[bag], stop = off[bag + 1];
-          int64_t p = start;
-          // Four rows per pass over the accumulator: a quarter of its loads and stores.
-          for (; p + 4 <= stop; p += 4) {
-            for (int k = 0; k < 4; ++k) prefetch_next();
-            const scalar_t* r0 = table + static_cast<int64_t>(idx[p]) * D;
-            const scalar_t* r1 = table + static_cast<int64_t>(idx[p + 1]) * D;
-            const scalar_t* r2 = table + static_cast<int64_t>(idx[p + 2]) * D;
-            const scalar_t* r3 = table + static_cast<int64_t>(idx[p + 3]) * D;
-            const acc_t s0 = ps ? static_cast<acc_t>(ps[p]) : acc_t(1), s1 = ps ? static_cast<acc_t>(ps[p + 1]) : acc_t(1),
-                        s2 = ps ? static_cast<acc_t>(ps[p + 2]) : acc_t(1), s3 = ps ? static_cast<acc_t>(ps[p + 3]) : acc_t(1);
-            for (int64_t d = 0; d < D; ++d) {
-              a[d] += s0 * static_cast<acc_t>(r0[d]) + s1 * static_cast<acc_t>(r1[d]) +
-                      s2 * static_cast<acc_t>(r2[d]) + s3 * static_cast<acc_t>(r3[d]);
-            }
+          const int64_t start = off[bag], n = off[bag + 1] - start;
+          if (!prefetch_upto(start + n + kPrefetchAhead)) {
+            bad_index = true;
+            return;
           }
-          for (; p < stop; ++p) {
-            prefetch_next();
-            const scalar_t* row = table + static_cast<int64_t>(idx[p]) * D;
-            const acc_t scale = ps ? static_cast<acc_t>(ps[p]) : acc_t(1);
-            for (int64_t d = 0; d < D; ++d) a[d] += scale * static_cast<acc_t>(row[d]);
+          const acc_t norm = (mean && n > 0) ? acc_t(1) / acc_t(n) : acc_t(1);
+          const scalar_t* table = w + toff[bag / s.B] * D;
+          scalar_t* dst = o + ((bag % s.B) * s.T + bag / s.B) * D;
+          const scalar_t* scale = ps ? ps + start : nullptr;
+          if (avx2) {
+            emb_avx2::pool_bag(table, idx + start, scale, n, D, norm, dst);
+          } else {
+            emb_base::pool_bag(table, idx + start, scale, n, D, norm, dst);
           }
-          const acc_t norm = (mean && stop > start) ? acc_t(1) / acc_t(stop - start) : acc_t(1);
-          scalar_t* dst = o + (b * s.T + t) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(a[d] * norm);
         }
       });
     });
   });
+  if (bad_index) check_tbe_indices(table_offsets, indices, offsets, s);  // raises, naming the index
   return out;
 }
 

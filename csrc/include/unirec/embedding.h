@@ -73,12 +73,9 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& w
   check_same_device(grad_output, weight, "grad_output", "weight");
 }
 
-// Checks every value the kernels trust, on CPU tensors: table_offsets run from
-// 0 to R and offsets from 0 to nnz without decreasing, and each index lies
-// inside its table. The CUDA path runs it only after a device-side check failed,
-// to name the culprit.
-inline void check_tbe_values(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
-                             const TbeShape& s) {
+// Checks every offset the kernels trust, on CPU tensors: table_offsets run
+// from 0 to R and offsets from 0 to nnz without decreasing. O(T * B).
+inline void check_tbe_offsets(const at::Tensor& table_offsets, const at::Tensor& offsets, const TbeShape& s) {
   const int64_t* toff = table_offsets.data_ptr<int64_t>();
   UNIREC_CHECK(toff[0] == 0, "table_offsets[0] must be 0, got ", toff[0]);
   for (int64_t t = 0; t < s.T; ++t) {
@@ -86,16 +83,24 @@ inline void check_tbe_values(const at::Tensor& table_offsets, const at::Tensor& 
                  toff[t + 1], " < table_offsets[", t, "] = ", toff[t]);
   }
   UNIREC_CHECK(toff[s.T] == s.R, "table_offsets[-1] must equal the rows of weight (", s.R, "), got ", toff[s.T]);
-  // Widen to int64 once: the checks below then serve int32 and int64 inputs alike.
-  const at::Tensor off_t = offsets.to(at::kLong), idx_t = indices.to(at::kLong);
+  // Widened to int64 once: the checks then serve int32 and int64 inputs alike.
+  const at::Tensor off_t = offsets.to(at::kLong);
   const int64_t* off = off_t.data_ptr<int64_t>();
-  const int64_t* idx = idx_t.data_ptr<int64_t>();
   UNIREC_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);
   UNIREC_CHECK(off[s.T * s.B] == s.nnz, "offsets[-1] must equal len(indices) (", s.nnz, "), got ", off[s.T * s.B]);
   for (int64_t i = 0; i < s.T * s.B; ++i) {
     UNIREC_CHECK(off[i + 1] >= off[i], "offsets must not decrease, but offsets[", i + 1, "] = ", off[i + 1],
                  " < offsets[", i, "] = ", off[i]);
   }
+}
+
+// Checks that each index lies inside its table (offsets already checked).
+inline void check_tbe_indices(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
+                              const TbeShape& s) {
+  const int64_t* toff = table_offsets.data_ptr<int64_t>();
+  const at::Tensor off_t = offsets.to(at::kLong), idx_t = indices.to(at::kLong);
+  const int64_t* off = off_t.data_ptr<int64_t>();
+  const int64_t* idx = idx_t.data_ptr<int64_t>();
   for (int64_t bag = 0; bag < s.T * s.B; ++bag) {
     const int64_t t = bag / s.B;
     const int64_t rows = toff[t + 1] - toff[t];
@@ -104,6 +109,14 @@ inline void check_tbe_values(const at::Tensor& table_offsets, const at::Tensor& 
                    ", which has ", rows, " rows");
     }
   }
+}
+
+// Every value the kernels trust. The CUDA path runs it on CPU copies only
+// after a device-side check failed, to name the culprit.
+inline void check_tbe_values(const at::Tensor& table_offsets, const at::Tensor& indices, const at::Tensor& offsets,
+                             const TbeShape& s) {
+  check_tbe_offsets(table_offsets, offsets, s);
+  check_tbe_indices(table_offsets, indices, offsets, s);
 }
 
 enum class Optimizer { kSgd, kRowwiseAdagrad };
