@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "unirec/attention.h"
+#include "unirec/cpu_features.h"
 
 // The baseline copy passes 32-byte vectors by value without AVX: only inside this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -46,11 +47,6 @@ namespace {
 constexpr int kTile = attn_base::kBK;
 constexpr double kSerialWork = 64.0 * 64.0 * 4;  // sum over items of L^2 below which one thread does all
 static_assert(attn_base::kBK == attn_base::kBQ, "copy-in pads to one tile size");
-
-bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 int padded_dim(int64_t D) {
   for (int p : {16, 32, 64, 128}) if (D <= p) return p;
@@ -127,7 +123,7 @@ void for_each_item(const Seqs& s, int64_t H, const F& fn) {
 
 template <typename T>
 void run_fwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T* lse, T* S) {
-  if (use_avx2()) {
+  if (cpu_has_avx2_fma()) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
     attn_avx2::fwd(DP, b, Qs, Ktb, V, O, lse, S);
   } else {
@@ -138,7 +134,7 @@ void run_fwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, 
 template <typename T>
 void run_bwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb,
              const T* dO, const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
-  if (use_avx2()) {
+  if (cpu_has_avx2_fma()) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
     attn_avx2::bwd(DP, b, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);
   } else {
