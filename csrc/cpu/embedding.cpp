@@ -82,24 +82,35 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
         // pooled only once all its indices were found inside their table.
         int64_t pf_bag = begin, pf_p = off[begin];
         const int64_t pf_end = off[end];
+        // The cursor's table, updated only when it enters another bag: a
+        // division per index would cost more than the prefetch saves.
+        int64_t pf_t = begin / s.B;
+        const scalar_t* pf_table = w + toff[pf_t] * D;
+        int64_t pf_rows = toff[pf_t + 1] - toff[pf_t];
         auto prefetch_upto = [&](int64_t limit) {
           for (; pf_p < limit && pf_p < pf_end; ++pf_p) {
-            while (pf_p >= off[pf_bag + 1]) ++pf_bag;
-            const int64_t t = pf_bag / s.B, row = static_cast<int64_t>(idx[pf_p]);
-            if (row < 0 || row >= toff[t + 1] - toff[t]) return false;
-            prefetch_row(w + (toff[t] + row) * D, D);
+            if (pf_p >= off[pf_bag + 1]) {
+              while (pf_p >= off[pf_bag + 1]) ++pf_bag;
+              pf_t = pf_bag / s.B;
+              pf_table = w + toff[pf_t] * D;
+              pf_rows = toff[pf_t + 1] - toff[pf_t];
+            }
+            const int64_t row = static_cast<int64_t>(idx[pf_p]);
+            if (row < 0 || row >= pf_rows) return false;
+            prefetch_row(pf_table + row * D, D);
           }
           return true;
         };
-        for (int64_t bag = begin; bag < end; ++bag) {
+        for (int64_t bag = begin, t = begin / s.B, b = begin % s.B; bag < end; ++bag) {
           const int64_t start = off[bag], n = off[bag + 1] - start;
           if (!prefetch_upto(start + n + kPrefetchAhead)) {
             bad_index = true;
             return;
           }
           const acc_t norm = (mean && n > 0) ? acc_t(1) / acc_t(n) : acc_t(1);
-          const scalar_t* table = w + toff[bag / s.B] * D;
-          scalar_t* dst = o + ((bag % s.B) * s.T + bag / s.B) * D;
+          const scalar_t* table = w + toff[t] * D;
+          scalar_t* dst = o + (b * s.T + t) * D;
+          if (++b == s.B) b = 0, ++t;
           const scalar_t* scale = ps ? ps + start : nullptr;
           if (avx2) {
             emb_avx2::pool_bag(table, idx + start, scale, n, D, norm, dst);
