@@ -4,9 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unirec.data import leave_one_out, synthetic
-from unirec.evaluation import evaluate_model, popularity_baseline, target_ranks, topk_ranks
+from unirec.evaluation import evaluate_model, model_ranks, popularity_baseline, target_ranks
 from unirec.models import TokenBuilder, UniRec, UniRecConfig, gather_bags, preset
 from unirec.training import TrainConfig, Trainer
 
@@ -94,25 +95,104 @@ def test_reference_impl_matches_fast_impl(small):
     torch.testing.assert_close(m.recommend(e, 7)[1], ref.recommend(e, 7)[1])
 
 
-def test_topk_ranks_match_pessimistic_full_ranks():
-    g = torch.Generator().manual_seed(0)
-    B, N, D = 40, 60, 4
-    q = torch.randint(-2, 3, (B, D), generator=g).float()
-    items = torch.randint(-2, 3, (N, D), generator=g).float()  # many ties
-    targets = torch.randint(0, N, (B,), generator=g)
-    full = target_ranks(q @ items.T, targets, exclude_padding=False)
-    got = topk_ranks(q, items, targets, kmax=20)
-    assert torch.equal(got, full.clamp(max=21))
-    # with exclusions (never the target)
-    lens = torch.randint(0, 6, (B,), generator=g)
+def _history_with_repeats(g, B, N, max_len=9):
+    lens = torch.randint(0, max_len, (B,), generator=g)
+    lens[0] = 0  # an empty history
     off = torch.zeros(B + 1, dtype=torch.int64)
     off[1:] = torch.cumsum(lens, 0)
-    ex = torch.randint(0, N, (int(off[-1]),), generator=g)
-    rows = torch.repeat_interleave(torch.arange(B), lens)
-    ex = torch.where(ex == targets[rows], (ex + 1) % N, ex)
-    keep_off = off
-    full = target_ranks(q @ items.T, targets, ex, keep_off, exclude_padding=False)
-    assert torch.equal(topk_ranks(q, items, targets, keep_off, ex, kmax=20), full.clamp(max=21))
+    return torch.randint(1, min(N, 12) + 1, (int(off[-1]),), generator=g), off  # few ids: many repeats
+
+
+def _brute_scores(q, item_rep, beta, hist, off):
+    """[B, N + 1] scores with the repeat offset of each seen item (by its last occurrence)."""
+    S = q @ item_rep.T
+    S[:, 0] = float("-inf")
+    for b in range(q.shape[0]):
+        h = hist[off[b]:off[b + 1]].tolist()
+        for i in set(h):
+            d = len(h) - 1 - max(j for j, x in enumerate(h) if x == i)
+            S[b, i] += beta[min(int(math.floor(math.log2(1 + d))), beta.numel() - 1)]
+    return S
+
+
+@pytest.mark.parametrize("repeat_bias", [False, True])
+@pytest.mark.parametrize("mask_history", [True, False])
+def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_history):
+    ds, _ = small
+    g = torch.Generator().manual_seed(int(repeat_bias) * 2 + int(mask_history))
+    m = UniRec.from_dataset(ds, tiny(repeat_bias=repeat_bias, num_repeat_buckets=3)).eval()
+    B, N, D = 40, ds.num_items, 16
+    q = torch.randint(-2, 3, (B, D), generator=g).float()
+    item_rep = torch.randint(-2, 3, (N + 1, D), generator=g).float()  # many ties
+    beta = torch.randint(-3, 4, (3,), generator=g).float()
+    if repeat_bias:
+        m.repeat_bias.data.copy_(beta)
+    hist, off = _history_with_repeats(g, B, N)
+    targets = torch.randint(1, 15, (B,), generator=g)  # often inside the history
+    S = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
+    want = target_ranks(S, targets, hist, off, mask_history=mask_history).clamp(max=21)
+    assert torch.equal(model_ranks(m, q, item_rep, targets, hist, off, mask_history, kmax=20), want)
+    vals, idx = m.topk_items(q, item_rep, 25, hist, off, exclude_history=mask_history)
+    if mask_history:
+        for b in range(B):
+            S[b, hist[off[b]:off[b + 1]]] = float("-inf")
+    top = S.topk(25, dim=1).values
+    torch.testing.assert_close(vals, top)
+    got = S.gather(1, idx.clamp_min(0))
+    torch.testing.assert_close(torch.where(idx >= 0, got, vals), vals)  # the items carry their scores
+    cand = torch.randint(1, N + 1, (B, 7), generator=g)
+    cand[:, :3] = torch.randint(1, 13, (B, 3), generator=g)
+    full = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
+    torch.testing.assert_close(m.item_scores(q, item_rep, cand, hist, off), full.gather(1, cand))
+
+
+def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
+    """The fused loss + log-sum-exp correction equals cross-entropy over materialised logits with
+    the offsets added to each token's seen items, in value and in gradients."""
+    ds, sp = small
+    torch.manual_seed(0)
+    cfg = tiny(repeat_bias=True, num_repeat_buckets=4, use_profile=False, ranking_head=False)
+    m = UniRec.from_dataset(ds, cfg).eval()
+    m.repeat_bias.data.copy_(torch.tensor([-2.0, 1.5, -0.5, 0.7]))
+    tb = TokenBuilder.for_config(sp, cfg)
+    b = tb.train_batch(np.nonzero(sp.train_len >= 6)[0][:10], None, candidates=False)
+    g = torch.Generator().manual_seed(5)
+    # plant repeats: some events and some targets copy an earlier item of the stream
+    items, nxt = b.items.clone(), b.next_items.clone()
+    for u in range(10):
+        s, e = int(b.offsets[u]), int(b.offsets[u + 1])
+        for j in range(s + 1, e):
+            if torch.rand(1, generator=g) < 0.3:
+                items[j] = items[int(torch.randint(s, j, (1,), generator=g))]
+        for j in range(s, e - 1):
+            nxt[j] = items[j + 1]
+        if e - s >= 3:
+            nxt[e - 2] = items[s]  # a target that was seen
+    b.items, b.next_items = items, nxt
+    loss, _ = m.loss(b)
+    loss.backward()
+    grads = [p.grad.clone() for p in (m.repeat_bias, m.item_weight)]
+    m.zero_grad()
+    enc = m.encode(b)
+    z = enc["hidden"][enc["hist_pos"]] @ enc["item_rep"].T
+    z[:, 0] = float("-inf")
+    rows = []
+    for u in range(10):
+        s, e = int(b.offsets[u]), int(b.offsets[u + 1])
+        for i in range(s, e):
+            if nxt[i] == 0:
+                continue
+            seen = items[s:i + 1].tolist()
+            bias = torch.zeros(ds.num_items + 1)
+            for it in set(seen):
+                d = (i - s) - max(j for j, x in enumerate(seen) if x == it)
+                bias = bias + F.one_hot(torch.tensor(it), ds.num_items + 1) * m.repeat_bias[min(int(math.log2(1 + d)), 3)]
+            rows.append(F.cross_entropy((z[i] + bias).unsqueeze(0), nxt[i:i + 1]))
+    want = torch.stack(rows).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    want.backward()
+    torch.testing.assert_close(grads[0], m.repeat_bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], m.item_weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_gather_bags_matches_feature_table(small):

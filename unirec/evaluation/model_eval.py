@@ -1,8 +1,8 @@
 """Evaluating a UniRec model per DESIGN.md section 7, with ``unirec.ops.topk_scores``.
 
-Full ranking: the target's rank comes from the top ``kmax + 1`` items (excluding the
-user's history other than the target when ``mask_history``), with ties pessimistic
-as in :mod:`unirec.evaluation.metrics`: rank = 1 + #{other eligible items scoring
+Full ranking: the target's rank comes from the top ``kmax + 1`` unseen items plus, when the
+history is not masked, the user's history items (with the model's repeat offsets), with ties
+pessimistic as in :mod:`unirec.evaluation.metrics`: rank = 1 + #{other eligible items scoring
 >= the target}. Ranks beyond ``kmax`` are reported as ``kmax + 1``, which leaves
 NDCG/HR/MRR@K exact for every K <= kmax. No B x N score matrix is stored.
 """
@@ -15,42 +15,42 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..models._impl import op_impl
 from .metrics import DEFAULT_KS, auc, gauc, mae, ranking_metrics, rmse
 
 
-def topk_ranks(queries: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
-               exclude_offsets: Optional[torch.Tensor] = None, exclude_indices: Optional[torch.Tensor] = None,
-               kmax: int = 20, impl: str = "auto") -> torch.Tensor:
-    """Pessimistic ranks (clipped at kmax + 1) of ``targets`` among ``items``.
+def model_ranks(model, queries: torch.Tensor, item_rep: torch.Tensor, targets: torch.Tensor,
+                history_items: torch.Tensor, history_offsets: torch.Tensor, mask_history: bool = True,
+                kmax: int = 20) -> torch.Tensor:
+    """Pessimistic ranks (clipped at kmax + 1) of each user's target under ``model``'s scores.
 
     Args:
-        queries: [B, D]; items: [N, D]; targets: [B] int64 in [0, N).
-        exclude_offsets / exclude_indices: CSR [B + 1] / [E] items never ranked (must not hold the target).
-    Returns:
-        [B] int64 in [1, kmax + 1].
+        queries: [B, D] user states; item_rep: [N + 1, D]; targets: [B] int64 1-based item ids.
+        history_items / history_offsets: CSR [H] / [B + 1] of the events before each target (1-based).
+        mask_history: rank among items outside the history (the target always competes).
+    The target's score includes its repeat offset when it is in the history (``UniRec.item_scores``);
+    rank = 1 + #{unseen items scoring >= it} (from the top kmax + 1 of ``topk_scores`` with the
+    history and the target excluded) + #{other history items scoring >= it} when not masked.
     """
+    B = queries.shape[0]
+    dev = queries.device
+    t_score = model.item_scores(queries, item_rep, targets.view(-1, 1), history_items, history_offsets)[:, 0]
+    ex_off = history_offsets + torch.arange(B + 1, device=dev)          # each row: history + target
+    ex_idx = torch.empty(int(ex_off[-1]), dtype=torch.int64, device=dev)
+    is_target = torch.zeros_like(ex_idx, dtype=torch.bool)
+    is_target[ex_off[1:] - 1] = True
+    ex_idx[is_target] = targets
+    ex_idx[~is_target] = history_items
+    items = item_rep[1:].float()
     k = min(kmax + 1, items.shape[0])
-    kw = {} if exclude_offsets is None else dict(exclude_offsets=exclude_offsets, exclude_indices=exclude_indices)
-    vals, idx = ops.topk_scores(queries, items, k, impl=impl, **kw)
-    t = targets.view(-1, 1)
-    is_t = idx == t
-    found = is_t.any(1)
-    own = (queries * items[targets]).sum(1)
-    t_score = torch.where(found, vals.masked_fill(~is_t, 0).sum(1), own)
-    ahead = ((vals >= t_score.view(-1, 1)) & ~is_t & (idx >= 0)).sum(1)
-    # If the target is missing from the list and every listed item beats it, it ranks after them all.
+    vals, idx = ops.topk_scores(queries.float(), items, k, exclude_offsets=ex_off, exclude_indices=ex_idx - 1,
+                                impl=op_impl(model.config.impl, "retrieval"))
+    ahead = ((vals >= t_score.view(-1, 1)) & (idx >= 0)).sum(1)
+    if not mask_history and history_items.numel():
+        r, it, hs = model.history_scores(queries, item_rep, history_items, history_offsets)
+        other = it != targets[r]
+        ahead = ahead.index_add(0, r[other], (hs[other] >= t_score[r[other]]).long())
     return torch.clamp(1 + ahead, max=kmax + 1)
-
-
-def _exclusions(history_items: torch.Tensor, history_offsets: torch.Tensor, targets: torch.Tensor):
-    """History CSR without the target (0-based item ids for the items[1:] table)."""
-    lens = torch.diff(history_offsets)
-    rows = torch.repeat_interleave(torch.arange(lens.numel()), lens, output_size=history_items.numel())
-    keep = history_items != targets[rows]
-    new_lens = torch.zeros_like(lens).index_add_(0, rows[keep], torch.ones_like(rows[keep]))
-    off = torch.zeros(lens.numel() + 1, dtype=torch.int64)
-    torch.cumsum(new_lens, 0, out=off[1:])
-    return off, history_items[keep] - 1
 
 
 def _nan_to_none(d: dict) -> dict:
@@ -75,8 +75,6 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    impl = model.config.impl
-    from ..models._impl import op_impl
     users = builder.split.eval_users
     item_rep = model.item_representations().float()
     ranks, preds = [], {}
@@ -85,15 +83,14 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
         rows = []
         for i in range(0, len(users), batch_size):
             b = builder.eval_batch(st, users[i:i + batch_size])
-            p = model.predict(b.to(device), item_rep)
+            b = b.to(device)
+            p = model.predict(b, item_rep)
             if st == stage:
-                ex = _exclusions(b.history_items, b.history_offsets, b.targets) if mask_history else (None, None)
-                r = topk_ranks(p["queries"], p["item_rep"][1:], b.targets.to(device) - 1,
-                               *(x if x is None else x.to(device) for x in ex), kmax=max(ks),
-                               impl=op_impl(impl, "retrieval"))
+                r = model_ranks(model, p["queries"], p["item_rep"], b.targets, b.history_items, b.history_offsets,
+                                mask_history, kmax=max(ks))
                 ranks.append(r.cpu())
             if "rating" in p and b.cand_ratings is not None:
-                rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings, b.users))
+                rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings.cpu(), b.users.cpu()))
         if rows:
             preds[st] = [torch.cat(x) for x in zip(*rows)]
     out: Dict[str, object] = dict(ranking_metrics(torch.cat(ranks), ks))

@@ -18,8 +18,15 @@ class UniRecConfig:
     :meth:`UniRec.from_dataset`; the rest are hyper-parameters.
 
     The SASRec-equivalent baseline is ``use_item_features=False, use_rating=False,
-    use_time=False, use_profile=False, attention="softmax", ranking_head=False``
-    (see :func:`preset`).
+    use_time=False, use_profile=False, attention="softmax", ranking_head=False,
+    repeat_bias=False`` (see :func:`preset`).
+
+    ``repeat_bias``: the score of an item the user has already interacted with gets a
+    learned offset beta[bucket(d)], d = events since its last occurrence (bucket =
+    floor(log2(1 + d)), at most ``num_repeat_buckets - 1``), in training (inside the
+    full-catalogue softmax) and in every ranking. It learns whether and how soon people
+    come back to an item: strongly negative on data without repeats, positive on
+    re-consumption data.
     """
 
     # data-dependent
@@ -58,6 +65,9 @@ class UniRecConfig:
     rank_shift: int = 4
     ranking_weight: float = 0.1
     like_threshold: float = 4.0
+    # repeat-aware scoring: a learned score offset for items already in the history, by recency
+    repeat_bias: bool = False
+    num_repeat_buckets: int = 8
     # kernels
     impl: str = "auto"
 
@@ -70,8 +80,8 @@ class UniRecConfig:
             raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {self.retrieval_loss!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
-        if self.max_len < 1 or self.num_blocks < 0 or self.num_rank_candidates < 1:
-            raise ValueError("max_len and num_rank_candidates must be >= 1, num_blocks >= 0")
+        if self.max_len < 1 or self.num_blocks < 0 or self.num_rank_candidates < 1 or self.num_repeat_buckets < 1:
+            raise ValueError("max_len, num_rank_candidates and num_repeat_buckets must be >= 1, num_blocks >= 0")
 
     @property
     def max_seqlen(self) -> int:
@@ -99,11 +109,11 @@ class UniRecConfig:
 
 PRESETS = {
     "unified": dict(use_item_features=True, use_rating=True, use_time=True, use_profile=True, attention="softmax",
-                    ranking_head=True),
+                    ranking_head=True, repeat_bias=True),
     "sasrec": dict(use_item_features=False, use_rating=False, use_time=False, use_profile=False,
-                   attention="softmax", rel_bias=False, ranking_head=False),
+                   attention="softmax", rel_bias=False, ranking_head=False, repeat_bias=False),
     "hstu": dict(use_item_features=True, use_rating=True, use_time=True, use_profile=True, attention="silu",
-                 rel_bias=True, ranking_head=True),
+                 rel_bias=True, ranking_head=True, repeat_bias=True),
 }
 
 

@@ -14,6 +14,12 @@ Heads:
   softmax over the batch's targets (in-batch negatives);
 - ranking: each candidate's hidden state (candidates are ``num_targets`` of
   ``jagged_attention``) -> MLP -> (rating, like logit); loss MSE + BCE.
+
+Repeat-aware scoring (``repeat_bias``): score(u, i) = <h_u, item_rep[i]> + beta[bucket(d_ui)]
+when i is in u's history (d_ui = events since i's last occurrence), else <h_u, item_rep[i]>.
+In training the offsets enter the full-catalogue softmax exactly, through a correction of the
+fused loss's log-sum-exp over the (few) history items; :meth:`UniRec.topk_items` and
+:meth:`UniRec.item_scores` apply them at inference.
 """
 from __future__ import annotations
 
@@ -49,6 +55,30 @@ def gather_bags(all_indices: torch.Tensor, all_offsets: torch.Tensor, num_tables
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
     torch.cumsum(lens, 0, out=offsets[1:])
     return all_indices[pos], offsets
+
+
+def recency_bucket(distance: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """floor(log2(1 + d)) clipped to num_buckets - 1, for d >= 0 events back (0 = the latest event)."""
+    return torch.floor(torch.log2(1.0 + distance.double())).long().clamp(0, num_buckets - 1)
+
+
+def distinct_history(history_items: torch.Tensor, history_offsets: torch.Tensor):
+    """Each row's distinct items and how many events ago each last occurred.
+
+    history_items: [H] item ids (any order of rows' events is time order); history_offsets: [B + 1].
+    Returns (rows [U], items [U], distance [U]) with U distinct (row, item) pairs, sorted by (row, item);
+    distance = (row length - 1) - position of the item's last occurrence in the row.
+    """
+    dev = history_items.device
+    lens = torch.diff(history_offsets)
+    H = history_items.numel()
+    rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=H)
+    pos = torch.arange(H, device=dev) - history_offsets[rows]
+    span = int(history_items.max()) + 1 if H else 1
+    keys, inv = torch.unique(rows * span + history_items, return_inverse=True)
+    last = torch.full((keys.numel(),), -1, dtype=torch.int64, device=dev).scatter_reduce_(0, inv, pos, "amax")
+    r = keys // span
+    return r, keys % span, lens[r] - 1 - last
 
 
 class UniRec(nn.Module):
@@ -89,6 +119,7 @@ class UniRec(nn.Module):
                                           c.rel_bias, c.impl) for _ in range(c.num_blocks))
         self.final_norm = nn.LayerNorm(D)
         self.rank_mlp = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 2)) if c.ranking_head else None
+        self.repeat_bias = nn.Parameter(torch.zeros(c.num_repeat_buckets)) if c.repeat_bias else None
 
     # ------------------------------------------------------------------ construction
 
@@ -236,7 +267,14 @@ class UniRec(nn.Module):
         q = enc["hidden"][q_pos[keep]]
         tgt = tgt[keep]
         items = enc["item_rep"][1:]
-        if c.retrieval_loss == "full":
+        if c.retrieval_loss == "full" and self.repeat_bias is not None:
+            per_row = ops.softmax_cross_entropy(q, items.to(q.dtype), tgt - 1, reduction="none",
+                                                impl=op_impl(c.impl, "loss")).float()
+            n_hist = int(keep[:enc["hist_pos"].numel()].sum())
+            per_row = torch.cat([per_row[:n_hist] + self._repeat_correction(enc, batch, per_row[:n_hist]),
+                                 per_row[n_hist:]])
+            ret = per_row.sum() / max(per_row.numel(), 1)
+        elif c.retrieval_loss == "full":
             ret = ops.softmax_cross_entropy(q, items.to(q.dtype), tgt - 1, impl=op_impl(c.impl, "loss"))
         else:
             uniq, inv = torch.unique(tgt, return_inverse=True)
@@ -255,6 +293,43 @@ class UniRec(nn.Module):
                 parts.update(rating=float(mse.detach()), like=float(bce.detach()))
         return total, parts
 
+    def _repeat_correction(self, enc: Dict[str, torch.Tensor], batch: TokenBatch, loss0: torch.Tensor) -> torch.Tensor:
+        """Exact change of each history token's softmax loss when seen items get beta[bucket].
+
+        Token i of a stream has seen S_i = the distinct items at positions j <= i (d = i - j since
+        the last occurrence). With l_i = loss without offsets, lse_i = l_i + z_i,target and
+        p_ij = exp(z_ij - lse_i):  loss_i = l_i + log(1 + sum_{j in S_i} p_ij (e^beta_ij - 1))
+        - beta_i,target [target in S_i].  Padded [B, Lmax, Lmax] over each stream's window.
+        Returns [n] for the history tokens that have a target (in ``loss0``'s order).
+        """
+        items, off = batch.items, batch.offsets
+        dev = items.device
+        lens = torch.diff(off)
+        B, Lm = lens.numel(), int(lens.max()) if lens.numel() else 0
+        ar = torch.arange(Lm, device=dev)
+        valid = ar.view(1, -1) < lens.view(-1, 1)                               # [B, L]
+        idx = torch.where(valid, off[:-1].view(-1, 1) + ar.view(1, -1), 0)
+        it = torch.where(valid, items[idx], 0)                                   # [B, L], 0 = padding
+        nxt = torch.where(valid, batch.next_items[idx], 0)
+        h = enc["hidden"][enc["hist_pos"][idx]].float()                         # [B, L, D]
+        rep = enc["item_rep"].float()
+        z = torch.bmm(h, rep[it].transpose(1, 2))                               # z[b, i, j] = <h_bi, e_it[b, j]>
+        # (i, j) counts when j <= i and the item at j does not occur again in (j, i].
+        same = (it.unsqueeze(2) == it.unsqueeze(1)) & (ar.view(1, 1, -1) > ar.view(1, -1, 1))  # [b, j, k]: k > j
+        next_occ = torch.where(same, ar.view(1, 1, -1), Lm).amin(2)             # [B, L] next position of it[b, j]
+        i_ = ar.view(1, -1, 1)
+        j_ = ar.view(1, 1, -1)
+        pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
+        beta = self.repeat_bias[recency_bucket(i_ - j_, self.repeat_bias.numel()).clamp_min(0)]  # [1, L, L]
+        rows = valid & (nxt > 0)                                                 # tokens with a target
+        z_t = (h * rep[nxt]).sum(-1)                                             # [B, L]
+        lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
+        p = torch.exp((z - lse.unsqueeze(2)).clamp(max=0.0)) * pair
+        mass = (p * torch.expm1(beta)).sum(2)                                   # sum_j p_ij (e^beta - 1)
+        hit = pair & (it.unsqueeze(1) == nxt.unsqueeze(2))
+        corr = torch.log1p(mass.clamp_min(-1.0 + 1e-6)) - (beta * hit).sum(2)
+        return corr[rows]
+
     @torch.no_grad()
     def predict(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Inference: {"queries": [B, D] float32 user states after the history, "item_rep": [N + 1, D] float32,
@@ -267,14 +342,75 @@ class UniRec(nn.Module):
             out["like"] = torch.sigmoid(ro[1])
         return out
 
+    # ------------------------------------------------------------------ scoring (inference)
+
+    def history_scores(self, queries: torch.Tensor, item_rep: torch.Tensor, history_items: torch.Tensor,
+                       history_offsets: torch.Tensor):
+        """Scores of each row's distinct history items, repeat offsets included.
+
+        queries [B, D]; item_rep [N + 1, D]; history CSR (items [H] 1-based, offsets [B + 1]).
+        Returns (rows [U], items [U] 1-based, scores [U] float32), sorted by (row, item).
+        """
+        r, it, d = distinct_history(history_items, history_offsets)
+        s = (queries[r].float() * item_rep[it].float()).sum(1)
+        if self.repeat_bias is not None:
+            s = s + self.repeat_bias.float()[recency_bucket(d, self.repeat_bias.numel())]
+        return r, it, s
+
+    @torch.no_grad()
+    def item_scores(self, queries: torch.Tensor, item_rep: torch.Tensor, items: torch.Tensor,
+                    history_items: Optional[torch.Tensor] = None,
+                    history_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """score[b, c] = <queries[b], item_rep[items[b, c]]> (+ the repeat offset when items[b, c] is in row
+        b's history). queries [B, D], items [B, C] 1-based; returns [B, C] float32."""
+        s = torch.einsum("bd,bcd->bc", queries.float(), item_rep.float()[items])
+        if self.repeat_bias is not None and history_items is not None and history_items.numel():
+            r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
+            span = max(int(it.max()), int(items.max()) if items.numel() else 0) + 1
+            keys = r * span + it                                           # sorted
+            want = torch.arange(items.shape[0], device=items.device).view(-1, 1) * span + items
+            at = torch.searchsorted(keys, want).clamp(max=keys.numel() - 1)
+            seen = keys[at] == want
+            s = torch.where(seen, hs[at], s)
+        return s
+
+    @torch.no_grad()
+    def topk_items(self, queries: torch.Tensor, item_rep: torch.Tensor, k: int,
+                   history_items: Optional[torch.Tensor] = None, history_offsets: Optional[torch.Tensor] = None,
+                   exclude_history: bool = True):
+        """Top-k of the whole catalogue for each query, with ``unirec.ops.topk_scores``.
+
+        queries [B, D] (user states from :meth:`predict`); item_rep [N + 1, D]; history CSR (items [H]
+        1-based, offsets [B + 1]) or None. ``exclude_history`` drops the history's items; otherwise they
+        compete with their repeat offsets (the best unseen k and every seen item, merged).
+        Returns (scores [B, k] float32, items [B, k] int64 1-based; -inf / -1 past the catalogue).
+        """
+        impl = op_impl(self.config.impl, "retrieval")
+        items = item_rep[1:].float()
+        has_hist = history_items is not None and history_items.numel() > 0
+        ex = dict(exclude_offsets=history_offsets, exclude_indices=history_items - 1) if has_hist else {}
+        if exclude_history or self.repeat_bias is None or not has_hist:
+            vals, idx = ops.topk_scores(queries.float(), items, k, impl=impl, **(ex if exclude_history else {}))
+            return vals, torch.where(idx >= 0, idx + 1, idx)
+        vals, idx = ops.topk_scores(queries.float(), items, k, impl=impl, **ex)
+        r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
+        B = queries.shape[0]
+        count = torch.bincount(r, minlength=B)
+        start = torch.cumsum(count, 0) - count
+        col = torch.arange(r.numel(), device=r.device) - start[r]
+        width = int(count.max())
+        seen_v = torch.full((B, width), float("-inf"), device=vals.device)
+        seen_i = torch.full((B, width), -1, dtype=torch.int64, device=vals.device)
+        seen_v[r, col], seen_i[r, col] = hs, it - 1
+        v, j = torch.cat([vals, seen_v], 1).topk(k, dim=1)
+        i = torch.cat([idx, seen_i], 1).gather(1, j)
+        return v, torch.where(i >= 0, i + 1, i)
+
     @torch.no_grad()
     def recommend(self, batch: TokenBatch, k: int = 10, exclude_history: bool = True):
-        """Top-k items per user after their history: (scores [B, k], items [B, k] int64, -1 = none)."""
+        """Top-k items per user after their history: (scores [B, k], items [B, k] int64, -1 = none).
+        The history is ``batch.history_items`` when given, else the batch's own history tokens."""
         p = self.predict(batch)
-        kw = {}
-        if exclude_history:
-            kw = dict(exclude_offsets=batch.history_offsets, exclude_indices=batch.history_items - 1) \
-                if batch.history_items is not None else \
-                dict(exclude_offsets=batch.offsets, exclude_indices=batch.items - 1)
-        vals, idx = ops.topk_scores(p["queries"], p["item_rep"][1:], k, impl=op_impl(self.config.impl, "retrieval"), **kw)
-        return vals, torch.where(idx >= 0, idx + 1, idx)
+        hist = (batch.history_items, batch.history_offsets) if batch.history_items is not None else \
+            (batch.items, batch.offsets)
+        return self.topk_items(p["queries"], p["item_rep"], k, *hist, exclude_history=exclude_history)
