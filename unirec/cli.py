@@ -4,6 +4,7 @@
     unirec evaluate runs/ml-100k-...   # metrics of a run's best model
     unirec recommend runs/ml-100k-... --user 42 -k 10
     unirec data info                   # what the data set holds
+    unirec serve runs/ml-100k-...      # HTTP recommendation service on 127.0.0.1:8000
 """
 from __future__ import annotations
 
@@ -107,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--include-seen", action="store_true", help="allow items the user already has")
     r.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
                    help="kernel backend (default: %(default)s)")
+
+    sv = sub.add_parser("serve", help="HTTP recommendation service with live user events",
+                       description="Serve a run's model over HTTP (FastAPI + uvicorn): POST /v1/recommend, "
+                                   "POST /v1/events, GET /v1/items/ID/similar, GET /v1/users/ID/history, /healthz, "
+                                   "/metrics, /docs. Events are stored in SQLite and survive restarts.")
+    sv.add_argument("run", help="run folder written by `unirec train`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    sv.add_argument("--state-dir", default=None, help="folder of the event store (default: RUN/serving)")
+    sv.add_argument("--api-key", default=None,
+                   help="require this key in the X-API-Key header of writes (default: $UNIREC_API_KEY, else none)")
+    sv.add_argument("--max-batch", type=int, default=64,
+                   help="most recommend requests per model batch; 1 = no batching (default: %(default)s)")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="longest wait for more requests to fill a batch (default: %(default)s)")
+    sv.add_argument("--cache-size", type=int, default=10000,
+                   help="user states cached, invalidated by the user's events; 0 = none (default: %(default)s)")
+    sv.add_argument("--max-body-bytes", type=int, default=256 * 1024,
+                   help="larger request bodies get 413 (default: %(default)s)")
+    sv.add_argument("--threads", type=int, default=1, help="torch CPU threads of the model (default: %(default)s)")
+    sv.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
+                   help="kernel backend (default: %(default)s)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default: %(default)s)")
 
     d = sub.add_parser("data", help="data set commands", description="Data set commands.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", help="data command")
@@ -241,6 +266,18 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+    from .serving import serve
+    if not (Path(args.run) / "config.json").exists():
+        raise SystemExit(f"{args.run}: no config.json; pass a folder written by `unirec train`")
+    serve(args.run, args.host, args.port, threads=args.threads, log_level=args.log_level, state_dir=args.state_dir,
+          api_key=args.api_key or os.environ.get("UNIREC_API_KEY") or None, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms, cache_size=args.cache_size, max_body_bytes=args.max_body_bytes,
+          impl=args.impl)
+    return 0
+
+
 def cmd_data_info(args) -> int:
     from .data import describe
     from .training import load_data
@@ -256,6 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return cmd_evaluate(args)
     if args.command == "recommend":
         return cmd_recommend(args)
+    if args.command == "serve":
+        return cmd_serve(args)
     return cmd_data_info(args)
 
 

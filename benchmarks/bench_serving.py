@@ -1,0 +1,426 @@
+"""Load test of `unirec serve` on loopback: throughput and latency with and without batching, and a soak.
+
+    python benchmarks/bench_serving.py RUN                       # both modes over the default rates + soak
+    python benchmarks/bench_serving.py RUN --rates 200,400 --duration 5 --soak 0
+
+Starts the real server (`python -m unirec serve RUN`) as a subprocess per mode on 127.0.0.1,
+drives it with a bounded open-loop load generator (Poisson arrivals at each offered rate, a raw
+asyncio HTTP/1.1 keep-alive client; latency is measured from each request's scheduled time, so a
+server that falls behind is charged for the queue), and stops by itself. Every request count and
+wait is bounded; nothing but 127.0.0.1 is contacted.
+
+Throughput: POST /v1/recommend {"user_id": <random MovieLens user>, "k": 10} with the server's
+user-state cache off (--cache-size 0), so every request runs the model: batched (--max-batch 64)
+against batch size 1 (--max-batch 1). Per offered rate: achieved req/s, p50/p90/p99 latency,
+mean model batch size (from /metrics), non-2xx answers.
+
+Soak: N mixed requests (recommend by user / history / candidates, events, similar items, history,
+health, and malformed inputs of each kind) against a server with its defaults (cache on): every
+bad input must get a 4xx, nothing a 5xx; the server's RSS is read from /proc before and after.
+
+Not a pytest benchmark (no test functions): `pytest benchmarks/ --benchmark-only` skips it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+HOST = "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- a cheap HTTP/1.1 client
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; one request at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer, self.open = reader, writer, True
+
+    @classmethod
+    async def connect(cls, port: int) -> "Conn":
+        r, w = await asyncio.open_connection(HOST, port)
+        w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(r, w)
+
+    async def request(self, data: bytes) -> Tuple[int, bytes]:
+        self.writer.write(data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        body = await self.reader.readexactly(int(m.group(1))) if m else b""
+        if re.search(rb"(?i)\r\nconnection: *close", head):
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        self.open = False
+        self.writer.close()
+
+
+class Pool:
+    """Keep-alive connections to one port, opened on demand up to ``limit``."""
+
+    def __init__(self, port: int, limit: int):
+        self.port, self.limit, self.count = port, limit, 0
+        self.idle: asyncio.LifoQueue = asyncio.LifoQueue()
+
+    async def warm(self, n: int) -> None:
+        for _ in range(min(n, self.limit)):
+            self.count += 1
+            self.idle.put_nowait(await Conn.connect(self.port))
+
+    async def request(self, data: bytes) -> Tuple[int, bytes]:
+        if not self.idle.empty():
+            conn = self.idle.get_nowait()
+        elif self.count < self.limit:
+            self.count += 1
+            try:
+                conn = await Conn.connect(self.port)
+            except BaseException:
+                self.count -= 1
+                raise
+        else:
+            conn = await self.idle.get()
+        try:
+            status, body = await conn.request(data)
+        except BaseException:
+            conn.close()
+            self.count -= 1
+            raise
+        if conn.open:
+            self.idle.put_nowait(conn)
+        else:
+            self.count -= 1
+        return status, body
+
+    def close(self) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait().close()
+
+
+def http_bytes(method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None) -> bytes:
+    """A raw HTTP/1.1 request (JSON content type when there is a body)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    if body is not None:
+        if not any(k.lower() == "content-type" for k in (headers or {})):
+            lines.append("Content-Type: application/json")
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def post_json(path: str, obj) -> bytes:
+    return http_bytes("POST", path, json.dumps(obj).encode())
+
+
+async def open_loop(port: int, make: Callable[[int], bytes], rate: float, n: int, seed: int = 0,
+                    max_conns: int = 512, timeout_s: float = 30.0) -> dict:
+    """Sends n requests at Poisson times of mean rate ``rate``; latency from the scheduled time.
+    Returns {"latency": [n] s (NaN = failed / timed out), "status": [n], "seconds": wall time}."""
+    loop = asyncio.get_running_loop()
+    pool = Pool(port, max_conns)
+    await pool.warm(min(64, max_conns))
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
+    lat = np.full(n, np.nan)
+    status = np.zeros(n, dtype=np.int64)
+    reqs = [make(i) for i in range(n)]
+
+    async def one(i: int, t_sched: float):
+        try:
+            st, _ = await asyncio.wait_for(pool.request(reqs[i]), timeout_s)
+            status[i] = st
+            lat[i] = loop.time() - t_sched
+        except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
+            status[i] = -1
+
+    t0 = loop.time() + 0.05
+    tasks = []
+    for i in range(n):
+        t = t0 + arrivals[i]
+        d = t - loop.time()
+        if d > 0:
+            await asyncio.sleep(d)
+        tasks.append(loop.create_task(one(i, t)))
+    await asyncio.gather(*tasks)
+    seconds = loop.time() - t0
+    pool.close()
+    return {"latency": lat, "status": status, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- the server under test
+
+
+class Server:
+    """`python -m unirec serve RUN` on a free loopback port, in a fresh state folder."""
+
+    def __init__(self, run: str, *args: str, state_dir: Optional[str] = None):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]
+        self.own_state = state_dir is None
+        self.state = state_dir or tempfile.mkdtemp(prefix="unirec-bench-state-")
+        cmd = [sys.executable, "-m", "unirec", "serve", run, "--host", HOST, "--port", str(self.port),
+               "--state-dir", self.state, *args]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.time() + 180
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode()[-2000:]}")
+            try:
+                if self.get("/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("server did not answer /healthz within 180 s")
+            time.sleep(0.2)
+
+    def get(self, path: str) -> Tuple[int, str]:
+        with socket.create_connection((HOST, self.port), timeout=10) as s:
+            s.sendall(http_bytes("GET", path, headers={"Connection": "close"}))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head[9:12]), body.decode()
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def batch_stats(self) -> Tuple[float, float]:
+        """(sum, count) of the unirec_batch_size histogram."""
+        text = self.get("/metrics")[1]
+        s = re.search(r"^unirec_batch_size_sum (\S+)", text, re.M)
+        c = re.search(r"^unirec_batch_size_count (\S+)", text, re.M)
+        return float(s.group(1)), float(c.group(1))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.own_state:
+            shutil.rmtree(self.state, ignore_errors=True)
+
+
+def data_ids(run: str) -> Tuple[List[str], List[str]]:
+    """(user ids, item ids) of the run's data set."""
+    from unirec.serving import load_run
+    _, split, _ = load_run(run)
+    ds = split.dataset
+    return [str(u) for u in ds.user_vocab[1:]], [str(i) for i in ds.item_vocab[1:]]
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def summarise(res: dict, rate: float) -> dict:
+    lat, st = res["latency"], res["status"]
+    ok = (st >= 200) & (st < 300)
+    good = lat[ok] * 1000
+    q = np.percentile(good, [50, 90, 99]) if len(good) else [np.nan] * 3
+    return {"offered": rate, "achieved": float(ok.sum() / res["seconds"]), "p50": float(q[0]),
+            "p90": float(q[1]), "p99": float(q[2]), "non2xx": int((~ok).sum()), "5xx": int((st >= 500).sum()),
+            "n": len(st)}
+
+
+def sweep(run: str, users: List[str], mode_args: List[str], rates: List[float], duration: float,
+          p99_ms: float, seed: int) -> List[dict]:
+    srv = Server(run, *mode_args)
+    rows = []
+    try:
+        rng = random.Random(seed)
+        bodies = [post_json("/v1/recommend", {"user_id": u, "k": 10}) for u in users]
+        make = lambda i: bodies[rng.randrange(len(bodies))]  # noqa: E731
+        asyncio.run(open_loop(srv.port, make, 100, 200, seed))           # warm-up
+        misses = 0
+        for rate in rates:
+            b0 = srv.batch_stats()
+            res = asyncio.run(open_loop(srv.port, make, rate, int(rate * duration), seed))
+            b1 = srv.batch_stats()
+            row = summarise(res, rate)
+            row["mean_batch"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
+            row["sustained"] = row["p99"] < p99_ms and row["non2xx"] == 0 and row["achieved"] >= 0.95 * rate
+            rows.append(row)
+            print(fmt_row(mode_args, row), flush=True)
+            misses = 0 if row["sustained"] else misses + 1
+            if misses >= 2:   # two rates in a row over the bound: higher ones only queue up more
+                break
+    finally:
+        srv.stop()
+    return rows
+
+
+def fmt_row(mode_args, r) -> str:
+    mode = "batch 1" if "1" == mode_args[mode_args.index("--max-batch") + 1] else "batched"
+    return (f"| {mode} | {r['offered']:.0f} | {r['achieved']:.0f} | {r['p50']:.1f} | {r['p90']:.1f} | "
+            f"{r['p99']:.1f} | {r['mean_batch']:.1f} | {r['non2xx']} | {'yes' if r['sustained'] else 'no'} |")
+
+
+# --------------------------------------------------------------------------- soak
+
+
+def soak_requests(users: List[str], items: List[str], n: int, seed: int) -> Tuple[List[bytes], List[str]]:
+    """n requests of a mix, each with its kind ("ok" answers must be 2xx, "bad" ones 4xx)."""
+    rng = random.Random(seed)
+    reqs, kinds = [], []
+    new_users = [f"new-{i}" for i in range(200)]
+    for _ in range(n):
+        x = rng.random()
+        u = rng.choice(users if rng.random() < 0.8 else new_users)
+        if x < 0.45:
+            reqs.append(post_json("/v1/recommend", {"user_id": u, "k": rng.randint(1, 50),
+                                                    "exclude_seen": rng.random() < 0.8}))
+            kinds.append("ok")
+        elif x < 0.50:
+            reqs.append(post_json("/v1/recommend", {"history": rng.sample(items, rng.randint(0, 30)), "k": 10}))
+            kinds.append("ok")
+        elif x < 0.55:
+            reqs.append(post_json("/v1/recommend", {"user_id": u, "k": 5, "candidates": rng.sample(items, 20)}))
+            kinds.append("ok")
+        elif x < 0.75:
+            ev = {"user_id": u, "item_id": rng.choice(items)}
+            if rng.random() < 0.5:
+                ev["rating"] = rng.randint(1, 5)
+            reqs.append(post_json("/v1/events", ev))
+            kinds.append("ok")
+        elif x < 0.80:
+            reqs.append(http_bytes("GET", f"/v1/items/{rng.choice(items)}/similar?k={rng.randint(1, 20)}"))
+            kinds.append("ok")
+        elif x < 0.85:
+            reqs.append(http_bytes("GET", f"/v1/users/{u}/history"))
+            kinds.append("ok")
+        elif x < 0.87:
+            reqs.append(http_bytes("GET", "/healthz"))
+            kinds.append("ok")
+        else:
+            bad = rng.choice([
+                http_bytes("POST", "/v1/recommend", b'{"user_id": "1", "k": '),               # malformed JSON
+                post_json("/v1/recommend", {"user_id": u, "k": 0}),                            # k out of range
+                post_json("/v1/recommend", {"user_id": u, "k": 5000}),
+                post_json("/v1/recommend", {"user_id": u, "k": "ten"}),                        # wrong type
+                post_json("/v1/recommend", {"history": ["no-such-item"]}),                     # unknown item
+                post_json("/v1/recommend", {"user_id": u, "candidates": ["no-such-item"]}),
+                post_json("/v1/recommend", {"k": 3}),                                          # neither source
+                post_json("/v1/events", {"user_id": u, "item_id": "no-such-item"}),
+                post_json("/v1/events", {"user_id": u, "item_id": items[0], "rating": "high"}),
+                post_json("/v1/events", {"user_id": [u], "item_id": items[0]}),
+                http_bytes("POST", "/v1/events", b"not json at all"),
+                http_bytes("GET", "/v1/items/no-such-item/similar"),
+                http_bytes("GET", "/v1/items/1/similar?k=-3"),
+                post_json("/v1/recommend", {"history": ["1"] * 60000}),                         # body too large
+            ])
+            reqs.append(bad)
+            kinds.append("bad")
+    return reqs, kinds
+
+
+def soak(run: str, users, items, n: int, rate: float, seed: int) -> dict:
+    srv = Server(run)
+    try:
+        reqs, kinds = soak_requests(users, items, n, seed)
+        warm = reqs[: min(1000, n)]
+        asyncio.run(open_loop(srv.port, lambda i: warm[i], rate, len(warm), seed))   # warm-up, not counted
+        rss0 = srv.rss_mb()
+        half = n // 2
+        a = asyncio.run(open_loop(srv.port, lambda i: reqs[i], rate, half, seed))
+        rss_mid = srv.rss_mb()
+        b = asyncio.run(open_loop(srv.port, lambda i: reqs[half + i], rate, n - half, seed + 1))
+        rss1 = srv.rss_mb()
+        st = np.concatenate([a["status"], b["status"]])
+        lat = np.concatenate([a["latency"], b["latency"]])
+        kinds = np.asarray(kinds)
+        ok = kinds == "ok"
+        return {"n": n, "rate": rate, "5xx": int((st >= 500).sum()), "failed": int((st < 0).sum()),
+                "ok_not_2xx": int((ok & ((st < 200) | (st >= 300))).sum()),
+                "bad_not_4xx": int((~ok & ((st < 400) | (st >= 500))).sum()), "bad": int((~ok).sum()),
+                "p99": float(np.nanpercentile(lat, 99) * 1000), "rss_start": rss0, "rss_mid": rss_mid,
+                "rss_end": rss1, "events_stored": _metric(srv, "unirec_events_stored_total")}
+    finally:
+        srv.stop()
+
+
+def _metric(srv: Server, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)", srv.get("/metrics")[1], re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="run folder written by `unirec train` (MovieLens-100K for the recorded figures)")
+    p.add_argument("--rates", default="100,200,300,400,500,600,800,1000,1200,1400",
+                   help="offered rates, requests/s (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per offered rate (default: %(default)s)")
+    p.add_argument("--p99-ms", type=float, default=50.0, help="latency bound for 'sustained' (default: %(default)s)")
+    p.add_argument("--modes", default="batched,single", help="batched, single or both (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64, help="the batched mode's --max-batch (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="the batched mode's --max-wait-ms (default: %(default)s)")
+    p.add_argument("--soak", type=int, default=10000, help="soak requests, 0 = no soak (default: %(default)s)")
+    p.add_argument("--soak-rate", type=float, default=300.0, help="soak offered rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals and request mix (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    users, items = data_ids(args.run)
+    out = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; {len(users)} users, {len(items)} items")
+    modes = {"batched": ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)],
+             "single": ["--max-batch", "1"]}
+    best = {}
+    print("| mode | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | mean batch | non-2xx | sustained |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        rows = sweep(args.run, users, modes[mode] + ["--cache-size", "0"], rates, args.duration, args.p99_ms,
+                     args.seed)
+        out[mode] = rows
+        ok = [r["achieved"] for r in rows if r["sustained"]]
+        best[mode] = max(ok) if ok else 0.0
+    for mode, v in best.items():
+        print(f"{mode}: highest sustained {v:.0f} req/s with p99 < {args.p99_ms:g} ms")
+    if best.get("single"):
+        print(f"batching / batch size 1: {best.get('batched', 0) / best['single']:.2f}x")
+    out["best"] = best
+    if args.soak:
+        s = soak(args.run, users, items, args.soak, args.soak_rate, args.seed)
+        out["soak"] = s
+        print(f"soak: {s['n']} mixed requests at {s['rate']:.0f}/s ({s['bad']} bad inputs): {s['5xx']} 5xx, "
+              f"{s['failed']} failed, {s['ok_not_2xx']} valid not 2xx, {s['bad_not_4xx']} bad not 4xx; p99 "
+              f"{s['p99']:.1f} ms; server RSS {s['rss_start']:.0f} -> {s['rss_mid']:.0f} -> {s['rss_end']:.0f} MB")
+    out["load_average_end"] = os.getloadavg()
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
