@@ -2,9 +2,10 @@
 
 The batch function runs in one worker thread (the model is not run concurrently with itself, and
 the event loop stays free to accept requests meanwhile). A batch is everything queued when the
-worker is free, topped up for at most ``max_wait_ms`` while it holds fewer than ``max_batch``
-jobs: under load, requests queue up while the previous batch runs and the next batch takes them
-all without waiting; an idle server adds at most ``max_wait_ms`` to a lone request.
+worker is free (at most ``max_batch``). When the worker was idle, so the batch starts with a lone
+request, it is topped up for at most ``max_wait_ms``; under load, requests queue up while the
+previous batch runs and the next batch takes them all at once, without waiting: the worker is
+never left idle while requests wait.
 """
 from __future__ import annotations
 
@@ -65,10 +66,11 @@ class MicroBatcher:
 
     async def _collect(self) -> list:
         q = self._queue
+        idle = q.empty()  # nothing waited while the last batch ran: the load is light, top the batch up
         batch = [await q.get()]
         while len(batch) < self.max_batch and not q.empty():
             batch.append(q.get_nowait())
-        if len(batch) < self.max_batch and self.max_wait > 0:
+        if idle and len(batch) < self.max_batch and self.max_wait > 0:
             deadline = time.perf_counter() + self.max_wait
             while len(batch) < self.max_batch:
                 left = deadline - time.perf_counter()
