@@ -87,29 +87,42 @@ class Pool:
             self.count += 1
             self.idle.put_nowait(await Conn.connect(self.port))
 
-    async def request(self, data: bytes) -> Tuple[int, bytes]:
-        if not self.idle.empty():
+    async def _conn(self) -> Conn:
+        while not self.idle.empty():
             conn = self.idle.get_nowait()
-        elif self.count < self.limit:
+            if not conn.reader.at_eof():
+                return conn
+            conn.close()  # the server closed it (keep-alive timeout)
+            self.count -= 1
+        if self.count < self.limit:
             self.count += 1
             try:
-                conn = await Conn.connect(self.port)
+                return await Conn.connect(self.port)
             except BaseException:
                 self.count -= 1
                 raise
-        else:
-            conn = await self.idle.get()
-        try:
-            status, body = await conn.request(data)
-        except BaseException:
-            conn.close()
-            self.count -= 1
-            raise
-        if conn.open:
-            self.idle.put_nowait(conn)
-        else:
-            self.count -= 1
-        return status, body
+        return await self.idle.get()
+
+    async def request(self, data: bytes) -> Tuple[int, bytes]:
+        for attempt in (0, 1):
+            conn = await self._conn()
+            try:
+                status, body = await conn.request(data)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                conn.close()
+                self.count -= 1
+                if attempt:
+                    raise
+                continue  # a kept-alive connection the server had just closed: once more on another
+            except BaseException:
+                conn.close()
+                self.count -= 1
+                raise
+            if conn.open:
+                self.idle.put_nowait(conn)
+            else:
+                self.count -= 1
+            return status, body
 
     def close(self) -> None:
         while not self.idle.empty():
@@ -139,7 +152,9 @@ async def open_loop(port: int, make: Callable[[int], bytes], rate: float, n: int
     loop = asyncio.get_running_loop()
     pool = Pool(port, max_conns)
     await pool.warm(min(64, max_conns))
+    # Poisson arrivals, rescaled so that the n-th falls at n / rate: the offered rate is exact
     arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
+    arrivals *= (n / rate) / arrivals[-1]
     lat = np.full(n, np.nan)
     status = np.zeros(n, dtype=np.int64)
     reqs = [make(i) for i in range(n)]

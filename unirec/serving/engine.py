@@ -230,7 +230,7 @@ class Recommender:
             queries = self.model.predict(batch, self.item_rep)["queries"]
             for job, p in zip(jobs, preps):
                 if p is not None and p.row >= 0:
-                    p.query = queries[p.row]
+                    p.query = queries[p.row].clone()  # a view would keep the whole batch's tensor alive in the cache
                     if job.user_id is not None:
                         self._remember(job.user_id, _State(p.version, p.query, p.history.items, bool(p.known)))
         # rank: whole-catalogue jobs together (one topk_items call per exclude flag), candidate jobs each
