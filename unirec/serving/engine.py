@@ -102,12 +102,19 @@ class Recommender:
     """A run's model and data plus the event store; see the module docstring.
 
     cache_size: user states kept (least recently used dropped first); 0 = no cache.
+    threads: torch intra-op threads for a forward pass of at least ``PARALLEL_TOKENS`` tokens; smaller
+    passes run on one thread (None: leave torch's setting alone).
     """
 
+    # Below this many tokens a forward pass is mostly Python dispatch: more threads only add their
+    # start-up and wake-up costs (one user of MovieLens-100K ran 1.42 ms on one thread, 1.60 ms on two),
+    # while a batch of 32 users ran 1.7x faster on two.
+    PARALLEL_TOKENS = 512
+
     def __init__(self, model, split, store: EventStore, version: str = "unversioned", cache_size: int = 10000,
-                 metrics=None):
+                 metrics=None, threads: Optional[int] = None):
         self.model, self.split, self.store, self.version = model, split, store, version
-        self.metrics = metrics
+        self.metrics, self.threads = metrics, threads
         self.config = model.config
         ds = split.dataset
         with torch.no_grad():
@@ -201,7 +208,7 @@ class Recommender:
         hist, known = self.user_history(job.user_id)
         return _Prepared(hist, known, None, v)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper per op than no_grad (no view or version tracking): 1.15 vs 1.4 ms for one user
     def run_batch(self, jobs: Sequence[RecommendJob]) -> List[Union[Ranked, Exception]]:
         """Answers ``jobs`` with one forward pass for every history whose state is not cached.
         Returns one Ranked (or the exception that job raised) per job, in order."""
@@ -227,6 +234,11 @@ class Recommender:
                 row_of_user[job.user_id] = p.row
         if todo:
             batch = live_token_batch(todo, self.config.max_len, self.config.num_time_buckets)
+            if self.threads is not None:
+                # set in the thread that runs the model: torch's thread count is per calling thread
+                n = self.threads if batch.items.numel() >= self.PARALLEL_TOKENS else 1
+                if torch.get_num_threads() != n:
+                    torch.set_num_threads(n)
             queries = self.model.predict(batch, self.item_rep)["queries"]
             for job, p in zip(jobs, preps):
                 if p is not None and p.row >= 0:
@@ -288,7 +300,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ item neighbours
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def similar(self, item: int, k: int) -> Tuple[List[int], List[float]]:
         """The k items (1-based) most similar to ``item`` by cosine of the model's item representations,
         the item itself excluded; with ``unirec.ops.topk_scores``."""
