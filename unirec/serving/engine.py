@@ -107,9 +107,9 @@ class Recommender:
     """
 
     # Below this many tokens a forward pass is mostly Python dispatch: more threads only add their
-    # start-up and wake-up costs (one user of MovieLens-100K ran 1.42 ms on one thread, 1.60 ms on two),
-    # while a batch of 32 users ran 1.7x faster on two.
-    PARALLEL_TOKENS = 512
+    # wake-up costs (one MovieLens-100K user, ~100 tokens: 1.42 ms on one thread, 1.60 ms on two),
+    # while 4 users ran 1.2x and 32 users 1.7x faster on two.
+    PARALLEL_TOKENS = 256
 
     def __init__(self, model, split, store: EventStore, version: str = "unversioned", cache_size: int = 10000,
                  metrics=None, threads: Optional[int] = None):
