@@ -442,7 +442,7 @@ def main(argv=None) -> int:
         best[mode] = max(ok) if ok else 0.0
     for mode, v in best.items():
         print(f"{mode}: highest sustained {v:.0f} req/s with p99 < {args.p99_ms:g} ms")
-    if best.get("single"):
+    if best.get("single") and "batched" in best:
         print(f"batching / batch size 1: {best.get('batched', 0) / best['single']:.2f}x")
     out["best"] = best
     if args.soak:
