@@ -411,7 +411,7 @@ def _run(coro):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="run folder written by `unirec train` (MovieLens-100K for the recorded figures)")
-    p.add_argument("--rates", default="300,400,500,600,800,1000,1200,1400,1600,2000",
+    p.add_argument("--rates", default="300,350,400,450,500,600,800,900,1000,1100,1200,1400,1600,2000",
                    help="offered rates, requests/s (default: %(default)s)")
     p.add_argument("--duration", type=float, default=15.0, help="seconds per offered rate (default: %(default)s)")
     p.add_argument("--p99-ms", type=float, default=50.0, help="latency bound for 'sustained' (default: %(default)s)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -128,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="user states cached, invalidated by the user's events; 0 = none (default: %(default)s)")
     sv.add_argument("--max-body-bytes", type=int, default=256 * 1024,
                    help="larger request bodies get 413 (default: %(default)s)")
-    sv.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                    help="torch CPU threads of a large batch's forward pass; a lone request's runs on one "
-                         "(default: %(default)s)")
+    sv.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads of the model; the event loop needs a core too (default: %(default)s)")
     sv.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
                    help="kernel backend (default: %(default)s)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -270,6 +268,7 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
     from .serving import serve
     if not (Path(args.run) / "config.json").exists():
         raise SystemExit(f"{args.run}: no config.json; pass a folder written by `unirec train`")

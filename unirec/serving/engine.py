@@ -102,19 +102,12 @@ class Recommender:
     """A run's model and data plus the event store; see the module docstring.
 
     cache_size: user states kept (least recently used dropped first); 0 = no cache.
-    threads: torch intra-op threads for a forward pass of at least ``PARALLEL_TOKENS`` tokens; smaller
-    passes run on one thread (None: leave torch's setting alone).
     """
 
-    # Below this many tokens a forward pass is mostly Python dispatch: more threads only add their
-    # wake-up costs (one MovieLens-100K user, ~100 tokens: 1.42 ms on one thread, 1.60 ms on two),
-    # while 4 users ran 1.2x and 32 users 1.7x faster on two.
-    PARALLEL_TOKENS = 256
-
     def __init__(self, model, split, store: EventStore, version: str = "unversioned", cache_size: int = 10000,
-                 metrics=None, threads: Optional[int] = None):
+                 metrics=None):
         self.model, self.split, self.store, self.version = model, split, store, version
-        self.metrics, self.threads = metrics, threads
+        self.metrics = metrics
         self.config = model.config
         ds = split.dataset
         with torch.no_grad():
@@ -234,11 +227,6 @@ class Recommender:
                 row_of_user[job.user_id] = p.row
         if todo:
             batch = live_token_batch(todo, self.config.max_len, self.config.num_time_buckets)
-            if self.threads is not None:
-                # set in the thread that runs the model: torch's thread count is per calling thread
-                n = self.threads if batch.items.numel() >= self.PARALLEL_TOKENS else 1
-                if torch.get_num_threads() != n:
-                    torch.set_num_threads(n)
             queries = self.model.predict(batch, self.item_rep)["queries"]
             for job, p in zip(jobs, preps):
                 if p is not None and p.row >= 0:
