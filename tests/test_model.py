@@ -126,7 +126,7 @@ def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_h
     item_rep = torch.randint(-2, 3, (N + 1, D), generator=g).float()  # many ties
     beta = torch.randint(-3, 4, (3,), generator=g).float()
     if repeat_bias:
-        m.repeat_bias.data.copy_(beta)
+        m.repeat_raw.data.copy_(beta / m.REPEAT_SCALE)
     hist, off = _history_with_repeats(g, B, N)
     targets = torch.randint(1, 15, (B,), generator=g)  # often inside the history
     S = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
@@ -153,7 +153,7 @@ def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
     torch.manual_seed(0)
     cfg = tiny(repeat_bias=True, num_repeat_buckets=4, use_profile=False, ranking_head=False)
     m = UniRec.from_dataset(ds, cfg).eval()
-    m.repeat_bias.data.copy_(torch.tensor([-2.0, 1.5, -0.5, 0.7]))
+    m.repeat_raw.data.copy_(torch.tensor([-2.0, 1.5, -0.5, 0.7]) / m.REPEAT_SCALE)
     tb = TokenBuilder.for_config(sp, cfg)
     b = tb.train_batch(np.nonzero(sp.train_len >= 6)[0][:10], None, candidates=False)
     g = torch.Generator().manual_seed(5)
@@ -171,7 +171,7 @@ def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
     b.items, b.next_items = items, nxt
     loss, _ = m.loss(b)
     loss.backward()
-    grads = [p.grad.clone() for p in (m.repeat_bias, m.item_weight)]
+    grads = [p.grad.clone() for p in (m.repeat_raw, m.item_weight)]
     m.zero_grad()
     enc = m.encode(b)
     z = enc["hidden"][enc["hist_pos"]] @ enc["item_rep"].T
@@ -186,12 +186,12 @@ def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
             bias = torch.zeros(ds.num_items + 1)
             for it in set(seen):
                 d = (i - s) - max(j for j, x in enumerate(seen) if x == it)
-                bias = bias + F.one_hot(torch.tensor(it), ds.num_items + 1) * m.repeat_bias[min(int(math.log2(1 + d)), 3)]
+                bias = bias + F.one_hot(torch.tensor(it), ds.num_items + 1) * m.repeat_offsets()[min(int(math.log2(1 + d)), 3)]
             rows.append(F.cross_entropy((z[i] + bias).unsqueeze(0), nxt[i:i + 1]))
     want = torch.stack(rows).mean()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     want.backward()
-    torch.testing.assert_close(grads[0], m.repeat_bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], m.repeat_raw.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], m.item_weight.grad, rtol=1e-4, atol=1e-6)
 
 
