@@ -63,18 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a JSON file of UniRecConfig fields (default: %(default)s)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a UniRecConfig field, e.g. --set dim=128 --set attention=silu (repeatable)")
-    t.add_argument("--dim", type=int, help="embedding / hidden width (preset default 64)")
-    t.add_argument("--blocks", type=int, help="Transformer blocks (preset default 2)")
-    t.add_argument("--heads", type=int, help="attention heads (preset default 2)")
-    t.add_argument("--max-len", type=int, help="history tokens per user (preset default 200)")
-    t.add_argument("--dropout", type=float, help="dropout (preset default 0.2)")
+    t.add_argument("--dim", type=int, help="embedding / hidden width (default: the preset's, 96)")
+    t.add_argument("--blocks", type=int, help="Transformer blocks (default: the preset's, 3)")
+    t.add_argument("--heads", type=int, help="attention heads (default: the preset's, 2)")
+    t.add_argument("--max-len", type=int, help="history tokens per user (default: the preset's, 50 unified / 100 sasrec)")
+    t.add_argument("--dropout", type=float, help="dropout (default: the preset's, 0.146 unified / 0.301 sasrec)")
     t.add_argument("--attention", choices=["softmax", "silu"], help="attention kind (silu = HSTU pointwise)")
     t.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
                    help="kernel backend for every op; reference = pure PyTorch (default: %(default)s)")
     t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate (default: the preset's tuned value, 2e-3 for a config file)")
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (default: the preset's tuned value, 0.05 for a config file)")
     t.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
     t.add_argument("--patience", type=int, default=5,
@@ -212,7 +214,11 @@ def cmd_train(args) -> int:
         k, v = kv.split("=", 1)
         d[k] = _parse_value(v)
     cfg = UniRecConfig.from_dict(d)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    from .models.config import PRESET_TRAINING
+    opt = {"lr": 2e-3, "weight_decay": 0.05, **PRESET_TRAINING.get(args.config, {})}
+    lr = args.lr if args.lr is not None else opt["lr"]
+    wd = args.weight_decay if args.weight_decay is not None else opt["weight_decay"]
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=wd,
                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
                      seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None)
     data = _data_spec(args)
