@@ -103,14 +103,15 @@ def _history_with_repeats(g, B, N, max_len=9):
     return torch.randint(1, min(N, 12) + 1, (int(off[-1]),), generator=g), off  # few ids: many repeats
 
 
-def _brute_scores(q, item_rep, beta, hist, off):
-    """[B, N + 1] scores with the repeat offset of each seen item (by its last occurrence)."""
+def _brute_scores(q, item_rep, beta, hist, off, max_len=20):
+    """[B, N + 1] scores with the repeat offset of each seen item (by its last occurrence, distances
+    clipped to the model's window)."""
     S = q @ item_rep.T
     S[:, 0] = float("-inf")
     for b in range(q.shape[0]):
         h = hist[off[b]:off[b + 1]].tolist()
         for i in set(h):
-            d = len(h) - 1 - max(j for j, x in enumerate(h) if x == i)
+            d = min(len(h) - 1 - max(j for j, x in enumerate(h) if x == i), max_len - 1)
             S[b, i] += beta[min(int(math.floor(math.log2(1 + d))), beta.numel() - 1)]
     return S
 
@@ -120,16 +121,16 @@ def _brute_scores(q, item_rep, beta, hist, off):
 def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_history):
     ds, _ = small
     g = torch.Generator().manual_seed(int(repeat_bias) * 2 + int(mask_history))
-    m = UniRec.from_dataset(ds, tiny(repeat_bias=repeat_bias, num_repeat_buckets=3)).eval()
+    m = UniRec.from_dataset(ds, tiny(repeat_bias=repeat_bias, num_repeat_buckets=4, max_len=6)).eval()
     B, N, D = 40, ds.num_items, 16
     q = torch.randint(-2, 3, (B, D), generator=g).float()
     item_rep = torch.randint(-2, 3, (N + 1, D), generator=g).float()  # many ties
-    beta = torch.randint(-3, 4, (3,), generator=g).float()
+    beta = torch.randint(-3, 4, (4,), generator=g).float()
     if repeat_bias:
         m.repeat_raw.data.copy_(beta / m.REPEAT_SCALE)
-    hist, off = _history_with_repeats(g, B, N)
+    hist, off = _history_with_repeats(g, B, N, max_len=14)  # longer than the model's window of 6
     targets = torch.randint(1, 15, (B,), generator=g)  # often inside the history
-    S = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
+    S = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off, max_len=6)
     want = target_ranks(S, targets, hist, off, mask_history=mask_history).clamp(max=21)
     assert torch.equal(model_ranks(m, q, item_rep, targets, hist, off, mask_history, kmax=20), want)
     vals, idx = m.topk_items(q, item_rep, 25, hist, off, exclude_history=mask_history)
@@ -142,7 +143,7 @@ def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_h
     torch.testing.assert_close(torch.where(idx >= 0, got, vals), vals)  # the items carry their scores
     cand = torch.randint(1, N + 1, (B, 7), generator=g)
     cand[:, :3] = torch.randint(1, 13, (B, 3), generator=g)
-    full = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
+    full = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off, max_len=6)
     torch.testing.assert_close(m.item_scores(q, item_rep, cand, hist, off), full.gather(1, cand))
 
 

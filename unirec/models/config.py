@@ -23,7 +23,7 @@ class UniRecConfig:
 
     ``repeat_bias``: the score of an item the user has already interacted with gets a
     learned offset beta[bucket(d)], d = events since its last occurrence (bucket =
-    floor(log2(1 + d)), at most ``num_repeat_buckets - 1``), in training (inside the
+    floor(log2(1 + min(d, max_len - 1))), at most ``num_repeat_buckets - 1``), in training (inside the
     full-catalogue softmax) and in every ranking. It learns whether and how soon people
     come back to an item: strongly negative on data without repeats, positive on
     re-consumption data.

@@ -57,9 +57,12 @@ def gather_bags(all_indices: torch.Tensor, all_offsets: torch.Tensor, num_tables
     return all_indices[pos], offsets
 
 
-def recency_bucket(distance: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """floor(log2(1 + d)) clipped to num_buckets - 1, for d >= 0 events back (0 = the latest event)."""
-    return torch.floor(torch.log2(1.0 + distance.double())).long().clamp(0, num_buckets - 1)
+def recency_bucket(distance: torch.Tensor, num_buckets: int, max_len: int) -> torch.Tensor:
+    """floor(log2(1 + min(d, max_len - 1))) clipped to num_buckets - 1, for d >= 0 events back (0 = the
+    latest event). Training sees distances up to max_len - 1 only (its window), so an item seen further
+    back shares the bucket of the window's far end instead of an offset that never trained."""
+    d = distance.clamp(0, max_len - 1).double()
+    return torch.floor(torch.log2(1.0 + d)).long().clamp(0, num_buckets - 1)
 
 
 def distinct_history(history_items: torch.Tensor, history_offsets: torch.Tensor):
@@ -324,7 +327,7 @@ class UniRec(nn.Module):
         i_ = ar.view(1, -1, 1)
         j_ = ar.view(1, 1, -1)
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
-        beta = self.repeat_offsets()[recency_bucket(i_ - j_, self.repeat_raw.numel()).clamp_min(0)]  # [1, L, L]
+        beta = self.repeat_offsets()[recency_bucket(i_ - j_, self.repeat_raw.numel(), self.config.max_len)]
         rows = valid & (nxt > 0)                                                 # tokens with a target
         z_t = (h * rep[nxt]).sum(-1)                                             # [B, L]
         lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
@@ -362,7 +365,7 @@ class UniRec(nn.Module):
         r, it, d = distinct_history(history_items, history_offsets)
         s = (queries[r].float() * item_rep[it].float()).sum(1)
         if self.repeat_raw is not None:
-            s = s + self.repeat_offsets().float()[recency_bucket(d, self.repeat_raw.numel())]
+            s = s + self.repeat_offsets().float()[recency_bucket(d, self.repeat_raw.numel(), self.config.max_len)]
         return r, it, s
 
     @torch.no_grad()
