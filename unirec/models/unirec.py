@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..nn import Dropout
 from ._impl import op_impl
 from .config import UniRecConfig
 from .inputs import TokenBatch
@@ -119,7 +120,7 @@ class UniRec(nn.Module):
             if e is not None:
                 nn.init.normal_(e.weight, std=0.02)
         self.emb_norm = nn.LayerNorm(D)
-        self.emb_drop = nn.Dropout(c.dropout)
+        self.emb_drop = Dropout(c.dropout, op_impl(c.impl, "dropout"))
         self.blocks = nn.ModuleList(Block(D, c.num_heads, c.max_seqlen, c.ffn_mult, c.dropout, c.attention,
                                           c.rel_bias, c.impl) for _ in range(c.num_blocks))
         self.final_norm = nn.LayerNorm(D)
