@@ -7,11 +7,16 @@ the ops' backends differ. pytest mode (medians in the benchmark table):
 
 Script mode (alternating runs, prints seconds per epoch and the ratio):
 
-    PYTHONPATH=$PWD python benchmarks/bench_train.py [--config unified] [--repeats 2]
+    PYTHONPATH=$PWD python benchmarks/bench_train.py [--config unified] [--set max_len=200] [--repeats 2]
+
+Two shapes: the preset as tuned (histories cut to its max_len, 50 events) and the same model over
+histories of up to 200 events, where attention and the loss carry more of the step.
 """
 import argparse
 import copy
+import json
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ from unirec.models import UniRec, UniRecConfig, preset
 from unirec.training import TrainConfig, Trainer
 
 
-def _setup(config: str = "unified", device: str = "cpu"):
+def _setup(config: str = "unified", device: str = "cpu", overrides: Optional[dict] = None):
     from unirec.data import FetchError, leave_one_out, load_dataset
     try:
         ds = load_dataset("ml-100k")
@@ -28,7 +33,7 @@ def _setup(config: str = "unified", device: str = "cpu"):
         pytest.skip(f"MovieLens-100K could not be fetched: {str(exc).splitlines()[0]}")
     split = leave_one_out(ds)
     torch.manual_seed(0)
-    base = UniRec.from_dataset(ds, preset(config))
+    base = UniRec.from_dataset(ds, preset(config, **(overrides or {})))
     return split, base
 
 
@@ -44,24 +49,28 @@ def _epoch_fn(split, base, impl: str, device: str):
     return run
 
 
+@pytest.mark.parametrize("max_len", [None, 200], ids=["tuned", "len200"])
 @pytest.mark.parametrize("impl", ["auto", "reference"])
-def test_train_epoch(benchmark, impl):
+def test_train_epoch(benchmark, impl, max_len):
     from conftest import bench_device, measure
     device = bench_device()
-    split, base = _setup(device=device)
+    split, base = _setup(device=device, overrides={} if max_len is None else {"max_len": max_len})
     fn = _epoch_fn(split, base, impl, device)
     tokens = sum(int(min(n - 1, base.config.max_len)) for n in split.train_len if n >= 2)
-    measure(benchmark, fn, device=device, group="train epoch ml-100k unified", provider=f"unirec-{impl}",
-            rounds=1 if device == "cpu" else 3, tokens_per_epoch=tokens)
+    measure(benchmark, fn, device=device, group=f"train epoch ml-100k unified max_len {base.config.max_len}",
+            provider=f"unirec-{impl}", rounds=1 if device == "cpu" else 3, tokens_per_epoch=tokens)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="unified", help="model preset (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="epochs per impl, alternating (default: %(default)s)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a UniRecConfig field of the preset, e.g. --set max_len=200")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    split, base = _setup(args.config, args.device)
+    over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    split, base = _setup(args.config, args.device, over)
     fns = {impl: _epoch_fn(split, base, impl, args.device) for impl in ("auto", "reference")}
     times = {k: [] for k in fns}
     for _ in range(args.repeats):
@@ -73,7 +82,8 @@ def main():
                   flush=True)
     best = {k: min(v) for k, v in times.items()}
     print(f"epoch (best of {args.repeats}): auto {best['auto']:.2f}s, reference {best['reference']:.2f}s, "
-          f"speed-up {best['reference'] / best['auto']:.2f}x  (torch threads {torch.get_num_threads()})")
+          f"speed-up {best['reference'] / best['auto']:.2f}x  (max_len {base.config.max_len}, "
+          f"torch threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ TORCH_LIBRARY(unirec, m) {
   // grad_loss [M] (float32/float64) -> (dhidden [M, D], ditems [N, D], dbias [N]) in the inputs' dtype.
   m.def("softmax_ce_bwd(Tensor grad_loss, Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, "
         "Tensor lse, int ignore_index, float label_smoothing) -> (Tensor dhidden, Tensor ditems, Tensor dbias)");
+
+  // ---- dropout: counter-based Bernoulli masks ----
+  // Element i is kept when the i-th 16-bit draw of SplitMix64(seed) is below
+  // threshold (keep = threshold / 65536). Returns (out, mask) shaped like
+  // input, in its dtype: mask_i = kept ? 1 / keep : 0 and out = input * mask.
+  m.def("dropout_fwd(Tensor input, int threshold, int seed) -> (Tensor out, Tensor mask)");
 }
 
 namespace {

@@ -1,6 +1,7 @@
 """Mean and spread over seeds of RESULT lines (from scripts/run_experiment.py) grouped by config.
 
-usage: python scripts/summarize_runs.py results.jsonl   (lines "RESULT {json}" or bare JSON)
+usage: python scripts/summarize_runs.py results.jsonl [PREFIX]   (lines "RESULT {json}"; other lines are
+skipped; PREFIX keeps runs whose name starts with it, e.g. v2-)
 """
 import json
 import statistics as st
@@ -10,9 +11,11 @@ from collections import defaultdict
 groups = defaultdict(list)
 for line in open(sys.argv[1]):
     line = line.strip()
-    if not line:
+    if not line.startswith("RESULT"):
         continue
     r = json.loads(line.split("RESULT", 1)[-1])
+    if len(sys.argv) > 2 and not r["out"].startswith(sys.argv[2]):
+        continue
     key = r["preset"] + ("" if not r["over"] else " " + " ".join(f"{k}={v}" for k, v in sorted(r["over"].items())))
     groups[key].append(r)
 cols = ["val_ndcg10", "ndcg10", "hr10", "ndcg10_unmasked", "rmse", "auc", "gauc", "best_epoch", "secs"]

@@ -55,7 +55,7 @@ def test_data_info(capsys):
     assert "users 60" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cmd", [["train"], ["evaluate"], ["recommend"], ["data", "info"], []])
+@pytest.mark.parametrize("cmd", [["train"], ["evaluate"], ["recommend"], ["tune"], ["data", "info"], []])
 def test_help_explains_every_option(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

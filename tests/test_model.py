@@ -103,14 +103,15 @@ def _history_with_repeats(g, B, N, max_len=9):
     return torch.randint(1, min(N, 12) + 1, (int(off[-1]),), generator=g), off  # few ids: many repeats
 
 
-def _brute_scores(q, item_rep, beta, hist, off):
-    """[B, N + 1] scores with the repeat offset of each seen item (by its last occurrence)."""
+def _brute_scores(q, item_rep, beta, hist, off, max_len=20):
+    """[B, N + 1] scores with the repeat offset of each seen item (by its last occurrence, distances
+    clipped to the model's window)."""
     S = q @ item_rep.T
     S[:, 0] = float("-inf")
     for b in range(q.shape[0]):
         h = hist[off[b]:off[b + 1]].tolist()
         for i in set(h):
-            d = len(h) - 1 - max(j for j, x in enumerate(h) if x == i)
+            d = min(len(h) - 1 - max(j for j, x in enumerate(h) if x == i), max_len - 1)
             S[b, i] += beta[min(int(math.floor(math.log2(1 + d))), beta.numel() - 1)]
     return S
 
@@ -120,16 +121,16 @@ def _brute_scores(q, item_rep, beta, hist, off):
 def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_history):
     ds, _ = small
     g = torch.Generator().manual_seed(int(repeat_bias) * 2 + int(mask_history))
-    m = UniRec.from_dataset(ds, tiny(repeat_bias=repeat_bias, num_repeat_buckets=3)).eval()
+    m = UniRec.from_dataset(ds, tiny(repeat_bias=repeat_bias, num_repeat_buckets=4, max_len=6)).eval()
     B, N, D = 40, ds.num_items, 16
     q = torch.randint(-2, 3, (B, D), generator=g).float()
     item_rep = torch.randint(-2, 3, (N + 1, D), generator=g).float()  # many ties
-    beta = torch.randint(-3, 4, (3,), generator=g).float()
+    beta = torch.randint(-3, 4, (4,), generator=g).float()
     if repeat_bias:
-        m.repeat_bias.data.copy_(beta)
-    hist, off = _history_with_repeats(g, B, N)
+        m.repeat_raw.data.copy_(beta / m.REPEAT_SCALE)
+    hist, off = _history_with_repeats(g, B, N, max_len=14)  # longer than the model's window of 6
     targets = torch.randint(1, 15, (B,), generator=g)  # often inside the history
-    S = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
+    S = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off, max_len=6)
     want = target_ranks(S, targets, hist, off, mask_history=mask_history).clamp(max=21)
     assert torch.equal(model_ranks(m, q, item_rep, targets, hist, off, mask_history, kmax=20), want)
     vals, idx = m.topk_items(q, item_rep, 25, hist, off, exclude_history=mask_history)
@@ -142,7 +143,7 @@ def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_h
     torch.testing.assert_close(torch.where(idx >= 0, got, vals), vals)  # the items carry their scores
     cand = torch.randint(1, N + 1, (B, 7), generator=g)
     cand[:, :3] = torch.randint(1, 13, (B, 3), generator=g)
-    full = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off)
+    full = _brute_scores(q, item_rep, beta if repeat_bias else torch.zeros(1), hist, off, max_len=6)
     torch.testing.assert_close(m.item_scores(q, item_rep, cand, hist, off), full.gather(1, cand))
 
 
@@ -153,7 +154,7 @@ def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
     torch.manual_seed(0)
     cfg = tiny(repeat_bias=True, num_repeat_buckets=4, use_profile=False, ranking_head=False)
     m = UniRec.from_dataset(ds, cfg).eval()
-    m.repeat_bias.data.copy_(torch.tensor([-2.0, 1.5, -0.5, 0.7]))
+    m.repeat_raw.data.copy_(torch.tensor([-2.0, 1.5, -0.5, 0.7]) / m.REPEAT_SCALE)
     tb = TokenBuilder.for_config(sp, cfg)
     b = tb.train_batch(np.nonzero(sp.train_len >= 6)[0][:10], None, candidates=False)
     g = torch.Generator().manual_seed(5)
@@ -171,7 +172,7 @@ def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
     b.items, b.next_items = items, nxt
     loss, _ = m.loss(b)
     loss.backward()
-    grads = [p.grad.clone() for p in (m.repeat_bias, m.item_weight)]
+    grads = [p.grad.clone() for p in (m.repeat_raw, m.item_weight)]
     m.zero_grad()
     enc = m.encode(b)
     z = enc["hidden"][enc["hist_pos"]] @ enc["item_rep"].T
@@ -186,12 +187,12 @@ def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
             bias = torch.zeros(ds.num_items + 1)
             for it in set(seen):
                 d = (i - s) - max(j for j, x in enumerate(seen) if x == it)
-                bias = bias + F.one_hot(torch.tensor(it), ds.num_items + 1) * m.repeat_bias[min(int(math.log2(1 + d)), 3)]
+                bias = bias + F.one_hot(torch.tensor(it), ds.num_items + 1) * m.repeat_offsets()[min(int(math.log2(1 + d)), 3)]
             rows.append(F.cross_entropy((z[i] + bias).unsqueeze(0), nxt[i:i + 1]))
     want = torch.stack(rows).mean()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     want.backward()
-    torch.testing.assert_close(grads[0], m.repeat_bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], m.repeat_raw.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], m.item_weight.grad, rtol=1e-4, atol=1e-6)
 
 

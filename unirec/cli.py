@@ -4,6 +4,7 @@
     unirec evaluate runs/ml-100k-...   # metrics of a run's best model
     unirec recommend runs/ml-100k-... --user 42 -k 10
     unirec data info                   # what the data set holds
+    unirec tune --config sasrec --trials 16 --out tune-sasrec   # search on validation NDCG@10
     unirec serve runs/ml-100k-...      # HTTP recommendation service on 127.0.0.1:8000
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _parse_value(v: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .models.config import PRESETS
+    from .training.tune import DEFAULT_SPACE
     p = argparse.ArgumentParser(prog="unirec", description="A unified Transformer recommender on fused kernels.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
@@ -62,18 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a JSON file of UniRecConfig fields (default: %(default)s)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a UniRecConfig field, e.g. --set dim=128 --set attention=silu (repeatable)")
-    t.add_argument("--dim", type=int, help="embedding / hidden width (preset default 64)")
-    t.add_argument("--blocks", type=int, help="Transformer blocks (preset default 2)")
-    t.add_argument("--heads", type=int, help="attention heads (preset default 2)")
-    t.add_argument("--max-len", type=int, help="history tokens per user (preset default 200)")
-    t.add_argument("--dropout", type=float, help="dropout (preset default 0.2)")
+    t.add_argument("--dim", type=int, help="embedding / hidden width (default: the preset's, 96)")
+    t.add_argument("--blocks", type=int, help="Transformer blocks (default: the preset's, 3)")
+    t.add_argument("--heads", type=int, help="attention heads (default: the preset's, 2)")
+    t.add_argument("--max-len", type=int, help="history tokens per user (default: the preset's, 50 unified / 100 sasrec)")
+    t.add_argument("--dropout", type=float, help="dropout (default: the preset's, 0.146 unified / 0.301 sasrec)")
     t.add_argument("--attention", choices=["softmax", "silu"], help="attention kind (silu = HSTU pointwise)")
     t.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
                    help="kernel backend for every op; reference = pure PyTorch (default: %(default)s)")
     t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate (default: the preset's tuned value, 2e-3 for a config file)")
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (default: the preset's tuned value, 0.05 for a config file)")
     t.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
     t.add_argument("--patience", type=int, default=5,
@@ -109,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
                    help="kernel backend (default: %(default)s)")
 
+    u = sub.add_parser("tune", help="search hyper-parameters on validation NDCG@10 (Optuna, resumable)",
+                       description="Train one model per trial, choose by validation NDCG@10 only (test is never "
+                                   "evaluated), prune trials below the median, keep the study in OUT/study.db so "
+                                   "that running the same command again resumes it. Writes OUT/best.json and "
+                                   "OUT/best_model_config.json (for `unirec train --config`).")
+    _add_data_args(u)
+    u.add_argument("--config", default="unified", help=f"preset or UniRecConfig JSON file to start from "
+                                                       f"({', '.join(sorted(PRESETS))}; default: %(default)s)")
+    u.add_argument("--trials", type=int, default=16, help="finished trials in all (default: %(default)s)")
+    u.add_argument("--param", action="append", default=[], metavar="FIELD=DIST",
+                   help="search FIELD (UniRecConfig or training field) over DIST: log:LOW:HIGH, float:LOW:HIGH, "
+                        "int:LOW:HIGH or choice:A,B,C; replaces the default space when given (default space: "
+                        + ", ".join(f"{k}={v}" for k, v in DEFAULT_SPACE.items()) + ")")
+    u.add_argument("--epochs", type=int, default=20, help="maximum epochs per trial (default: %(default)s)")
+    u.add_argument("--patience", type=int, default=5, help="early-stopping patience per trial (default: %(default)s)")
+    u.add_argument("--seed", type=int, default=0, help="training and sampler seed (default: %(default)s)")
+    u.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    u.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    u.add_argument("--out", required=True, help="output folder (the study, trial runs, best config)")
     sv = sub.add_parser("serve", help="HTTP recommendation service with live user events",
                        description="Serve a run's model over HTTP (FastAPI + uvicorn): POST /v1/recommend, "
                                    "POST /v1/events, GET /v1/items/ID/similar, GET /v1/users/ID/history, /healthz, "
@@ -198,21 +221,14 @@ def format_metrics(metrics: dict) -> str:
 
 def cmd_train(args) -> int:
     from .data import leave_one_out
-    from .models import UniRecConfig, preset
-    from .models.config import PRESETS
+    from .models import UniRecConfig
     from .training import TrainConfig, load_data, load_model, train_run
     from .training.run import default_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.config in PRESETS:
-        cfg = preset(args.config)
-    else:
-        path = Path(args.config)
-        if not path.exists():
-            raise SystemExit(f"--config {args.config!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
-        cfg = UniRecConfig.from_json(path.read_text())
+    cfg = _model_config(args.config)
     over = {"dim": args.dim, "num_blocks": args.blocks, "num_heads": args.heads, "max_len": args.max_len,
             "dropout": args.dropout, "attention": args.attention, "impl": args.impl}
     d = cfg.to_dict()
@@ -223,7 +239,11 @@ def cmd_train(args) -> int:
         k, v = kv.split("=", 1)
         d[k] = _parse_value(v)
     cfg = UniRecConfig.from_dict(d)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    from .models.config import PRESET_TRAINING
+    opt = {"lr": 2e-3, "weight_decay": 0.05, **PRESET_TRAINING.get(args.config, {})}
+    lr = args.lr if args.lr is not None else opt["lr"]
+    wd = args.weight_decay if args.weight_decay is not None else opt["weight_decay"]
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=wd,
                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
                      seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None)
     data = _data_spec(args)
@@ -236,6 +256,45 @@ def cmd_train(args) -> int:
     model = load_model(run_dir, impl=args.impl)
     split = leave_one_out(load_data(data))
     _print_top(split, *_top_for_user(model, split, args.user, 10))
+    return 0
+
+
+def _model_config(name: str):
+    """A preset by name or a UniRecConfig JSON file."""
+    from .models import UniRecConfig, preset
+    from .models.config import PRESETS
+    if name in PRESETS:
+        return preset(name)
+    path = Path(name)
+    if not path.exists():
+        raise SystemExit(f"--config {name!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+    return UniRecConfig.from_json(path.read_text())
+
+
+def cmd_tune(args) -> int:
+    from .training import TrainConfig
+    from .training.tune import DEFAULT_SPACE, format_trials, tune
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    space = dict(DEFAULT_SPACE)
+    if args.param:
+        space = {}
+        for kv in args.param:
+            if "=" not in kv:
+                raise SystemExit(f"--param expects FIELD=DIST, got {kv!r}")
+            k, v = kv.split("=", 1)
+            space[k] = v
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tc = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, device=device)
+    try:
+        result = tune(_data_spec(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(format_trials(result))
+    t = result["train"]
+    print(f"\nbest: trial {result['trial']}, validation NDCG@10 {result['valid_ndcg@10']:.4f}\n"
+          f"train it: unirec train --config {Path(args.out) / 'best_model_config.json'} "
+          f"--lr {t['lr']:.3g} --weight-decay {t['weight_decay']:.3g}")
     return 0
 
 
@@ -294,6 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return cmd_evaluate(args)
     if args.command == "recommend":
         return cmd_recommend(args)
+    if args.command == "tune":
+        return cmd_tune(args)
     if args.command == "serve":
         return cmd_serve(args)
     return cmd_data_info(args)

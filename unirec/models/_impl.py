@@ -5,6 +5,7 @@ _ACCEPTED = {
     "attention": ("auto", "cpp", "triton", "reference"),
     "loss": ("auto", "cpp", "triton", "reference"),
     "retrieval": ("auto", "cpp", "cuda", "reference"),
+    "dropout": ("auto", "cpp", "reference"),
 }
 MODEL_IMPLS = ("auto", "cpp", "cuda", "triton", "reference")
 

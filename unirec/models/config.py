@@ -23,7 +23,7 @@ class UniRecConfig:
 
     ``repeat_bias``: the score of an item the user has already interacted with gets a
     learned offset beta[bucket(d)], d = events since its last occurrence (bucket =
-    floor(log2(1 + d)), at most ``num_repeat_buckets - 1``), in training (inside the
+    floor(log2(1 + min(d, max_len - 1))), at most ``num_repeat_buckets - 1``), in training (inside the
     full-catalogue softmax) and in every ranking. It learns whether and how soon people
     come back to an item: strongly negative on data without repeats, positive on
     re-consumption data.
@@ -107,13 +107,23 @@ class UniRecConfig:
         return cls.from_dict(json.loads(text))
 
 
+# The presets carry the hyper-parameters `unirec tune` chose on MovieLens-100K validation NDCG@10
+# (24 trials each, docs/model-results.md); "hstu" shares the unified search's values.
+_TUNED_UNIFIED = dict(dim=96, num_blocks=3, max_len=50, dropout=0.146)
 PRESETS = {
     "unified": dict(use_item_features=True, use_rating=True, use_time=True, use_profile=True, attention="softmax",
-                    ranking_head=True, repeat_bias=True),
+                    ranking_head=True, repeat_bias=True, **_TUNED_UNIFIED),
     "sasrec": dict(use_item_features=False, use_rating=False, use_time=False, use_profile=False,
-                   attention="softmax", rel_bias=False, ranking_head=False, repeat_bias=False),
+                   attention="softmax", rel_bias=False, ranking_head=False, repeat_bias=False,
+                   dim=96, num_blocks=3, max_len=100, dropout=0.301),
     "hstu": dict(use_item_features=True, use_rating=True, use_time=True, use_profile=True, attention="silu",
-                 rel_bias=True, ranking_head=True, repeat_bias=True),
+                 rel_bias=True, ranking_head=True, repeat_bias=True, **_TUNED_UNIFIED),
+}
+# AdamW settings found by the same searches (TrainConfig fields).
+PRESET_TRAINING = {
+    "unified": dict(lr=2.38e-3, weight_decay=0.0771),
+    "sasrec": dict(lr=1.77e-3, weight_decay=0.0442),
+    "hstu": dict(lr=2.38e-3, weight_decay=0.0771),
 }
 
 

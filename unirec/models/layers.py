@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..nn import Dropout
 from ._impl import op_impl
 
 
@@ -30,7 +31,7 @@ class JaggedSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.attn_norm = nn.LayerNorm(dim) if activation == "silu" else None
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, max_seqlen)) if rel_bias else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, op_impl(impl, "dropout"))
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None):
         T = x.shape[0]
@@ -52,9 +53,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = JaggedSelfAttention(dim, num_heads, max_seqlen, activation, rel_bias, dropout, impl)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout),
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), Dropout(dropout, op_impl(impl, "dropout")),
                                  nn.Linear(ffn_mult * dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout, op_impl(impl, "dropout"))
 
     def forward(self, x, offsets, num_targets=None):
         x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..nn import Dropout
 from ._impl import op_impl
 from .config import UniRecConfig
 from .inputs import TokenBatch
@@ -57,9 +58,12 @@ def gather_bags(all_indices: torch.Tensor, all_offsets: torch.Tensor, num_tables
     return all_indices[pos], offsets
 
 
-def recency_bucket(distance: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """floor(log2(1 + d)) clipped to num_buckets - 1, for d >= 0 events back (0 = the latest event)."""
-    return torch.floor(torch.log2(1.0 + distance.double())).long().clamp(0, num_buckets - 1)
+def recency_bucket(distance: torch.Tensor, num_buckets: int, max_len: int) -> torch.Tensor:
+    """floor(log2(1 + min(d, max_len - 1))) clipped to num_buckets - 1, for d >= 0 events back (0 = the
+    latest event). Training sees distances up to max_len - 1 only (its window), so an item seen further
+    back shares the bucket of the window's far end instead of an offset that never trained."""
+    d = distance.clamp(0, max_len - 1).double()
+    return torch.floor(torch.log2(1.0 + d)).long().clamp(0, num_buckets - 1)
 
 
 def distinct_history(history_items: torch.Tensor, history_offsets: torch.Tensor):
@@ -84,6 +88,8 @@ def distinct_history(history_items: torch.Tensor, history_offsets: torch.Tensor)
 class UniRec(nn.Module):
     """The unified recommender (see the module docstring). Build with :meth:`from_dataset`,
     or ``UniRec(config)`` then ``load_state_dict`` (the bag buffers are in the state dict)."""
+
+    REPEAT_SCALE = 20.0
 
     def __init__(self, config: UniRecConfig):
         super().__init__()
@@ -114,12 +120,14 @@ class UniRec(nn.Module):
             if e is not None:
                 nn.init.normal_(e.weight, std=0.02)
         self.emb_norm = nn.LayerNorm(D)
-        self.emb_drop = nn.Dropout(c.dropout)
+        self.emb_drop = Dropout(c.dropout, op_impl(c.impl, "dropout"))
         self.blocks = nn.ModuleList(Block(D, c.num_heads, c.max_seqlen, c.ffn_mult, c.dropout, c.attention,
                                           c.rel_bias, c.impl) for _ in range(c.num_blocks))
         self.final_norm = nn.LayerNorm(D)
         self.rank_mlp = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 2)) if c.ranking_head else None
-        self.repeat_bias = nn.Parameter(torch.zeros(c.num_repeat_buckets)) if c.repeat_bias else None
+        # Stored as beta / REPEAT_SCALE: one offset shared by every user has to travel several units,
+        # and Adam's steps are about lr in the stored value whatever its scale.
+        self.repeat_raw = nn.Parameter(torch.zeros(c.num_repeat_buckets)) if c.repeat_bias else None
 
     # ------------------------------------------------------------------ construction
 
@@ -267,7 +275,7 @@ class UniRec(nn.Module):
         q = enc["hidden"][q_pos[keep]]
         tgt = tgt[keep]
         items = enc["item_rep"][1:]
-        if c.retrieval_loss == "full" and self.repeat_bias is not None:
+        if c.retrieval_loss == "full" and self.repeat_raw is not None:
             per_row = ops.softmax_cross_entropy(q, items.to(q.dtype), tgt - 1, reduction="none",
                                                 impl=op_impl(c.impl, "loss")).float()
             n_hist = int(keep[:enc["hist_pos"].numel()].sum())
@@ -320,7 +328,7 @@ class UniRec(nn.Module):
         i_ = ar.view(1, -1, 1)
         j_ = ar.view(1, 1, -1)
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
-        beta = self.repeat_bias[recency_bucket(i_ - j_, self.repeat_bias.numel()).clamp_min(0)]  # [1, L, L]
+        beta = self.repeat_offsets()[recency_bucket(i_ - j_, self.repeat_raw.numel(), self.config.max_len)]
         rows = valid & (nxt > 0)                                                 # tokens with a target
         z_t = (h * rep[nxt]).sum(-1)                                             # [B, L]
         lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
@@ -344,6 +352,10 @@ class UniRec(nn.Module):
 
     # ------------------------------------------------------------------ scoring (inference)
 
+    def repeat_offsets(self) -> Optional[torch.Tensor]:
+        """beta [num_repeat_buckets]: the score offset of a seen item by recency bucket (None without)."""
+        return None if self.repeat_raw is None else self.repeat_raw * self.REPEAT_SCALE
+
     def history_scores(self, queries: torch.Tensor, item_rep: torch.Tensor, history_items: torch.Tensor,
                        history_offsets: torch.Tensor):
         """Scores of each row's distinct history items, repeat offsets included.
@@ -353,8 +365,8 @@ class UniRec(nn.Module):
         """
         r, it, d = distinct_history(history_items, history_offsets)
         s = (queries[r].float() * item_rep[it].float()).sum(1)
-        if self.repeat_bias is not None:
-            s = s + self.repeat_bias.float()[recency_bucket(d, self.repeat_bias.numel())]
+        if self.repeat_raw is not None:
+            s = s + self.repeat_offsets().float()[recency_bucket(d, self.repeat_raw.numel(), self.config.max_len)]
         return r, it, s
 
     @torch.no_grad()
@@ -364,7 +376,7 @@ class UniRec(nn.Module):
         """score[b, c] = <queries[b], item_rep[items[b, c]]> (+ the repeat offset when items[b, c] is in row
         b's history). queries [B, D], items [B, C] 1-based; returns [B, C] float32."""
         s = torch.einsum("bd,bcd->bc", queries.float(), item_rep.float()[items])
-        if self.repeat_bias is not None and history_items is not None and history_items.numel():
+        if self.repeat_raw is not None and history_items is not None and history_items.numel():
             r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
             span = max(int(it.max()), int(items.max()) if items.numel() else 0) + 1
             keys = r * span + it                                           # sorted
@@ -389,7 +401,7 @@ class UniRec(nn.Module):
         items = item_rep[1:].float()
         has_hist = history_items is not None and history_items.numel() > 0
         ex = dict(exclude_offsets=history_offsets, exclude_indices=history_items - 1) if has_hist else {}
-        if exclude_history or self.repeat_bias is None or not has_hist:
+        if exclude_history or self.repeat_raw is None or not has_hist:
             vals, idx = ops.topk_scores(queries.float(), items, k, impl=impl, **(ex if exclude_history else {}))
             return vals, torch.where(idx >= 0, idx + 1, idx)
         vals, idx = ops.topk_scores(queries.float(), items, k, impl=impl, **ex)

@@ -1,4 +1,5 @@
 """Modules built on unirec.ops."""
+from .dropout import Dropout
 from .embedding import TableBatchedEmbedding
 
-__all__ = ["TableBatchedEmbedding"]
+__all__ = ["Dropout", "TableBatchedEmbedding"]

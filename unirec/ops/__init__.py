@@ -1,5 +1,6 @@
 """unirec's fused ops. Each takes ``impl=`` to pick a backend (see each family's module)."""
 from .attention import jagged_attention
+from .dropout import dropout
 from .embedding import embedding_bag, table_batched_embedding, tbe_backward_update_
 from .loss import softmax_cross_entropy
 from .retrieval import topk_scores
@@ -11,4 +12,5 @@ __all__ = [
     "jagged_attention",
     "topk_scores",
     "softmax_cross_entropy",
+    "dropout",
 ]

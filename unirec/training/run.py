@@ -70,8 +70,12 @@ def evaluate_run_model(model, split, batch_size: int = 256, device="cpu") -> dic
 
 
 def train_run(data: dict, model_cfg: UniRecConfig, train_cfg: TrainConfig, run_dir: Optional[Path] = None,
-              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Loads data, trains (or resumes), evaluates, writes the run folder; returns the metrics dict."""
+              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+              on_validation: Optional[Callable[[int, float], None]] = None, final_test: bool = True) -> dict:
+    """Loads data, trains (or resumes), evaluates, writes the run folder; returns the metrics dict.
+
+    ``on_validation(epoch, val_ndcg10)``: called after each validation (see ``Trainer.fit``).
+    ``final_test=False`` evaluates the best model on validation only (hyper-parameter search)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(data["source"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,14 +93,18 @@ def train_run(data: dict, model_cfg: UniRecConfig, train_cfg: TrainConfig, run_d
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
         f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
     trainer = Trainer(model, split, train_cfg, run_dir, progress=progress, log=log)
-    history = trainer.fit(resume=resume)
-    metrics = evaluate_run_model(model, split, train_cfg.eval_batch_size, train_cfg.device)
+    history = trainer.fit(resume=resume, on_validation=on_validation)
+    if final_test:
+        metrics = evaluate_run_model(model, split, train_cfg.eval_batch_size, train_cfg.device)
+    else:
+        metrics = {"valid": evaluate_model(model, TokenBuilder.for_config(split, model.config), "valid",
+                                           batch_size=train_cfg.eval_batch_size, device=train_cfg.device)}
     metrics.update(best_epoch=trainer.state["best_epoch"], epochs_run=trainer.state["epoch"],
                    stopped=trainer.state["stopped"], history=history,
                    train_seconds=sum(h["seconds"] for h in history), total_seconds=time.perf_counter() - t0,
                    protocol={"split": "leave-one-out by time", "ranking": "full catalogue", "ties": "pessimistic",
                              "valid_mask_history": True, "test_mask_history": True,
-                             "test_unmasked_mask_history": False, "like": f"rating >= {model.config.like_threshold}",
+                             "test_unmasked_mask_history": False if final_test else None, "like": f"rating >= {model.config.like_threshold}",
                              "selection": "best validation NDCG@10"})
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_history(history, run_dir / "training.png")

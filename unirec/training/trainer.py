@@ -130,9 +130,10 @@ class Trainer:
         return evaluate_model(self.model, self.builder, "valid", batch_size=self.tc.eval_batch_size,
                               device=self.tc.device)
 
-    def fit(self, resume: bool = False) -> List[dict]:
+    def fit(self, resume: bool = False, on_validation: Optional[Callable[[int, float], None]] = None) -> List[dict]:
         """Trains until ``epochs``, early stopping (``patience`` epochs without a better validation
-        NDCG@10) or ``time_budget_s``; leaves the best weights in the model."""
+        NDCG@10) or ``time_budget_s``; leaves the best weights in the model.
+        ``on_validation(epoch, val_ndcg10)`` is called after each validation (it may raise to stop)."""
         tc, st = self.tc, self.state
         if resume:
             if self.run_dir is None or not (self.run_dir / "last.pt").exists():
@@ -157,6 +158,8 @@ class Trainer:
                     st["bad_epochs"] += 1
                 self.log(f"epoch {e + 1}: val NDCG@10 {val['ndcg@10']:.4f} HR@10 {val['hr@10']:.4f} "
                          f"(best {st['best_ndcg']:.4f} at epoch {st['best_epoch']})")
+                if on_validation is not None:
+                    on_validation(e + 1, val["ndcg@10"])
             st["history"].append(rec)
             st["epoch"] = e + 1
             if st["bad_epochs"] >= tc.patience:
