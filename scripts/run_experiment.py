@@ -11,7 +11,7 @@ import os
 import sys
 
 from unirec.models import preset
-from unirec.models.config import PRESET_TRAINING
+from unirec.models.config import preset_training
 from unirec.training import TrainConfig, train_run
 
 out, name, seed, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -21,7 +21,7 @@ for a in sys.argv[5:]:
     v = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
     (to if k.startswith("train.") else mo)[k.removeprefix("train.")] = v
 root = os.environ.get("UNIREC_RUNS", "/tmp/model-runs")
-m = train_run({"source": "ml-100k"}, preset(name, **mo), TrainConfig(epochs=epochs, seed=seed, **{**PRESET_TRAINING.get(name, {}), **to}),
+m = train_run({"source": "ml-100k"}, preset(name, **mo), TrainConfig(epochs=epochs, seed=seed, **{**preset_training(name), **to}),
               run_dir=f"{root}/{out}", progress=False)
 t, u, v = m["test"], m["test_unmasked"], m["valid"]
 print("RESULT", json.dumps(dict(out=out, preset=name, seed=seed, over=mo, train=to, val_ndcg10=v["ndcg@10"],

@@ -222,6 +222,7 @@ def format_metrics(metrics: dict) -> str:
 def cmd_train(args) -> int:
     from .data import leave_one_out
     from .models import UniRecConfig
+    from .models.config import preset_training
     from .training import TrainConfig, load_data, load_model, train_run
     from .training.run import default_run_dir
 
@@ -239,8 +240,7 @@ def cmd_train(args) -> int:
         k, v = kv.split("=", 1)
         d[k] = _parse_value(v)
     cfg = UniRecConfig.from_dict(d)
-    from .models.config import PRESET_TRAINING
-    opt = {"lr": 2e-3, "weight_decay": 0.05, **PRESET_TRAINING.get(args.config, {})}
+    opt = preset_training(args.config)
     lr = args.lr if args.lr is not None else opt["lr"]
     wd = args.weight_decay if args.weight_decay is not None else opt["weight_decay"]
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=wd,
@@ -272,6 +272,7 @@ def _model_config(name: str):
 
 
 def cmd_tune(args) -> int:
+    from .models.config import preset_training
     from .training import TrainConfig
     from .training.tune import DEFAULT_SPACE, format_trials, tune
     if args.threads:
@@ -285,7 +286,8 @@ def cmd_tune(args) -> int:
             k, v = kv.split("=", 1)
             space[k] = v
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tc = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, device=device)
+    tc = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, device=device,
+                     **preset_training(args.config))
     try:
         result = tune(_data_spec(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
     except ValueError as exc:

@@ -127,6 +127,12 @@ PRESET_TRAINING = {
 }
 
 
+def preset_training(name: str) -> dict:
+    """{"lr", "weight_decay"} to train config ``name`` with: the preset's searched values, else
+    (a config file) 2e-3 and 0.05."""
+    return {"lr": 2e-3, "weight_decay": 0.05, **PRESET_TRAINING.get(name, {})}
+
+
 def preset(name: str, **overrides) -> UniRecConfig:
     """A named configuration ("unified", "sasrec" = the SASRec-equivalent baseline, "hstu") with overrides."""
     if name not in PRESETS:

@@ -313,7 +313,7 @@ class UniRec(nn.Module):
         items, off = batch.items, batch.offsets
         dev = items.device
         lens = torch.diff(off)
-        B, Lm = lens.numel(), int(lens.max()) if lens.numel() else 0
+        Lm = int(lens.max()) if lens.numel() else 0
         ar = torch.arange(Lm, device=dev)
         valid = ar.view(1, -1) < lens.view(-1, 1)                               # [B, L]
         idx = torch.where(valid, off[:-1].view(-1, 1) + ar.view(1, -1), 0)
@@ -397,14 +397,15 @@ class UniRec(nn.Module):
         compete with their repeat offsets (the best unseen k and every seen item, merged).
         Returns (scores [B, k] float32, items [B, k] int64 1-based; -inf / -1 past the catalogue).
         """
-        impl = op_impl(self.config.impl, "retrieval")
-        items = item_rep[1:].float()
         has_hist = history_items is not None and history_items.numel() > 0
-        ex = dict(exclude_offsets=history_offsets, exclude_indices=history_items - 1) if has_hist else {}
-        if exclude_history or self.repeat_raw is None or not has_hist:
-            vals, idx = ops.topk_scores(queries.float(), items, k, impl=impl, **(ex if exclude_history else {}))
+        # Seen items compete with their offsets: the best k unseen ones, then every seen one, merged.
+        merge = has_hist and not exclude_history and self.repeat_raw is not None
+        ex = dict(exclude_offsets=history_offsets, exclude_indices=history_items - 1) \
+            if has_hist and (exclude_history or merge) else {}
+        vals, idx = ops.topk_scores(queries.float(), item_rep[1:].float(), k,
+                                    impl=op_impl(self.config.impl, "retrieval"), **ex)
+        if not merge:
             return vals, torch.where(idx >= 0, idx + 1, idx)
-        vals, idx = ops.topk_scores(queries.float(), items, k, impl=impl, **ex)
         r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
         B = queries.shape[0]
         count = torch.bincount(r, minlength=B)
