@@ -58,7 +58,7 @@ def test_train_epoch(benchmark, impl, max_len):
     fn = _epoch_fn(split, base, impl, device)
     tokens = sum(int(min(n - 1, base.config.max_len)) for n in split.train_len if n >= 2)
     measure(benchmark, fn, device=device, group=f"train epoch ml-100k unified max_len {base.config.max_len}",
-            provider=f"unirec-{impl}", rounds=1 if device == "cpu" else 3, tokens_per_epoch=tokens)
+            provider=f"unirec-{impl}", rounds=3, tokens_per_epoch=tokens)
 
 
 def main():

@@ -45,13 +45,17 @@ TORCH_LIBRARY(unirec, m) {
 
   // ---- loss: full-catalogue softmax cross-entropy ----
   // hidden [M, D], items [N, D], targets [M] int64, item_bias [N] or None.
-  // Returns (loss_per_row [M], lse [M]), both float32 (float64 for float64
-  // inputs); rows whose target is ignore_index have loss 0.
+  // Returns (loss_per_row [M], lse [M], logit_grad), float32 (float64 for
+  // float64 inputs); rows whose target is ignore_index have loss 0. With
+  // keep_logit_grad (CPU kernel only) logit_grad is the [M, N] derivative of
+  // loss_per_row[i] by logit [i, j], for the backward to reuse; else [0, N].
   m.def("softmax_ce_fwd(Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, int ignore_index, "
-        "float label_smoothing) -> (Tensor loss_per_row, Tensor lse)");
-  // grad_loss [M] (float32/float64) -> (dhidden [M, D], ditems [N, D], dbias [N]) in the inputs' dtype.
+        "float label_smoothing, bool keep_logit_grad) -> (Tensor loss_per_row, Tensor lse, Tensor logit_grad)");
+  // grad_loss [M] (float32/float64), logit_grad from the forward or None (the
+  // logits are recomputed) -> (dhidden [M, D], ditems [N, D], dbias [N]) in the inputs' dtype.
   m.def("softmax_ce_bwd(Tensor grad_loss, Tensor hidden, Tensor items, Tensor targets, Tensor? item_bias, "
-        "Tensor lse, int ignore_index, float label_smoothing) -> (Tensor dhidden, Tensor ditems, Tensor dbias)");
+        "Tensor lse, Tensor? logit_grad, int ignore_index, float label_smoothing) "
+        "-> (Tensor dhidden, Tensor ditems, Tensor dbias)");
 
   // ---- dropout: counter-based Bernoulli masks ----
   // Element i is kept when the i-th 16-bit draw of SplitMix64(seed) is below

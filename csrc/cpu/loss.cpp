@@ -11,6 +11,13 @@
 // backward recomputes the block from lse). Each thread owns the rows of
 // ditems / dbias of its chunk; dhidden is summed over per-thread copies.
 // Extra memory: threads * (block + M * D) in the accumulation type.
+//
+// With keep_logit_grad the forward instead makes the whole [M, N] block of
+// logits one row block at a time (a block stays in cache from the GEMM to the
+// softmax), turns it into dz_ij / g_i in place and returns it; the backward is
+// then two GEMMs with g applied to the [M, D] side,
+//     dhidden = g * (dz/g @ items),  ditems = (dz/g)^T @ (g * hidden),
+// so a training step does three GEMMs over the catalogue instead of four.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -69,10 +76,55 @@ at::Tensor tile_of(const at::Tensor& items, at::Tensor& tbuf, int64_t t0, int64_
   return tbuf.defined() ? tbuf.narrow(0, 0, len).copy_(it) : it;
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_, const at::Tensor& items_,
-                                                      const at::Tensor& targets_,
-                                                      const std::optional<at::Tensor>& item_bias,
-                                                      int64_t ignore_index, double label_smoothing) {
+constexpr int64_t kKeepRowBlock = 64;
+
+// The logit gradient per unit of g: rows of softmax - (1 - eps) onehot - eps/N,
+// zero on ignored rows. Returns (loss, lse, that [M, N] tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_keep(const at::Tensor& h, const at::Tensor& items,
+                                                        const at::Tensor& bias, const at::Tensor& targets,
+                                                        int64_t ignore_index, double eps, const CeShape& s,
+                                                        at::TensorOptions aopt, double lowest) {
+  at::Tensor dz = at::empty({s.M, s.N}, aopt);
+  const at::Tensor valid = targets.ne(ignore_index);
+  const at::Tensor validf = valid.to(aopt.dtype()).unsqueeze(1);
+  const at::Tensor tsafe = at::where(valid, targets, at::zeros_like(targets)).unsqueeze(1);
+  at::Tensor lse = at::empty({s.M}, aopt), zt = at::empty({s.M}, aopt), zs = at::zeros({s.M}, aopt);
+  const bool smooth = eps > 0.0;
+  const int64_t nblocks = (s.M + kKeepRowBlock - 1) / kKeepRowBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t bbegin, int64_t bend) {
+    for (int64_t b = bbegin; b < bend; ++b) {
+      const int64_t r0 = b * kKeepRowBlock, rows = std::min(kKeepRowBlock, s.M - r0);
+      at::Tensor z = dz.narrow(0, r0, rows);
+      const at::Tensor hb = h.narrow(0, r0, rows);
+      if (bias.defined()) {
+        at::addmm_out(z, bias.unsqueeze(0), hb, items.t());
+      } else {
+        at::mm_out(z, hb, items.t());
+      }
+      const at::Tensor tb = tsafe.narrow(0, r0, rows), vb = validf.narrow(0, r0, rows);
+      zt.narrow(0, r0, rows).copy_(z.gather(1, tb).squeeze(1));
+      if (smooth) zs.narrow(0, r0, rows).copy_(z.sum(1));
+      // A row of -inf logits keeps sum 0: shift by a finite value.
+      const at::Tensor m = z.amax(1).clamp_min_(lowest);
+      z.sub_(m.unsqueeze(1)).exp_();
+      const at::Tensor sum = z.sum(1);
+      lse.narrow(0, r0, rows).copy_(sum.log().add_(m));
+      z.mul_(vb / sum.unsqueeze(1));
+      z.scatter_add_(1, tb, vb * -(1.0 - eps));
+      if (smooth) z.sub_(vb * (eps / static_cast<double>(s.N)));
+    }
+  });
+  at::Tensor l = lse - zt * (1.0 - eps);
+  if (smooth) l.sub_(zs, eps / static_cast<double>(s.N));
+  return {at::where(valid, l, at::zeros_like(l)), lse, dz};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_,
+                                                                  const at::Tensor& items_,
+                                                                  const at::Tensor& targets_,
+                                                                  const std::optional<at::Tensor>& item_bias,
+                                                                  int64_t ignore_index, double label_smoothing,
+                                                                  bool keep_logit_grad) {
   // Inner ATen calls must not record autograd: the inputs are detached (the
   // guard is thread-local and does not reach the pool's threads).
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -83,11 +135,16 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_,
   const auto aopt = hidden_.options().dtype(acc);
   at::Tensor loss = at::zeros({s.M}, aopt);
   at::Tensor lse = at::zeros({s.M}, aopt);
-  if (s.M == 0) return {loss, lse};
+  if (s.M == 0) return {loss, lse, at::empty({0, s.N}, aopt)};
   UNIREC_CHECK(s.N > 0, "items must have at least one row for a softmax over the catalogue");
   const at::Tensor h = hidden_.detach().to(acc).contiguous();
   const at::Tensor items = items_.detach().contiguous();
   const at::Tensor bias = s.bias ? item_bias->detach().to(acc).contiguous() : at::Tensor();
+  const double lowest = acc == at::kDouble ? std::numeric_limits<double>::lowest()
+                                           : static_cast<double>(std::numeric_limits<float>::lowest());
+  if (keep_logit_grad) {
+    return fwd_keep(h, items.to(acc), bias, targets, ignore_index, label_smoothing, s, aopt, lowest);
+  }
   const bool convert = items.scalar_type() != acc;
   const bool smooth = label_smoothing > 0.0;
   const Blocking bl = blocking(s.M, s.N);
@@ -95,8 +152,6 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_,
   at::Tensor cmax = at::full({bl.nchunks, s.M}, -std::numeric_limits<double>::infinity(), aopt);
   at::Tensor csum = at::zeros({bl.nchunks, s.M}, aopt);
   at::Tensor czs = at::zeros({bl.nchunks, s.M}, aopt);
-  const double lowest = acc == at::kDouble ? std::numeric_limits<double>::lowest()
-                                           : static_cast<double>(std::numeric_limits<float>::lowest());
 
   at::parallel_for(0, bl.nchunks, 1, [&](int64_t cbegin, int64_t cend) {
     at::Tensor buf = at::empty({kRowBlock * bl.tile}, aopt);
@@ -112,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_,
           at::Tensor m_run = cmax[c].narrow(0, r0, rows);
           at::Tensor s_run = csum[c].narrow(0, r0, rows);
           if (smooth) czs[c].narrow(0, r0, rows).add_(z.sum(1));
-          at::Tensor m_new = at::maximum(m_run, std::get<0>(z.max(1)));
+          at::Tensor m_new = at::maximum(m_run, z.amax(1));
           // A row of -inf logits so far keeps sum 0: shift by a finite value.
           at::Tensor shift = m_new.clamp_min(lowest);
           s_run.mul_((m_run - shift).exp_()).add_(z.sub_(shift.unsqueeze(1)).exp_().sum(1));
@@ -132,13 +187,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tensor& hidden_,
   at::Tensor l = lse - zt * (1.0 - label_smoothing);
   if (smooth) l.sub_(czs.sum(0), label_smoothing / static_cast<double>(s.N));
   loss.copy_(at::where(valid, l, at::zeros_like(l)));
-  return {loss, lse};
+  return {loss, lse, at::empty({0, s.N}, aopt)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& hidden_, const at::Tensor& items_, const at::Tensor& targets_,
-    const std::optional<at::Tensor>& item_bias, const at::Tensor& lse_, int64_t ignore_index,
-    double label_smoothing) {
+    const std::optional<at::Tensor>& item_bias, const at::Tensor& lse_,
+    const std::optional<at::Tensor>& logit_grad, int64_t ignore_index, double label_smoothing) {
   // Inner ATen calls must not record autograd: the inputs are detached (the
   // guard is thread-local and does not reach the pool's threads).
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -151,6 +206,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_bwd_cpu(
                " entries, got ", grad_loss.size(0), " and ", lse_.size(0));
   const at::Tensor targets = targets_.contiguous();
   check_targets(targets, s.N, ignore_index);
+  if (logit_grad.has_value()) {
+    const at::Tensor& dz = *logit_grad;
+    UNIREC_CHECK(dz.dim() == 2 && dz.size(0) == s.M && dz.size(1) == s.N && dz.scalar_type() == acc &&
+                     dz.is_contiguous(),
+                 "logit_grad must be the contiguous [M, N] = [", s.M, ", ", s.N, "] ", acc,
+                 " tensor of the forward, got ", dz.scalar_type(), " ", dz.sizes());
+    const at::Tensor valid = targets.ne(ignore_index);
+    const at::Tensor g = at::where(valid, grad_loss.detach().to(acc), at::zeros({}, aopt)).unsqueeze(1);
+    const at::Tensor items = items_.detach().to(acc);
+    const at::Tensor dh = at::mm(dz, items).mul_(g);
+    const at::Tensor di = at::mm(dz.t(), hidden_.detach().to(acc) * g);
+    const at::Tensor db = s.bias ? at::mv(dz.t(), g.squeeze(1)) : at::zeros({s.N}, aopt);
+    const auto dt = hidden_.scalar_type();
+    return {dh.to(dt), di.to(dt), db.to(dt)};
+  }
   at::Tensor dh_acc = at::zeros({s.M, s.D}, aopt);
   at::Tensor di_acc = at::zeros({s.N, s.D}, aopt);
   at::Tensor db_acc = at::zeros({s.N}, aopt);

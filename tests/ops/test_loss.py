@@ -19,6 +19,11 @@ def _impls(device):
     return ["cpp", "triton"] if device == "cpu" else ["auto", "triton"]
 
 
+def _keeps(impl, device):
+    """The C++ kernel with and without the kept logit gradient; one way elsewhere."""
+    return [True, False] if device == "cpu" and impl == "cpp" else [None]
+
+
 SHAPES = [(37, 100, 13), (1, 1, 1), (64, 257, 32), (20, 70, 100)]
 # On the GPU every block width / dtype compiles its own Triton kernels: two
 # widths (D 13 -> 16, D 100 -> 128) keep the file well under a minute there.
@@ -29,11 +34,12 @@ def _cases():
     for device in DEVICES:
         dev = device.values[0] if hasattr(device, "values") else device
         marks = device.marks if hasattr(device, "marks") else ()
-        for impl in ["cpp", "triton", "auto"]:
-            if (dev == "cpu" and impl == "auto") or (dev == "cuda" and impl == "cpp"):
+        # "cpp-recompute": the C++ kernel without the kept logit gradient.
+        for impl in ["cpp", "cpp-recompute", "triton", "auto"]:
+            if (dev == "cpu" and impl == "auto") or (dev == "cuda" and impl.startswith("cpp")):
                 continue
             for dtype in [torch.float32, torch.bfloat16, torch.float64]:
-                if dtype == torch.float64 and (impl != "cpp"):
+                if dtype == torch.float64 and not impl.startswith("cpp"):
                     continue
                 for shape in SHAPES if dev == "cpu" else CUDA_SHAPES:
                     yield pytest.param(dev, impl, dtype, shape, marks=marks,
@@ -76,7 +82,9 @@ def test_against_reference(device, impl, dtype, shape, bias, reduction, eps):
     h, e, b, t = _inputs(M, N, D, device, dtype, bias)
 
     def ours(h, e, t, b, reduction, eps):
-        return softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction, label_smoothing=eps, impl=impl)
+        keep = False if impl == "cpp-recompute" else None
+        return softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction, label_smoothing=eps,
+                                     impl=impl.split("-")[0], keep_logit_grad=keep)
 
     def ref64(h, e, t, b, reduction, eps):
         return softmax_cross_entropy_ref(h.double(), e.double(), t, None if b is None else b.double(), -100,
@@ -104,26 +112,34 @@ def test_against_reference(device, impl, dtype, shape, bias, reduction, eps):
 def test_all_rows_ignored(device, reduction):
     # The documented rule: an all-ignored batch gives loss 0 (torch: NaN for mean) and zero gradients.
     for impl in _impls(device) + ["reference"]:
-        h = torch.randn(5, 8, device=device, requires_grad=True)
-        e = torch.randn(30, 8, device=device, requires_grad=True)
-        t = torch.full((5,), -100, device=device)
-        loss = softmax_cross_entropy(h, e, t, reduction=reduction, impl=impl)
-        assert torch.equal(loss.detach(), torch.zeros_like(loss)), impl
-        loss.sum().backward()
-        assert (h.grad == 0).all() and (e.grad == 0).all(), impl
+        for keep in _keeps(impl, device):
+            h = torch.randn(5, 8, device=device, requires_grad=True)
+            e = torch.randn(30, 8, device=device, requires_grad=True)
+            t = torch.full((5,), -100, device=device)
+            loss = softmax_cross_entropy(h, e, t, reduction=reduction, impl=impl, keep_logit_grad=keep)
+            assert torch.equal(loss.detach(), torch.zeros_like(loss)), impl
+            loss.sum().backward()
+            assert (h.grad == 0).all() and (e.grad == 0).all(), impl
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_ignore_index_and_empty(device):
     for impl in _impls(device):
-        h, e = torch.randn(6, 8, device=device), torch.randn(30, 8, device=device)
-        t = torch.tensor([1, 7, 7, 29, 0, 7], device=device)
-        got = softmax_cross_entropy(h, e, t, ignore_index=7, impl=impl)
-        ref = F.cross_entropy(h @ e.T, t, ignore_index=7)
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-        empty = softmax_cross_entropy(h[:0], e, t[:0], impl=impl)
-        assert empty.item() == 0.0
-        assert softmax_cross_entropy(h[:0], e, t[:0], reduction="none", impl=impl).shape == (0,)
+        for keep in _keeps(impl, device):
+            h = torch.randn(6, 8, device=device, requires_grad=True)
+            e = torch.randn(30, 8, device=device)
+            t = torch.tensor([1, 7, 7, 29, 0, 7], device=device)
+            got = softmax_cross_entropy(h, e, t, ignore_index=7, impl=impl, keep_logit_grad=keep)
+            ref = F.cross_entropy(h @ e.T, t, ignore_index=7)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            got.backward()
+            want, = torch.autograd.grad(ref, h)
+            torch.testing.assert_close(h.grad, want, atol=1e-5, rtol=1e-5)
+            empty = softmax_cross_entropy(h[:0], e, t[:0], impl=impl, keep_logit_grad=keep)
+            assert empty.item() == 0.0
+            empty.backward()
+            assert softmax_cross_entropy(h[:0], e, t[:0], reduction="none", impl=impl,
+                                         keep_logit_grad=keep).shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,6 +168,8 @@ def test_bad_inputs(device):
     if device == "cuda":
         with pytest.raises(ValueError, match="device"):
             softmax_cross_entropy(h, e.cpu(), t)
+    with pytest.raises(ValueError, match="keep_logit_grad"):
+        softmax_cross_entropy(h, e, t, impl="reference", keep_logit_grad=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,11 +179,15 @@ def test_opcheck(device):
     b = torch.randn(40, device=device, requires_grad=True)
     t = torch.randint(0, 40, (9,), device=device)
     t[2] = -100
-    torch.library.opcheck(torch.ops.unirec.softmax_ce_fwd, (h, e, t, b, -100, 0.1))
-    torch.library.opcheck(torch.ops.unirec.softmax_ce_fwd, (h, e, t, None, -100, 0.0))
-    loss, lse = torch.ops.unirec.softmax_ce_fwd(h.detach(), e.detach(), t, b.detach(), -100, 0.1)
-    torch.library.opcheck(torch.ops.unirec.softmax_ce_bwd,
-                          (torch.randn_like(loss), h.detach(), e.detach(), t, b.detach(), lse, -100, 0.1))
+    keeps = [False, True] if device == "cpu" else [False]
+    for keep in keeps:
+        torch.library.opcheck(torch.ops.unirec.softmax_ce_fwd, (h, e, t, b, -100, 0.1, keep))
+        torch.library.opcheck(torch.ops.unirec.softmax_ce_fwd, (h, e, t, None, -100, 0.0, keep))
+        loss, lse, dz = torch.ops.unirec.softmax_ce_fwd(h.detach(), e.detach(), t, b.detach(), -100, 0.1, keep)
+        assert dz.shape == ((9 if keep else 0), 40)
+        torch.library.opcheck(torch.ops.unirec.softmax_ce_bwd,
+                              (torch.randn_like(loss), h.detach(), e.detach(), t, b.detach(), lse,
+                               dz if keep else None, -100, 0.1))
 
 
 def test_gradcheck_cpu():
@@ -174,6 +196,29 @@ def test_gradcheck_cpu():
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 3, -100, 10, 3, 5])
     for reduction, eps in [("mean", 0.0), ("none", 0.2)]:
-        torch.autograd.gradcheck(
-            lambda h, e, b: softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction, label_smoothing=eps,
-                                                  impl="cpp"), (h, e, b))
+        for keep in (True, False):
+            torch.autograd.gradcheck(
+                lambda h, e, b: softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction,
+                                                      label_smoothing=eps, impl="cpp", keep_logit_grad=keep),
+                (h, e, b))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_torch_compile_aot(keep):
+    # aot_eager traces the op through its fake kernel and autograd formula (the kept
+    # [M, N] logit gradient is an op output there), then runs the real kernels.
+    h = torch.randn(10, 6, requires_grad=True)
+    e = torch.randn(25, 6, requires_grad=True)
+    t = torch.randint(0, 25, (10,))
+    t[3] = -100
+
+    def f(h, e):
+        return softmax_cross_entropy(h, e, t, impl="cpp", keep_logit_grad=keep, reduction="none").square().sum()
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(h, e)
+    g_got = torch.autograd.grad(got, (h, e))
+    want = softmax_cross_entropy_ref(h, e, t, reduction="none").square().sum()
+    g_want = torch.autograd.grad(want, (h, e))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

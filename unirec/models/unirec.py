@@ -41,6 +41,12 @@ def _tbe_impl(impl: str) -> str:
     return op_impl(impl, "embedding")
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an integer index of any shape, via index_select: its backward is an index_add,
+    several times faster on CPU than the index_put of advanced indexing."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
 def gather_bags(all_indices: torch.Tensor, all_offsets: torch.Tensor, num_tables: int, num_rows: int,
                 ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Bags of entities ``ids`` [B] from a feature-major layout over all ``num_rows`` entities.
@@ -218,8 +224,8 @@ class UniRec(nn.Module):
         hist_pos = offsets[user_of_h] + P + j_h
         cand_pos = offsets[user_of_c] + P + hl[user_of_c] + j_c
 
-        h = item_rep[batch.items]
-        ct = item_rep[batch.cand_items] + self.cand_emb
+        h = take_rows(item_rep, batch.items)
+        ct = take_rows(item_rep, batch.cand_items) + self.cand_emb
         if self.rating_emb is not None:
             h = h + self.rating_emb(self._rating_levels(batch.ratings, L, dev))
             ct = ct + self.rating_emb.weight[c.rating_levels + 1]
@@ -238,7 +244,7 @@ class UniRec(nn.Module):
         tokens = torch.cat(parts)
         perm = torch.empty_like(torch.cat(dest))
         perm[torch.cat(dest)] = torch.arange(perm.numel(), device=dev)
-        x = self.emb_drop(self.emb_norm(tokens[perm]))
+        x = self.emb_drop(self.emb_norm(take_rows(tokens, perm)))
         num_targets = cl if C else None
         for blk in self.blocks:
             x = blk(x, offsets, num_targets)
@@ -253,8 +259,8 @@ class UniRec(nn.Module):
         """(rating [C], like_logit [C]) of the candidates; None when there is no ranking head."""
         if self.rank_mlp is None:
             return None
-        hc = enc["hidden"][enc["cand_pos"]]
-        ic = enc["item_rep"][cand_items].to(hc.dtype)
+        hc = take_rows(enc["hidden"], enc["cand_pos"])
+        ic = take_rows(enc["item_rep"], cand_items).to(hc.dtype)
         out = self.rank_mlp(torch.cat([hc, hc * ic], 1)).float()
         mid = 0.5 * (self.config.rating_min + self.config.rating_max)
         return mid + out[:, 0], out[:, 1]
@@ -272,7 +278,7 @@ class UniRec(nn.Module):
             tgt.append(batch.first_items)
         q_pos, tgt = torch.cat(q_pos), torch.cat(tgt)
         keep = tgt > 0
-        q = enc["hidden"][q_pos[keep]]
+        q = take_rows(enc["hidden"], q_pos[keep])
         tgt = tgt[keep]
         items = enc["item_rep"][1:]
         if c.retrieval_loss == "full" and self.repeat_raw is not None:
@@ -319,9 +325,9 @@ class UniRec(nn.Module):
         idx = torch.where(valid, off[:-1].view(-1, 1) + ar.view(1, -1), 0)
         it = torch.where(valid, items[idx], 0)                                   # [B, L], 0 = padding
         nxt = torch.where(valid, batch.next_items[idx], 0)
-        h = enc["hidden"][enc["hist_pos"][idx]].float()                         # [B, L, D]
+        h = take_rows(enc["hidden"], enc["hist_pos"][idx]).float()                         # [B, L, D]
         rep = enc["item_rep"].float()
-        z = torch.bmm(h, rep[it].transpose(1, 2))                               # z[b, i, j] = <h_bi, e_it[b, j]>
+        z = torch.bmm(h, take_rows(rep, it).transpose(1, 2))                               # z[b, i, j] = <h_bi, e_it[b, j]>
         # (i, j) counts when j <= i and the item at j does not occur again in (j, i].
         same = (it.unsqueeze(2) == it.unsqueeze(1)) & (ar.view(1, 1, -1) > ar.view(1, -1, 1))  # [b, j, k]: k > j
         next_occ = torch.where(same, ar.view(1, 1, -1), Lm).amin(2)             # [B, L] next position of it[b, j]
@@ -330,7 +336,7 @@ class UniRec(nn.Module):
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
         beta = self.repeat_offsets()[recency_bucket(i_ - j_, self.repeat_raw.numel(), self.config.max_len)]
         rows = valid & (nxt > 0)                                                 # tokens with a target
-        z_t = (h * rep[nxt]).sum(-1)                                             # [B, L]
+        z_t = (h * take_rows(rep, nxt)).sum(-1)                                             # [B, L]
         lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
         p = torch.exp((z - lse.unsqueeze(2)).clamp(max=0.0)) * pair
         mass = (p * torch.expm1(beta)).sum(2)                                   # sum_j p_ij (e^beta - 1)

@@ -4,6 +4,13 @@ Compiled ops: ``torch.ops.unirec.softmax_ce_fwd`` / ``softmax_ce_bwd``. On CPU
 tensors they run the C++ kernels (csrc/cpu/loss.cpp); on CUDA tensors the
 Triton kernels of ``unirec.ops.triton.loss``, registered here as the ops' CUDA
 kernels (triton is imported on first use only).
+
+The CPU kernel has two ways. For a catalogue too large to hold [M, N] floats it
+never stores logits and recomputes them in the backward (four GEMMs over the
+catalogue per step). When [M, N] fits (``KEEP_LOGIT_GRAD_MAX``) the forward
+keeps the logit gradient it has already made, and the backward is two GEMMs:
+three in all, the least a step can do, with one pass over the logits instead
+of the several of log_softmax + nll and their backwards.
 """
 from typing import Optional
 
@@ -13,17 +20,21 @@ from .reference.loss import softmax_cross_entropy_ref
 
 IMPLS = ("auto", "cpp", "triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+# The CPU kernel keeps the [M, N] logit gradient from the forward (one GEMM
+# fewer in the backward) when it has at most this many entries (128 MB float32).
+KEEP_LOGIT_GRAD_MAX = 1 << 25
 
 
 @torch.library.register_fake("unirec::softmax_ce_fwd")
-def _fwd_fake(hidden, items, targets, item_bias, ignore_index, label_smoothing):
+def _fwd_fake(hidden, items, targets, item_bias, ignore_index, label_smoothing, keep_logit_grad):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    M = hidden.shape[0]
-    return hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc)
+    M, N = hidden.shape[0], items.shape[0]
+    return (hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc),
+            hidden.new_empty(M if keep_logit_grad else 0, N, dtype=acc))
 
 
 @torch.library.register_fake("unirec::softmax_ce_bwd")
-def _bwd_fake(grad_loss, hidden, items, targets, item_bias, lse, ignore_index, label_smoothing):
+def _bwd_fake(grad_loss, hidden, items, targets, item_bias, lse, logit_grad, ignore_index, label_smoothing):
     return torch.empty_like(hidden), torch.empty_like(items), items.new_empty(items.shape[0])
 
 
@@ -60,17 +71,22 @@ def _check_args(hidden, items, targets, item_bias, ignore_index, label_smoothing
                              f"and is not ignore_index ({ignore_index})")
 
 
-def _fwd_triton(hidden, items, targets, item_bias, ignore_index, label_smoothing):
+def _fwd_triton(hidden, items, targets, item_bias, ignore_index, label_smoothing, keep_logit_grad=False):
     from .triton.loss import softmax_ce_fwd_triton
 
     _check_args(hidden, items, targets, item_bias, ignore_index, label_smoothing)
-    return softmax_ce_fwd_triton(hidden, items, targets, item_bias, ignore_index, label_smoothing)
+    if keep_logit_grad:
+        raise ValueError("keep_logit_grad is for the CPU kernel; the Triton kernels always recompute the logits")
+    loss, lse = softmax_ce_fwd_triton(hidden, items, targets, item_bias, ignore_index, label_smoothing)
+    return loss, lse, lse.new_empty(0, items.shape[0])
 
 
-def _bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ignore_index, label_smoothing):
+def _bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, logit_grad, ignore_index, label_smoothing):
     from .triton.loss import softmax_ce_bwd_triton
 
     _check_args(hidden, items, targets, item_bias, ignore_index, label_smoothing, check_values=False)
+    if logit_grad is not None:
+        raise ValueError("logit_grad is for the CPU kernel; the Triton kernels always recompute the logits")
     return softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ignore_index, label_smoothing)
 
 
@@ -79,19 +95,23 @@ torch.library.register_kernel("unirec::softmax_ce_bwd", "cuda", _bwd_triton)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, items, targets, item_bias, ignore_index, label_smoothing = inputs
+    hidden, items, targets, item_bias, ignore_index, label_smoothing, keep_logit_grad = inputs
     ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
-    ctx.has_bias = item_bias is not None
-    ctx.save_for_backward(hidden, items, targets, item_bias, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.has_bias, ctx.keep = item_bias is not None, keep_logit_grad
+    ctx.save_for_backward(hidden, items, targets, item_bias, output[1], output[2] if keep_logit_grad else None)
+    ctx.mark_non_differentiable(output[1], output[2])
+    # Undefined gradients stay None: no [M, N] of zeros for logit_grad.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    hidden, items, targets, item_bias, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, grad_logit_grad):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    hidden, items, targets, item_bias, lse, logit_grad = ctx.saved_tensors
     dh, de, db = torch.ops.unirec.softmax_ce_bwd(grad_loss.contiguous(), hidden, items, targets, item_bias, lse,
-                                                 ctx.ignore_index, ctx.label_smoothing)
+                                                 logit_grad, ctx.ignore_index, ctx.label_smoothing)
     return (dh if ctx.needs_input_grad[0] else None, de if ctx.needs_input_grad[1] else None, None,
-            db if ctx.has_bias and ctx.needs_input_grad[3] else None, None, None)
+            db if ctx.has_bias and ctx.needs_input_grad[3] else None, None, None, None)
 
 
 torch.library.register_autograd("unirec::softmax_ce_fwd", _backward, setup_context=_setup_context)
@@ -102,7 +122,7 @@ class _TritonCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, items, targets, item_bias, ignore_index, label_smoothing):
-        loss, lse = _fwd_triton(hidden, items, targets, item_bias, ignore_index, label_smoothing)
+        loss, lse, _ = _fwd_triton(hidden, items, targets, item_bias, ignore_index, label_smoothing)
         ctx.save_for_backward(hidden, items, targets, item_bias, lse)
         ctx.args = (ignore_index, label_smoothing, item_bias is not None)
         ctx.mark_non_differentiable(lse)
@@ -112,8 +132,8 @@ class _TritonCE(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         hidden, items, targets, item_bias, lse = ctx.saved_tensors
         ignore_index, label_smoothing, has_bias = ctx.args
-        dh, de, db = _bwd_triton(grad_loss.contiguous(), hidden, items, targets, item_bias, lse, ignore_index,
-                                 label_smoothing)
+        dh, de, db = _bwd_triton(grad_loss.contiguous(), hidden, items, targets, item_bias, lse, None,
+                                 ignore_index, label_smoothing)
         return dh, de, None, db if has_bias else None, None, None
 
 
@@ -127,6 +147,7 @@ def softmax_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     impl: str = "auto",
+    keep_logit_grad: Optional[bool] = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy over the whole catalogue, never storing the logits.
 
@@ -148,6 +169,11 @@ def softmax_cross_entropy(
         item_bias: optional [N], hidden's dtype.
         impl: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "cpp",
             "triton" (on CPU tensors under TRITON_INTERPRET=1), "reference".
+        keep_logit_grad: C++ kernel only. True keeps the [M, N] logit
+            gradient from the forward for the backward: three GEMMs over the
+            catalogue per step instead of four, for M * N floats of memory.
+            None (default) keeps it when M * N <= KEEP_LOGIT_GRAD_MAX and
+            the rows need a gradient. The Triton kernels always recompute.
 
     Returns:
         A scalar (or [M] for reduction="none") in hidden's dtype, differentiable
@@ -157,15 +183,23 @@ def softmax_cross_entropy(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    on_cpp = impl == "cpp" or (impl == "auto" and hidden.device.type == "cpu")
+    if keep_logit_grad and not on_cpp:
+        raise ValueError(f"keep_logit_grad=True needs the C++ kernel (CPU tensors, impl 'auto' or 'cpp'), "
+                         f"got impl={impl!r} on {hidden.device}")
     if impl == "reference":
         return softmax_cross_entropy_ref(hidden, items, targets, item_bias, ignore_index, reduction, label_smoothing)
     if impl == "cpp" and hidden.device.type != "cpu":
         raise ValueError(f"impl='cpp' runs on CPU tensors, but hidden is on {hidden.device}")
+    if keep_logit_grad is None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, items, item_bias))
+        keep_logit_grad = on_cpp and needs_grad and hidden.shape[0] * items.shape[0] <= KEEP_LOGIT_GRAD_MAX
     if impl == "triton":
         per_row, _ = _TritonCE.apply(hidden, items, targets, item_bias, int(ignore_index), float(label_smoothing))
     else:
-        per_row, _ = torch.ops.unirec.softmax_ce_fwd(hidden, items, targets, item_bias, int(ignore_index),
-                                                     float(label_smoothing))
+        per_row, _, _ = torch.ops.unirec.softmax_ce_fwd(hidden, items, targets, item_bias, int(ignore_index),
+                                                        float(label_smoothing), bool(keep_logit_grad))
     if reduction == "none":
         out = per_row
     elif reduction == "sum":
