@@ -48,8 +48,10 @@ constexpr int kTile = attn_base::kBK;
 constexpr double kSerialWork = 64.0 * 64.0 * 4;  // sum over items of L^2 below which one thread does all
 static_assert(attn_base::kBK == attn_base::kBQ, "copy-in pads to one tile size");
 
+// Head dims the kernels are compiled for; 48 and 96 are common (dim 96 or 192
+// over 2 heads) and would waste a third of the work padded to 64 / 128.
 int padded_dim(int64_t D) {
-  for (int p : {16, 32, 64, 128}) if (D <= p) return p;
+  for (int p : {16, 32, 48, 64, 96, 128}) if (D <= p) return p;
   return 256;
 }
 

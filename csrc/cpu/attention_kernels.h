@@ -354,7 +354,9 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
     switch (DP) {                                                                                                \
       case 16: return fwd_seq<T, 16>(a, Qs, Ktb, V, O, lse, S);                                                  \
       case 32: return fwd_seq<T, 32>(a, Qs, Ktb, V, O, lse, S);                                                  \
+      case 48: return fwd_seq<T, 48>(a, Qs, Ktb, V, O, lse, S);                                                  \
       case 64: return fwd_seq<T, 64>(a, Qs, Ktb, V, O, lse, S);                                                  \
+      case 96: return fwd_seq<T, 96>(a, Qs, Ktb, V, O, lse, S);                                                  \
       case 128: return fwd_seq<T, 128>(a, Qs, Ktb, V, O, lse, S);                                                \
       default: return fwd_seq<T, 256>(a, Qs, Ktb, V, O, lse, S);                                                 \
     }                                                                                                            \
@@ -364,7 +366,9 @@ void bwd_seq(const SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T
     switch (DP) {                                                                                                \
       case 16: return bwd_seq<T, 16>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
       case 32: return bwd_seq<T, 32>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 48: return bwd_seq<T, 48>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
       case 64: return bwd_seq<T, 64>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
+      case 96: return bwd_seq<T, 96>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);            \
       case 128: return bwd_seq<T, 128>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);          \
       default: return bwd_seq<T, 256>(a, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);           \
     }                                                                                                            \

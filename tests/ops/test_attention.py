@@ -70,7 +70,7 @@ def test_matches_reference(device, activation, causal, targets, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("D", [16, 24, 32, 64])
+@pytest.mark.parametrize("D", [16, 24, 32, 40, 48, 64, 96])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_head_dims(device, D, activation):
     H = 5  # not a power of two
