@@ -72,7 +72,8 @@ at::Tensor dropout_cpu(const at::Tensor& input_, int64_t threshold, int64_t seed
         const uint64_t key = mix64(state + (ctr >> 32) * kGolden);
         const uint32_t c0 = static_cast<uint32_t>(ctr), k0 = static_cast<uint32_t>(key),
                        k1 = static_cast<uint32_t>(key >> 32);
-        const int64_t i0 = q * kChunk, m = std::min(kChunk, n - i0);
+        const int64_t i0 = q * kChunk;
+        const int m = static_cast<int>(std::min<int64_t>(kChunk, n - i0));
         if (avx2) {
           drop_avx2::dropout_chunk<scalar_t, acc_t>(x + i0, o + i0, m, c0, k0, k1, thr, scale);
         } else {
