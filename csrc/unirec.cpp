@@ -58,10 +58,13 @@ TORCH_LIBRARY(unirec, m) {
         "-> (Tensor dhidden, Tensor ditems, Tensor dbias)");
 
   // ---- dropout: counter-based Bernoulli masks ----
-  // Element i is kept when the i-th 16-bit draw of SplitMix64(seed) is below
-  // threshold (keep = threshold / 65536). Returns (out, mask) shaped like
-  // input, in its dtype: mask_i = kept ? 1 / keep : 0 and out = input * mask.
-  m.def("dropout_fwd(Tensor input, int threshold, int seed) -> (Tensor out, Tensor mask)");
+  // out_i = input_i * (draw_i < threshold ? 65536 / threshold : 0), keep =
+  // threshold / 65536, shaped like input, in its dtype (bfloat16/float16
+  // computed in float). draw_i is a 16-bit value, a pure function of (seed, i):
+  // half of a keyed 32-bit hash of a counter (reference/dropout.py defines it).
+  // The backward is this op on the gradient with the same (threshold, seed):
+  // the mask is regenerated, never stored.
+  m.def("dropout(Tensor input, int threshold, int seed) -> Tensor");
 }
 
 namespace {

@@ -1,47 +1,48 @@
 """Dropout with a counter-based mask generator on the CPU.
 
-Compiled op: ``torch.ops.unirec.dropout_fwd`` (csrc/cpu/dropout.cpp): mask and output in one pass;
-the backward is grad * mask. On CUDA tensors ``impl="auto"`` uses torch's own dropout, already a
-fused Philox kernel.
+Compiled op: ``torch.ops.unirec.dropout(input, threshold, seed)`` (csrc/cpu/dropout.cpp):
+input * mask * 65536 / threshold in one pass, the mask a pure function of (seed, element index). The
+backward is the same op on the incoming gradient with the same (threshold, seed): the mask is
+regenerated, never stored. On CUDA tensors ``impl="auto"`` uses torch's own dropout, already a fused
+Philox kernel.
 """
 import torch
 import torch.nn.functional as F
 
-from .reference.dropout import dropout_mask_ref
+from .reference.dropout import dropout_mask_ref, dropout_ref
 
 IMPLS = ("auto", "cpp", "reference")
 _BITS = 65536  # the mask compares 16-bit draws
 
 
-@torch.library.register_fake("unirec::dropout_fwd")
-def _fwd_fake(input, threshold, seed):
-    like = lambda: torch.empty_like(input, memory_format=torch.contiguous_format)  # noqa: E731
-    return like(), like()
+@torch.library.register_fake("unirec::dropout")
+def _dropout_fake(input, threshold, seed):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+    _, ctx.threshold, ctx.seed = inputs
 
 
-def _backward(ctx, grad_out, grad_mask):
-    (mask,) = ctx.saved_tensors
-    return grad_out * mask, None, None
+def _backward(ctx, grad_out):
+    # d(x * m * s)/dx = m * s: the op itself, on the gradient, under the same seed.
+    return torch.ops.unirec.dropout(grad_out, ctx.threshold, ctx.seed), None, None
 
 
-torch.library.register_autograd("unirec::dropout_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("unirec::dropout", _backward, setup_context=_setup_context)
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, impl: str = "auto") -> torch.Tensor:
     """out = x * m / keep with m_i ~ Bernoulli(keep), keep = 1 - p (rounded to a multiple of 2^-16),
     in training; x unchanged otherwise.
 
-    The mask comes from SplitMix64 counters under a seed drawn from torch's default CPU generator, so
-    ``torch.manual_seed`` makes runs repeat. Gradient: grad * m / keep.
+    On CPU tensors the mask comes from a counter-based hash under a seed drawn from torch's default
+    CPU generator, so ``torch.manual_seed`` makes runs repeat (definition: ``dropout_mask_ref``).
+    Gradient: grad * m / keep, with the mask regenerated from the seed.
 
     Args:
         x: any shape, a floating dtype. p: drop probability in [0, 1].
-        impl: "auto" (the C++ mask on CPU tensors, ``F.dropout`` elsewhere), "cpp" (CPU only),
+        impl: "auto" (the C++ kernel on CPU tensors, ``F.dropout`` elsewhere), "cpp" (CPU only),
             "reference" (``F.dropout``).
     """
     if impl not in IMPLS:
@@ -58,7 +59,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, impl: str
     if threshold == 0:
         return x * 0.0
     seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    return torch.ops.unirec.dropout_fwd(x, threshold, seed)[0]
+    return torch.ops.unirec.dropout(x, threshold, seed)
 
 
-__all__ = ["dropout", "dropout_mask_ref"]
+__all__ = ["dropout", "dropout_mask_ref", "dropout_ref"]

@@ -1,6 +1,6 @@
 """Pure-PyTorch definitions of every op: what the fast kernels must compute."""
 from .attention import jagged_attention_mask, jagged_attention_ref
-from .dropout import dropout_mask_ref
+from .dropout import dropout_mask_ref, dropout_ref
 from .embedding import embedding_bag_ref, tbe_forward_ref
 from .loss import softmax_cross_entropy_ref
 from .retrieval import topk_scores_ref
@@ -13,4 +13,5 @@ __all__ = [
     "topk_scores_ref",
     "softmax_cross_entropy_ref",
     "dropout_mask_ref",
+    "dropout_ref",
 ]
