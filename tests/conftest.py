@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A small synthetic data set and model for the command-line and serving tests.
+SYNTHETIC = ["--data", "synthetic", "--synthetic-users", "60", "--synthetic-items", "80", "--synthetic-length", "12"]
+TINY_MODEL = ["--dim", "16", "--blocks", "1", "--batch-size", "32", "--no-progress", "--set", "num_rank_candidates=2"]
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 

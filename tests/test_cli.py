@@ -6,14 +6,13 @@ import torch
 
 from unirec.cli import build_parser, main
 
-SYN = ["--data", "synthetic", "--synthetic-users", "60", "--synthetic-items", "80", "--synthetic-length", "12"]
+from conftest import SYNTHETIC, TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", *SYN, "--epochs", "2", "--dim", "16", "--blocks", "1", "--max-len", "16",
-                 "--batch-size", "32", "--out", str(out), "--no-progress", "--set", "num_rank_candidates=2"]) == 0
+    assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "2", "--max-len", "16", "--out", str(out)]) == 0
     return out
 
 
@@ -28,7 +27,7 @@ def test_train_writes_run_and_prints_table_and_top10(run_dir, capsys):
 
 
 def test_train_output(tmp_path, capsys):
-    assert main(["train", *SYN, "--epochs", "1", "--dim", "16", "--blocks", "1", "--max-len", "16",
+    assert main(["train", *SYNTHETIC, "--epochs", "1", "--dim", "16", "--blocks", "1", "--max-len", "16",
                  "--config", "sasrec", "--out", str(tmp_path / "r"), "--no-progress", "--user", "u3"]) == 0
     out = capsys.readouterr().out
     assert "ndcg@10" in out and "test unmasked" in out and "popularity" in out
@@ -51,7 +50,7 @@ def test_evaluate_and_recommend(run_dir, capsys):
 
 
 def test_data_info(capsys):
-    assert main(["data", "info", *SYN]) == 0
+    assert main(["data", "info", *SYNTHETIC]) == 0
     assert "users 60" in capsys.readouterr().out
 
 

@@ -28,7 +28,8 @@ from unirec.models import TokenBuilder, time_buckets  # noqa: E402
 from unirec.serving import (EventStore, History, MicroBatcher, RecommendJob, Recommender, create_app,  # noqa: E402
                             gap_buckets, live_token_batch, load_run, split_history)
 
-SYN = ["--data", "synthetic", "--synthetic-users", "60", "--synthetic-items", "80", "--synthetic-length", "12"]
+from conftest import SYNTHETIC, TINY_MODEL  # noqa: E402
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -36,8 +37,7 @@ ROOT = Path(__file__).parents[1]
 def run_dir(tmp_path_factory):
     # max_len 8 < most users' 12 events: the window truncation is exercised
     out = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", *SYN, "--epochs", "1", "--dim", "16", "--blocks", "1", "--max-len", "8",
-                 "--batch-size", "32", "--out", str(out), "--no-progress", "--set", "num_rank_candidates=2"]) == 0
+    assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--max-len", "8", "--out", str(out)]) == 0
     return out
 
 

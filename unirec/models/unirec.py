@@ -325,9 +325,9 @@ class UniRec(nn.Module):
         idx = torch.where(valid, off[:-1].view(-1, 1) + ar.view(1, -1), 0)
         it = torch.where(valid, items[idx], 0)                                   # [B, L], 0 = padding
         nxt = torch.where(valid, batch.next_items[idx], 0)
-        h = take_rows(enc["hidden"], enc["hist_pos"][idx]).float()                         # [B, L, D]
+        h = take_rows(enc["hidden"], enc["hist_pos"][idx]).float()              # [B, L, D]
         rep = enc["item_rep"].float()
-        z = torch.bmm(h, take_rows(rep, it).transpose(1, 2))                               # z[b, i, j] = <h_bi, e_it[b, j]>
+        z = torch.bmm(h, take_rows(rep, it).transpose(1, 2))                    # z[b, i, j] = <h_bi, e_it[b, j]>
         # (i, j) counts when j <= i and the item at j does not occur again in (j, i].
         same = (it.unsqueeze(2) == it.unsqueeze(1)) & (ar.view(1, 1, -1) > ar.view(1, -1, 1))  # [b, j, k]: k > j
         next_occ = torch.where(same, ar.view(1, 1, -1), Lm).amin(2)             # [B, L] next position of it[b, j]
@@ -336,7 +336,7 @@ class UniRec(nn.Module):
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
         beta = self.repeat_offsets()[recency_bucket(i_ - j_, self.repeat_raw.numel(), self.config.max_len)]
         rows = valid & (nxt > 0)                                                 # tokens with a target
-        z_t = (h * take_rows(rep, nxt)).sum(-1)                                             # [B, L]
+        z_t = (h * take_rows(rep, nxt)).sum(-1)                                 # [B, L]
         lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
         p = torch.exp((z - lse.unsqueeze(2)).clamp(max=0.0)) * pair
         mass = (p * torch.expm1(beta)).sum(2)                                   # sum_j p_ij (e^beta - 1)

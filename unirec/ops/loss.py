@@ -97,7 +97,7 @@ torch.library.register_kernel("unirec::softmax_ce_bwd", "cuda", _bwd_triton)
 def _setup_context(ctx, inputs, output):
     hidden, items, targets, item_bias, ignore_index, label_smoothing, keep_logit_grad = inputs
     ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
-    ctx.has_bias, ctx.keep = item_bias is not None, keep_logit_grad
+    ctx.has_bias = item_bias is not None
     ctx.save_for_backward(hidden, items, targets, item_bias, output[1], output[2] if keep_logit_grad else None)
     ctx.mark_non_differentiable(output[1], output[2])
     # Undefined gradients stay None: no [M, N] of zeros for logit_grad.
@@ -149,7 +149,7 @@ def softmax_cross_entropy(
     impl: str = "auto",
     keep_logit_grad: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Softmax cross-entropy over the whole catalogue, never storing the logits.
+    """Softmax cross-entropy over the whole catalogue, its logits made block by block, never stored.
 
     With z_ij = <hidden_i, items_j> + item_bias_j, lse_i = log sum_j exp(z_ij)
     and eps = label_smoothing,
