@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "unirec/cpu_features.h"
+
 namespace py = pybind11;
 
 TORCH_LIBRARY(unirec, m) {
@@ -96,6 +98,7 @@ py::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  info["cpu_isa"] = std::string(unirec::cpu_isa_name(unirec::cpu_isa()));
   info["threads"] = at::get_num_threads();
   info["parallel"] = at::get_parallel_info();
   return info;

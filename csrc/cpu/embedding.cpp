@@ -24,13 +24,22 @@
 #include "unirec/embedding.h"
 
 namespace unirec {
+namespace emb_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+constexpr int kWidestBlock = 128;  // 8 of the 32 zmm registers
+#include "embedding_kernels.h"
+#pragma GCC pop_options
+}  // namespace emb_avx512
 namespace emb_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+constexpr int kWidestBlock = 64;  // 8 of the 16 ymm registers
 #include "embedding_kernels.h"
 #pragma GCC pop_options
 }  // namespace emb_avx2
 namespace emb_base {
+constexpr int kWidestBlock = 64;
 #include "embedding_kernels.h"
 }  // namespace emb_base
 }  // namespace unirec
@@ -41,15 +50,6 @@ namespace {
 // Bags per parallel task: small bags are cheap, so hand out several at once.
 constexpr int64_t kBagGrain = 16;
 
-// Rows prefetched past the current bag: about two bags of 20 ids.
-constexpr int64_t kPrefetchAhead = 40;
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t D) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(scalar_t)); c += 64) __builtin_prefetch(p + c, 0, 1);
-}
-
 at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_offsets_, const at::Tensor& indices_,
                            const at::Tensor& offsets_, const std::optional<at::Tensor>& per_sample_weights,
                            std::string pooling) {
@@ -57,12 +57,11 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
   const bool mean = parse_pooling(pooling) == Pooling::kMean;
   const at::Tensor weight = weight_.contiguous(), table_offsets = table_offsets_.contiguous(),
                    indices = indices_.contiguous(), offsets = offsets_.contiguous();
-  // Indices are checked as the prefetch cursor reads them, ahead of any use.
   check_tbe_offsets(table_offsets, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
   if (out.numel() == 0) return out;
-  const bool avx2 = cpu_has_avx2_fma();
+  const CpuIsa isa = cpu_isa();
   std::atomic<bool> bad_index{false};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_forward_cpu", [&] {
@@ -75,48 +74,23 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
       const index_t* off = offsets.data_ptr<index_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t D = s.D;
+      const int64_t nnz = off[s.T * s.B];
       at::parallel_for(0, s.T * s.B, kBagGrain, [&](int64_t begin, int64_t end) {
-        // A prefetch cursor runs kPrefetchAhead positions past the current
-        // bag, across bag boundaries (random rows of a large table are
-        // latency-bound otherwise), and checks each index it passes: a bag is
-        // pooled only once all its indices were found inside their table.
-        int64_t pf_bag = begin, pf_p = off[begin];
-        const int64_t pf_end = off[end];
-        // The cursor's table, updated only when it enters another bag: a
-        // division per index would cost more than the prefetch saves.
-        int64_t pf_t = begin / s.B;
-        const scalar_t* pf_table = w + toff[pf_t] * D;
-        int64_t pf_rows = toff[pf_t + 1] - toff[pf_t];
-        auto prefetch_upto = [&](int64_t limit) {
-          for (; pf_p < limit && pf_p < pf_end; ++pf_p) {
-            if (pf_p >= off[pf_bag + 1]) {
-              while (pf_p >= off[pf_bag + 1]) ++pf_bag;
-              pf_t = pf_bag / s.B;
-              pf_table = w + toff[pf_t] * D;
-              pf_rows = toff[pf_t + 1] - toff[pf_t];
-            }
-            const int64_t row = static_cast<int64_t>(idx[pf_p]);
-            if (row < 0 || row >= pf_rows) return false;
-            prefetch_row(pf_table + row * D, D);
-          }
-          return true;
-        };
-        for (int64_t bag = begin, t = begin / s.B, b = begin % s.B; bag < end; ++bag) {
-          const int64_t start = off[bag], n = off[bag + 1] - start;
-          if (!prefetch_upto(start + n + kPrefetchAhead)) {
+        // Runs of bags of one table: bag t*B + b is sample b of table t.
+        for (int64_t first = begin; first < end;) {
+          const int64_t t = first / s.B, b = first % s.B, nbags = std::min(end, (t + 1) * s.B) - first;
+          const scalar_t* table = w + toff[t] * D;
+          const int64_t rows = toff[t + 1] - toff[t];
+          scalar_t* dst = o + (b * s.T + t) * D;
+          const auto pool = isa == CpuIsa::kAvx512 ? emb_avx512::pool_bags<scalar_t, acc_t, index_t>
+                            : isa == CpuIsa::kAvx2  ? emb_avx2::pool_bags<scalar_t, acc_t, index_t>
+                                                    : emb_base::pool_bags<scalar_t, acc_t, index_t>;
+          const int64_t done = pool(table, rows, idx, off + first, nbags, ps, mean, nnz, D, dst, s.T * D);
+          if (done < nbags) {
             bad_index = true;
             return;
           }
-          const acc_t norm = (mean && n > 0) ? acc_t(1) / acc_t(n) : acc_t(1);
-          const scalar_t* table = w + toff[t] * D;
-          scalar_t* dst = o + (b * s.T + t) * D;
-          if (++b == s.B) b = 0, ++t;
-          const scalar_t* scale = ps ? ps + start : nullptr;
-          if (avx2) {
-            emb_avx2::pool_bag(table, idx + start, scale, n, D, norm, dst);
-          } else {
-            emb_base::pool_bag(table, idx + start, scale, n, D, norm, dst);
-          }
+          first += nbags;
         }
       });
     });

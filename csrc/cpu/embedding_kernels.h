@@ -1,32 +1,131 @@
-// The pooling loop of the table-batched embedding forward. Included twice by
-// embedding.cpp, once under `#pragma GCC target("avx2,fma")` and once for the
-// baseline ISA, each time inside its own namespace: no include guard, no
-// includes (embedding.cpp includes what it needs first).
+// The pooling loops of the table-batched embedding forward. Included three
+// times by embedding.cpp, under `#pragma GCC target` for AVX-512 and for
+// AVX2+FMA and once for the baseline ISA, each time inside its own namespace:
+// no include guard, no includes (embedding.cpp includes what it needs first)
+// and kWidestBlock, the widest column block whose sums fit in registers, is
+// defined by the includer.
 
-// out[d0 : d0+W] = norm * sum_j scale_j * table[idx[j]][d0 : d0+W]; W is a
-// compile-time width so the accumulator lives in registers across the bag.
-template <int W, typename scalar_t, typename acc_t, typename index_t>
-inline void pool_block(const scalar_t* table, const index_t* idx, const scalar_t* scale, int64_t n, int64_t D,
-                       int64_t d0, acc_t norm, scalar_t* out) {
+// Index positions between a row's prefetch and its use: about two bags of 20.
+constexpr int64_t kPrefetchAhead = 40;
+
+// Asks for row `row` of `table` (D values) to be brought into the caches. A
+// prefetch never faults, so any address will do.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* table, int64_t row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(table + row * D);
+#pragma GCC unroll 8
+  for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(scalar_t)); c += 64) __builtin_prefetch(p + c, 0, 3);
+}
+
+// Whether every id in idx[0:n] is a row of a table of `rows` rows: one pass
+// the compiler vectorises (a negative id is a huge unsigned one).
+template <typename index_t>
+inline bool ids_inside(const index_t* idx, int64_t n, int64_t rows) {
+  uint64_t largest = 0;
+  for (int64_t j = 0; j < n; ++j) largest = std::max(largest, static_cast<uint64_t>(static_cast<int64_t>(idx[j])));
+  return n == 0 || largest < static_cast<uint64_t>(rows);
+}
+
+// The bag [start, end) of positions, pooled into out[d0 : d0+W]:
+// out = norm * sum_p scale[p] * table[idx[p]][d0 : d0+W]. W is a compile-time
+// width so the sums live in registers across the bag. With kPrefetch, step p
+// also prefetches the row of position p + kPrefetchAhead (the caller makes
+// sure that id exists), read as a row of this table: the rows a later bag will
+// read, asked for while this bag's loads are in flight. Near a table boundary
+// that address is no row anything reads: a wasted prefetch, not a fault.
+//
+// The loop is latency-bound on random rows, so its cost is set by how many
+// lookups the out-of-order window holds at once: kD > 0 (D known at compile
+// time) unrolls the prefetches and makes the row offset a shift, about 20
+// instructions a lookup. Not inlined: inside the bag loop GCC stops keeping
+// the sums in vector registers.
+template <int W, bool kPrefetch, bool kScaled, int kD, typename scalar_t, typename acc_t, typename index_t>
+__attribute__((noinline)) void pool_block(const scalar_t* table, const index_t* idx, const scalar_t* scale,
+                                          int64_t start, int64_t end, int64_t D_, int64_t d0,
+                                          acc_t norm, scalar_t* out) {
+  const int64_t D = kD > 0 ? kD : D_;
   acc_t acc[W] = {};
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* r = table + static_cast<int64_t>(idx[j]) * D + d0;
-    const acc_t s = scale ? static_cast<acc_t>(scale[j]) : acc_t(1);
-#pragma GCC unroll 64
-    for (int d = 0; d < W; ++d) acc[d] += s * static_cast<acc_t>(r[d]);
+  for (int64_t p = start; p < end; ++p) {
+    const scalar_t* r = table + static_cast<int64_t>(idx[p]) * D + d0;
+    if constexpr (kPrefetch) prefetch_row(table, static_cast<int64_t>(idx[p + kPrefetchAhead]), D);
+    if constexpr (kScaled) {
+      const acc_t s = static_cast<acc_t>(scale[p]);
+#pragma GCC unroll 128
+      for (int d = 0; d < W; ++d) acc[d] += s * static_cast<acc_t>(r[d]);
+    } else {
+#pragma GCC unroll 128
+      for (int d = 0; d < W; ++d) acc[d] += static_cast<acc_t>(r[d]);
+    }
   }
-#pragma GCC unroll 64
+#pragma GCC unroll 128
   for (int d = 0; d < W; ++d) out[d0 + d] = static_cast<scalar_t>(acc[d] * norm);
 }
 
-// out[0:D] = norm * sum_{j < n} scale_j * table[idx[j]][0:D] (scale_j = 1 without scale).
+// Pools bags off[0 : nbags] of one table of `rows` rows (positions index
+// idx, scale and the prefetch bound), bag i into out + i * out_stride, D
+// values each, norm = 1/n for mean pooling (an empty bag gives zeros). Every
+// id of a bag is checked before its rows are read. Returns nbags, or the first
+// bag that holds an id outside the table.
+//
+// D in blocks of at most kWidestBlock columns; the first block of each bag
+// prefetches. When D is a single block (the usual widths), the whole loop is
+// one straight-line body per bag.
+template <bool kScaled, typename scalar_t, typename acc_t, typename index_t>
+int64_t pool_bags_impl(const scalar_t* table, int64_t rows, const index_t* idx, const index_t* off, int64_t nbags,
+                       const scalar_t* scale, bool mean, int64_t prefetch_end, int64_t D, scalar_t* out,
+                       int64_t out_stride) {
+  auto bags = [&](auto width) -> int64_t {
+    constexpr int w = decltype(width)::value;
+    for (int64_t bag = 0; bag < nbags; ++bag) {
+      const int64_t start = off[bag], end = off[bag + 1];
+      if (!ids_inside(idx + start, end - start, rows)) return bag;
+      const acc_t norm = (mean && end > start) ? acc_t(1) / acc_t(end - start) : acc_t(1);
+      scalar_t* dst = out + bag * out_stride;
+      // Prefetching reads the ids kPrefetchAhead past the bag: only where they exist.
+      const bool prefetch = end + kPrefetchAhead <= prefetch_end;
+      if constexpr (w > 0) {
+        if (prefetch) {
+          pool_block<w, true, kScaled, w>(table, idx, scale, start, end, D, 0, norm, dst);
+        } else {
+          pool_block<w, false, kScaled, w>(table, idx, scale, start, end, D, 0, norm, dst);
+        }
+      } else {
+        int64_t d0 = 0;
+        auto block = [&](auto block_width) {
+          constexpr int bw = decltype(block_width)::value;
+          if (d0 == 0 && prefetch) {
+            pool_block<bw, true, kScaled, 0>(table, idx, scale, start, end, D, d0, norm, dst);
+          } else {
+            pool_block<bw, false, kScaled, 0>(table, idx, scale, start, end, D, d0, norm, dst);
+          }
+          d0 += bw;
+        };
+        if constexpr (kWidestBlock >= 128) {
+          while (d0 + 128 <= D) block(std::integral_constant<int, 128>{});
+        }
+        while (d0 + 64 <= D) block(std::integral_constant<int, 64>{});
+        if (d0 + 32 <= D) block(std::integral_constant<int, 32>{});
+        if (d0 + 16 <= D) block(std::integral_constant<int, 16>{});
+        if (d0 + 8 <= D) block(std::integral_constant<int, 8>{});
+        while (d0 < D) block(std::integral_constant<int, 1>{});
+      }
+    }
+    return nbags;
+  };
+  if (D == 32) return bags(std::integral_constant<int, 32>{});
+  if (D == 64) return bags(std::integral_constant<int, 64>{});
+  if constexpr (kWidestBlock >= 128) {
+    if (D == 128) return bags(std::integral_constant<int, 128>{});
+  }
+  return bags(std::integral_constant<int, 0>{});
+}
+
 template <typename scalar_t, typename acc_t, typename index_t>
-inline void pool_bag(const scalar_t* table, const index_t* idx, const scalar_t* scale, int64_t n, int64_t D,
-                     acc_t norm, scalar_t* out) {
-  int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) pool_block<64>(table, idx, scale, n, D, d0, norm, out);
-  if (d0 + 32 <= D) pool_block<32>(table, idx, scale, n, D, d0, norm, out), d0 += 32;
-  if (d0 + 16 <= D) pool_block<16>(table, idx, scale, n, D, d0, norm, out), d0 += 16;
-  if (d0 + 8 <= D) pool_block<8>(table, idx, scale, n, D, d0, norm, out), d0 += 8;
-  for (; d0 < D; ++d0) pool_block<1>(table, idx, scale, n, D, d0, norm, out);
+int64_t pool_bags(const scalar_t* table, int64_t rows, const index_t* idx, const index_t* off, int64_t nbags,
+                  const scalar_t* scale, bool mean, int64_t prefetch_end, int64_t D, scalar_t* out,
+                  int64_t out_stride) {
+  if (scale) return pool_bags_impl<true, scalar_t, acc_t>(table, rows, idx, off, nbags, scale, mean, prefetch_end, D,
+                                                          out, out_stride);
+  return pool_bags_impl<false, scalar_t, acc_t>(table, rows, idx, off, nbags, scale, mean, prefetch_end, D, out,
+                                                out_stride);
 }

@@ -72,7 +72,12 @@ def test_matches_reference(device, activation, causal, targets, bias):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [16, 24, 32, 40, 48, 64, 96])
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
-def test_head_dims(device, D, activation):
+@pytest.mark.parametrize("isa", ["auto", "baseline"])  # the vectorised variant and the fallback
+def test_head_dims(monkeypatch, device, D, activation, isa):
+    if isa != "auto":
+        if device != "cpu":
+            pytest.skip("UNIREC_CPU_ISA applies to the CPU kernels")
+        monkeypatch.setenv("UNIREC_CPU_ISA", isa)
     H = 5  # not a power of two
     q, k, v, off, nt, rb = make([3, 0, 150, 130, 1], H, D, 150, device=device, targets=[1, 0, 3, 0, 0], bias=True)
     g = torch.randn_like(q)

@@ -23,7 +23,10 @@ def _kept(n, threshold, seed):
 @pytest.mark.parametrize("shape", [(0,), (1,), (3,), (7, 5), (2048,), (3, 1000), (4, 33, 9), (100_003,)])
 @pytest.mark.parametrize("threshold", [1, 13107, 32768, 65535, 65536])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_reference(shape, threshold, dtype):
+@pytest.mark.parametrize("isa", ["auto", "baseline"])  # the vectorised variant and the fallback
+def test_matches_reference(monkeypatch, shape, threshold, dtype, isa):
+    if isa != "auto":
+        monkeypatch.setenv("UNIREC_CPU_ISA", isa)
     x = torch.randn(shape, dtype=dtype)
     for seed in (0, 1, 2 ** 62 - 1, int(torch.randint(0, 2 ** 62, ()))):
         out = torch.ops.unirec.dropout(x, threshold, seed)

@@ -45,7 +45,7 @@ def impls(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pooling,psw", [("sum", False), ("sum", True), ("mean", False)])
-@pytest.mark.parametrize("D", [1, 7, 64, 130])
+@pytest.mark.parametrize("D", [1, 7, 32, 64, 128, 130])
 @pytest.mark.parametrize("index_dtype", [torch.long, torch.int32])
 def test_forward_backward_matches_reference(device, dtype, pooling, psw, D, index_dtype):
     weight, toff, idx, off, w = make_batch([5, 1, 40], B=9, D=D, dtype=dtype, device=device,
@@ -69,6 +69,24 @@ def test_forward_backward_matches_reference(device, dtype, pooling, psw, D, inde
         torch.testing.assert_close(wt.grad.double(), w64.grad, atol=atol * 4, rtol=rtol * 4)
         if psw:
             torch.testing.assert_close(wp.grad.double(), psw64.grad, atol=atol * 8 * D**0.5, rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("D", [7, 32, 64, 96, 128, 200])
+@pytest.mark.parametrize("pooling,psw", [("sum", False), ("sum", True), ("mean", False)])
+def test_cpu_isa_variants_match_reference(monkeypatch, isa, D, pooling, psw):
+    """Each compiled instruction-set variant of the CPU forward, on bags long enough to prefetch."""
+    monkeypatch.setenv("UNIREC_CPU_ISA", isa)
+    weight, toff, idx, off, w = make_batch([300, 7, 1000], B=40, D=D, max_bag=30, psw=psw)
+    ref = tbe_forward_ref(weight.double(), toff, idx, off, w.double() if psw else None, pooling)
+    out = unirec.ops.table_batched_embedding(weight, toff, idx, off, w, pooling, impl="cpp")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # An id outside its table is caught by every variant before any row is read.
+    for position, value in [(-1, 1000), (0, -1), (idx.numel() // 2, 10**6)]:
+        bad = idx.clone()
+        bad[position] = value
+        with pytest.raises(ValueError, match=f"= {value} is outside table"):
+            unirec.ops.table_batched_embedding(weight, toff, bad, off, w, pooling, impl="cpp")
 
 
 @pytest.mark.parametrize("device", DEVICES)
