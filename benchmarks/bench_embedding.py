@@ -31,7 +31,9 @@ def zipf_bags(T, rows, device, seed=0):
 
 @functools.lru_cache(maxsize=1)
 def packed_weight(T, D, rows, device):
-    return torch.randn(T * rows, D, device=device) * 0.1
+    """The rows as TableBatchedEmbedding holds them (unirec.ops.empty_table: on a CPU,
+    transparent huge pages); every provider reads this same memory."""
+    return unirec.ops.empty_table(T * rows, D, device=device).normal_(std=0.1)
 
 
 def per_table_inputs(table_offsets, indices, offsets, T):

@@ -87,15 +87,15 @@ def measure(benchmark, fn, *, device: str, group: str, provider: str, bytes_move
     start = time.perf_counter()
     timed()  # first call: compilation, caches
     first = time.perf_counter() - start
-    # Fast calls get more warm-up and more rounds: the allocator needs a few
-    # calls to settle (a fresh large output costs page faults at first) and
-    # medians of millisecond calls need more samples to be stable.
-    fast = first < 0.05
+    # The allocator needs a few calls to settle: a fresh large output or
+    # gradient costs page faults (and huge-page compaction) at first, which
+    # is not the steady state of a training loop. Millisecond calls also get
+    # more rounds, for a stable median.
     if rounds is None:
-        rounds = 30 if device == "cuda" or fast else 7
+        rounds = 30 if device == "cuda" or first < 0.05 else 7
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=5 if fast else 1)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=5 if first < 0.5 else 1)
     median = benchmark.stats.stats.median
     extra = {"provider": provider, "device": device, "median_ms": round(median * 1e3, 4)}
     if bytes_moved is not None:

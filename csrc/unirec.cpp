@@ -7,6 +7,7 @@
 #include <string>
 
 #include "unirec/cpu_features.h"
+#include "unirec/embedding.h"
 
 namespace py = pybind11;
 
@@ -110,4 +111,8 @@ PYBIND11_MODULE(_C, module) {
   module.doc() = "unirec kernels: the ops live in torch.ops.unirec";
   module.def("build_info", &build_info,
              "Which backends were compiled, the CUDA architectures, the compiler and threads.");
+  module.def(
+      "advise_huge_pages",
+      [](uintptr_t address, int64_t nbytes) { return unirec::advise_huge_pages(reinterpret_cast<void*>(address), nbytes); },
+      "Back the untouched memory [address, address + nbytes) with transparent huge pages where Linux allows.");
 }

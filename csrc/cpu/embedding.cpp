@@ -208,23 +208,11 @@ at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight,
   return grad;
 }
 
-// An [R, D] buffer backed by transparent huge pages where the kernel allows
-// them: a dense gradient of a large table is written once per step, and on a
-// fresh allocation 4 KiB page faults cost more than the writes themselves
-// (torch's THP_MEM_ALLOC_ENABLE does the same for all allocations).
-// UNIREC_HUGE_PAGES=0 turns it off, e.g. where compaction stalls are feared.
+// A dense gradient of a large table is written once per step; on a fresh
+// allocation 4 KiB page faults cost more than the writes themselves.
 at::Tensor empty_dense_gradient(const at::Tensor& weight) {
   at::Tensor out = at::empty_like(weight, at::MemoryFormat::Contiguous);
-#ifdef __linux__
-  static const bool enabled = [] {
-    const char* flag = std::getenv("UNIREC_HUGE_PAGES");
-    return flag == nullptr || std::string(flag) != "0";
-  }();
-  constexpr uintptr_t kHuge = 2 << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + out.nbytes()) & ~(kHuge - 1);
-  if (enabled && last > first + 8 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
+  advise_huge_pages(out.data_ptr(), static_cast<int64_t>(out.nbytes()));
   return out;
 }
 
@@ -329,6 +317,24 @@ at::Tensor tbe_backward_update_cpu(at::Tensor& weight, at::Tensor& state, const 
 }
 
 }  // namespace
+
+bool advise_huge_pages(void* data, int64_t nbytes) {
+#ifdef __linux__
+  static const bool enabled = [] {
+    const char* flag = std::getenv("UNIREC_HUGE_PAGES");
+    return flag == nullptr || std::string(flag) != "0";
+  }();
+  constexpr uintptr_t kHuge = 2 << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + nbytes) & ~(kHuge - 1);
+  if (!enabled || last < first + 8 * kHuge) return false;
+  return madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE) == 0;
+#else
+  (void)data;
+  (void)nbytes;
+  return false;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(unirec, CPU, m) {
   m.impl("tbe_forward", &tbe_forward_cpu);

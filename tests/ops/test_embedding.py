@@ -273,3 +273,12 @@ def test_bad_optimizer_state_raises():
 def test_build_info():
     info = unirec.build_info()
     assert "cpu" in info["backends"] and info["threads"] >= 1
+
+
+def test_empty_table():
+    table = unirec.ops.empty_table(300_000, 16, dtype=torch.bfloat16)  # 9.6 MB
+    assert table.shape == (300_000, 16) and table.dtype == torch.bfloat16 and table.is_contiguous()
+    big = unirec.ops.empty_table(300_000, 64)  # 77 MB: whole 2 MiB pages inside get the advice
+    assert big.normal_().isfinite().all()
+    assert not unirec._C.advise_huge_pages(table.data_ptr(), 1 << 20)  # under 16 MiB: left alone
+    assert unirec.ops.empty_table(0, 8).shape == (0, 8)

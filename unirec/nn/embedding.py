@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..ops.embedding import table_batched_embedding, tbe_backward_update_
+from ..ops.embedding import empty_table, table_batched_embedding, tbe_backward_update_
 
 OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
 
@@ -73,7 +73,7 @@ class TableBatchedEmbedding(nn.Module):
         self.dim, self.pooling, self.optimizer, self.lr, self.eps = dim, pooling, optimizer, lr, eps
         table_offsets = torch.tensor([0] + rows, dtype=torch.long, device=device).cumsum(0)
         self.register_buffer("table_offsets", table_offsets)
-        weight = torch.empty(sum(rows), dim, dtype=dtype, device=device)
+        weight = empty_table(sum(rows), dim, dtype=dtype, device=device)  # huge pages on a CPU
         nn.init.normal_(weight, std=init_std if init_std is not None else dim**-0.5)
         if optimizer is None:
             self.weight = nn.Parameter(weight)
