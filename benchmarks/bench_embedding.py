@@ -1,9 +1,11 @@
 """Table-batched embedding: unirec against the reference and F.embedding_bag once per table.
 
 B=512 samples, T tables of 10^5 rows, bags of 20 ids drawn Zipf(1.15) over
-each table (hot rows scattered by a random permutation).
+each table (hot rows scattered by a random permutation); the forward takes 8
+such batches in turn.
 """
 import functools
+import itertools
 
 import pytest
 import torch
@@ -17,12 +19,13 @@ from conftest import measure
 B, ROWS, BAG, ALPHA = 512, 100_000, 20, 1.15
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=2 * 8)
 def zipf_bags(T, rows, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    """One batch: T*B bags of BAG ids, Zipf ranks drawn with `seed`. Rank r is row perm[r] of its
+    table, one fixed permutation for every batch: the same rows are hot in every batch."""
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(2**31 - 1))
     p = torch.arange(1, rows + 1, dtype=torch.float64) ** -ALPHA
-    ranks = torch.multinomial(p, T * B * BAG, replacement=True, generator=g)
-    perm = torch.randperm(rows, generator=g)
+    ranks = torch.multinomial(p, T * B * BAG, replacement=True, generator=torch.Generator().manual_seed(seed))
     indices = perm[ranks].to(device)
     offsets = torch.arange(0, T * B * BAG + 1, BAG, device=device)
     table_offsets = torch.arange(0, (T + 1) * rows, rows, device=device)
@@ -48,20 +51,27 @@ def per_table_inputs(table_offsets, indices, offsets, T):
 FWD_SHAPES = [(T, D) for T in (1, 8, 32) for D in (32, 64, 128)]
 
 
+# The forward cycles through several batches, as training does: one batch
+# repeated would leave its distinct rows in the last-level cache between calls.
+BATCHES = 8
+
+
 @pytest.mark.parametrize("T,D", FWD_SHAPES, ids=[f"T{T}-D{D}" for T, D in FWD_SHAPES])
 @pytest.mark.parametrize("provider", ["unirec", "reference", "torch_per_table"])
 def test_forward(benchmark, device, T, D, provider):
-    toff, idx, off = zipf_bags(T, ROWS, device)
+    batches = [zipf_bags(T, ROWS, device, seed) for seed in range(BATCHES)]
     weight = packed_weight(T, D, ROWS, device)
+    step = itertools.count()
     if provider == "unirec":
-        fn = lambda: unirec.ops.table_batched_embedding(weight, toff, idx, off)  # noqa: E731
+        fn = lambda: unirec.ops.table_batched_embedding(weight, *batches[next(step) % BATCHES])  # noqa: E731
     elif provider == "reference":
-        fn = lambda: tbe_forward_ref(weight, toff, idx, off)  # noqa: E731
+        fn = lambda: tbe_forward_ref(weight, *batches[next(step) % BATCHES])  # noqa: E731
     else:
         tables = [weight[t * ROWS:(t + 1) * ROWS] for t in range(T)]
-        inputs = per_table_inputs(toff, idx, off, T)
+        inputs = [per_table_inputs(*batch, T) for batch in batches]
         fn = lambda: [F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)  # noqa: E731
-                      for w, (i, o) in zip(tables, inputs)]
+                      for w, (i, o) in zip(tables, inputs[next(step) % BATCHES])]
+    idx = batches[0][1]
     bytes_moved = (idx.numel() * D + B * T * D) * weight.element_size()
     measure(benchmark, fn, device=device, group=f"tbe forward B{B} T{T} D{D}", provider=provider,
             bytes_moved=bytes_moved)
