@@ -1,8 +1,8 @@
 """Table-batched embedding: unirec against the reference and F.embedding_bag once per table.
 
 B=512 samples, T tables of 10^5 rows, bags of 20 ids drawn Zipf(1.15) over
-each table (hot rows scattered by a random permutation); the forward takes 8
-such batches in turn.
+each table (hot rows scattered by one random permutation, the same in every
+batch); the forward takes 8 such batches in turn.
 """
 import functools
 import itertools

@@ -113,6 +113,8 @@ PYBIND11_MODULE(_C, module) {
              "Which backends were compiled, the CUDA architectures, the compiler and threads.");
   module.def(
       "advise_huge_pages",
-      [](uintptr_t address, int64_t nbytes) { return unirec::advise_huge_pages(reinterpret_cast<void*>(address), nbytes); },
+      [](uintptr_t address, int64_t nbytes) {
+        return unirec::advise_huge_pages(reinterpret_cast<void*>(address), nbytes);
+      },
       "Back the untouched memory [address, address + nbytes) with transparent huge pages where Linux allows.");
 }

@@ -75,6 +75,9 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t D = s.D;
       const int64_t nnz = off[s.T * s.B];
+      const auto pool = isa == CpuIsa::kAvx512 ? emb_avx512::pool_bags<scalar_t, acc_t, index_t>
+                        : isa == CpuIsa::kAvx2  ? emb_avx2::pool_bags<scalar_t, acc_t, index_t>
+                                                : emb_base::pool_bags<scalar_t, acc_t, index_t>;
       at::parallel_for(0, s.T * s.B, kBagGrain, [&](int64_t begin, int64_t end) {
         // Runs of bags of one table: bag t*B + b is sample b of table t.
         for (int64_t first = begin; first < end;) {
@@ -82,9 +85,6 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
           const scalar_t* table = w + toff[t] * D;
           const int64_t rows = toff[t + 1] - toff[t];
           scalar_t* dst = o + (b * s.T + t) * D;
-          const auto pool = isa == CpuIsa::kAvx512 ? emb_avx512::pool_bags<scalar_t, acc_t, index_t>
-                            : isa == CpuIsa::kAvx2  ? emb_avx2::pool_bags<scalar_t, acc_t, index_t>
-                                                    : emb_base::pool_bags<scalar_t, acc_t, index_t>;
           const int64_t done = pool(table, rows, idx, off + first, nbags, ps, mean, nnz, D, dst, s.T * D);
           if (done < nbags) {
             bad_index = true;

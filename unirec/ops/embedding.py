@@ -19,8 +19,7 @@ def empty_table(rows: int, dim: int, *, dtype: torch.dtype = torch.float32, devi
 
     On a Linux CPU, a table of 16 MiB or more is backed by transparent huge
     pages (2 MiB) where the kernel allows: lookups of random rows then miss
-    the TLB far less, which on 10^5-row tables makes the forward about 1.5x
-    faster (benchmarks/RESULTS.md). Fill it before use (e.g. ``normal_``): the
+    the TLB far less (benchmarks/RESULTS.md, embedding). Fill it before use (e.g. ``normal_``): the
     advice applies to pages not yet touched. ``UNIREC_HUGE_PAGES=0`` turns it
     off; elsewhere this is ``torch.empty``.
     """

@@ -50,6 +50,5 @@ inline const char* cpu_isa_name(CpuIsa isa) {
 }
 
 inline bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::kAvx2; }
-inline bool cpu_has_avx512() { return cpu_isa() >= CpuIsa::kAvx512; }
 
 }  // namespace unirec
