@@ -5,20 +5,30 @@
 // and kWidestBlock, the widest column block whose sums fit in registers, is
 // defined by the includer.
 
-// Index positions between a row's prefetch and its use: about 10 KB of rows
-// in flight, at most 40 positions (two bags of 20). Measured on Zipf bags of
-// 10^5-row tables: 40 was best for 256-byte rows, 16 to 24 for 512-byte rows.
-inline int64_t prefetch_distance(int64_t row_bytes) {
-  return std::clamp<int64_t>(10240 / std::max<int64_t>(row_bytes, 1), 8, 40);
+// How far ahead rows are prefetched, in index positions, in two steps: `far`
+// into L2 (prefetcht1), `near` into L1 (prefetcht0). One core keeps only about
+// two dozen L1 misses in flight; a row asked into L2 does not hold one, so the
+// far prefetches keep several times as many rows coming from memory, and the
+// near ones move them up while the loads that need them are still ahead.
+// Measured on Zipf bags of 10^5-row tables (D = 32, 64, 128), against
+// prefetcht0 alone: 20-30% faster. `near` is capped at about 12 KB of rows,
+// well inside L1.
+struct PrefetchDistance {
+  int64_t near, far;
+};
+inline PrefetchDistance prefetch_distance(int64_t row_bytes) {
+  const int64_t near = std::clamp<int64_t>(12288 / std::max<int64_t>(row_bytes, 1), 4, 24);
+  return {near, 5 * near};
 }
 
-// Asks for row `row` of `table` (D values) to be brought into the caches. A
-// prefetch never faults, so any address will do.
-template <typename scalar_t>
+// Asks for row `row` of `table` (D values) to be brought into the caches,
+// kLevel as __builtin_prefetch's locality (3: L1, 2: L2). A prefetch never
+// faults, so any address will do.
+template <int kLevel, typename scalar_t>
 inline void prefetch_row(const scalar_t* table, int64_t row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(table + row * D);
 #pragma GCC unroll 8
-  for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(scalar_t)); c += 64) __builtin_prefetch(p + c, 0, 3);
+  for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(scalar_t)); c += 64) __builtin_prefetch(p + c, 0, kLevel);
 }
 
 // Whether every id in idx[0:n] is a row of a table of `rows` rows: one pass
@@ -33,25 +43,29 @@ inline bool ids_inside(const index_t* idx, int64_t n, int64_t rows) {
 // The bag [start, end) of positions, pooled into out[d0 : d0+W]:
 // out = norm * sum_p scale[p] * table[idx[p]][d0 : d0+W]. W is a compile-time
 // width so the sums live in registers across the bag. With kPrefetch, step p
-// also prefetches the row of position p + ahead (the caller makes
-// sure that id exists), read as a row of this table: the rows a later bag will
-// read, asked for while this bag's loads are in flight. Near a table boundary
-// that address is no row anything reads: a wasted prefetch, not a fault.
+// also prefetches the rows of positions p + ahead.near and p + ahead.far (the
+// caller makes sure those ids exist), read as rows of this table: the rows
+// later bags will read, asked for while this bag's loads are in flight. Near a
+// table boundary that address is no row anything reads: a wasted prefetch, not
+// a fault.
 //
 // The loop is latency-bound on random rows, so its cost is set by how many
-// lookups the out-of-order window holds at once: kD > 0 (D known at compile
-// time) unrolls the prefetches and makes the row offset a shift, about 20
-// instructions a lookup. Not inlined: inside the bag loop GCC stops keeping
+// rows are in flight at once: kD > 0 (D known at compile time) unrolls the
+// prefetches and makes the row offset a shift, which keeps a lookup short
+// enough for the out-of-order window to hold many. Not inlined: inside the bag loop GCC stops keeping
 // the sums in vector registers.
 template <int W, bool kPrefetch, bool kScaled, int kD, typename scalar_t, typename acc_t, typename index_t>
 __attribute__((noinline)) void pool_block(const scalar_t* table, const index_t* idx, const scalar_t* scale,
-                                          int64_t start, int64_t end, int64_t ahead, int64_t D_,
+                                          int64_t start, int64_t end, PrefetchDistance ahead, int64_t D_,
                                           int64_t d0, acc_t norm, scalar_t* out) {
   const int64_t D = kD > 0 ? kD : D_;
   acc_t acc[W] = {};
   for (int64_t p = start; p < end; ++p) {
     const scalar_t* r = table + static_cast<int64_t>(idx[p]) * D + d0;
-    if constexpr (kPrefetch) prefetch_row(table, static_cast<int64_t>(idx[p + ahead]), D);
+    if constexpr (kPrefetch) {
+      prefetch_row<2>(table, static_cast<int64_t>(idx[p + ahead.far]), D);
+      prefetch_row<3>(table, static_cast<int64_t>(idx[p + ahead.near]), D);
+    }
     if constexpr (kScaled) {
       const acc_t s = static_cast<acc_t>(scale[p]);
 #pragma GCC unroll 128
@@ -78,7 +92,7 @@ template <bool kScaled, typename scalar_t, typename acc_t, typename index_t>
 int64_t pool_bags_impl(const scalar_t* table, int64_t rows, const index_t* idx, const index_t* off, int64_t nbags,
                        const scalar_t* scale, bool mean, int64_t prefetch_end, int64_t D, scalar_t* out,
                        int64_t out_stride) {
-  const int64_t ahead = prefetch_distance(D * static_cast<int64_t>(sizeof(scalar_t)));
+  const PrefetchDistance ahead = prefetch_distance(D * static_cast<int64_t>(sizeof(scalar_t)));
   auto bags = [&](auto width) -> int64_t {
     constexpr int w = decltype(width)::value;
     for (int64_t bag = 0; bag < nbags; ++bag) {
@@ -87,7 +101,7 @@ int64_t pool_bags_impl(const scalar_t* table, int64_t rows, const index_t* idx, 
       const acc_t norm = (mean && end > start) ? acc_t(1) / acc_t(end - start) : acc_t(1);
       scalar_t* dst = out + bag * out_stride;
       // Prefetching reads the ids `ahead` past the bag: only where they exist.
-      const bool prefetch = end + ahead <= prefetch_end;
+      const bool prefetch = end + ahead.far <= prefetch_end;
       if constexpr (w > 0) {
         if (prefetch) {
           pool_block<w, true, kScaled, w>(table, idx, scale, start, end, ahead, D, 0, norm, dst);
