@@ -124,8 +124,9 @@ void for_each_item(const Seqs& s, int64_t H, const F& fn) {
 }
 
 template <typename T>
-void run_fwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T* lse, T* S) {
-  if (cpu_has_avx2_fma()) {
+void run_fwd(bool avx2, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T* lse,
+             T* S) {
+  if (avx2) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
     attn_avx2::fwd(DP, b, Qs, Ktb, V, O, lse, S);
   } else {
@@ -134,9 +135,9 @@ void run_fwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, 
 }
 
 template <typename T>
-void run_bwd(int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb, const T* Vtb,
-             const T* dO, const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
-  if (cpu_has_avx2_fma()) {
+void run_bwd(bool avx2, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb,
+             const T* Vtb, const T* dO, const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
+  if (avx2) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
     attn_avx2::bwd(DP, b, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);
   } else {
@@ -191,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_fwd_cpu(const at::Tensor& q_
   at::Tensor rb;
   if (rel_bias.has_value()) rb = rel_bias->contiguous();
   const int DP = padded_dim(sh.D);
+  const bool avx2 = cpu_has_avx2_fma();  // once per call, not per (sequence, head)
   const int64_t H = sh.H, D = sh.D;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "jagged_attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -222,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_fwd_cpu(const at::Tensor& q_
       if (rbp) for (int64_t r = 0; r < max_seqlen; ++r) s.rb[r] = static_cast<T>(rbp[h * max_seqlen + r]);
       attn_base::SeqArgs<T> a{static_cast<int>(L), static_cast<int>(seqs.t0[b]), causal, silu,
                               static_cast<T>(1.0 / std::max<int64_t>(max_seqlen, 1)), rbp ? s.rb.data() : nullptr};
-      run_fwd<T>(DP, a, s.Qs.data(), s.Ktb.data(), s.V.data(), s.O.data(), s.lse.data(), s.S.data());
+      run_fwd<T>(avx2, DP, a, s.Qs.data(), s.Ktb.data(), s.V.data(), s.O.data(), s.lse.data(), s.S.data());
       store_rows(s.O.data(), start, L, h, H, D, DP, T(1), op);
       if (lsep) for (int64_t i = 0; i < L; ++i) lsep[(start + i) * H + h] = s.lse[i];
     };
@@ -255,6 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
   at::Tensor rb, drb;
   if (rel_bias.has_value()) rb = rel_bias->contiguous();
   const int DP = padded_dim(sh.D);
+  const bool avx2 = cpu_has_avx2_fma();  // once per call, not per (sequence, head)
   const int64_t H = sh.H, D = sh.D;
   const int nthreads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "jagged_attention_bwd_cpu", [&] {
@@ -309,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
       }
       attn_base::SeqArgs<T> a{static_cast<int>(L), static_cast<int>(seqs.t0[b]), causal, silu,
                               static_cast<T>(1.0 / std::max<int64_t>(max_seqlen, 1)), rbp ? s.rb.data() : nullptr};
-      run_bwd<T>(DP, a, s.Qs.data(), s.K.data(), s.Ktb.data(), s.Vtb.data(), s.dO.data(), s.lse.data(),
+      run_bwd<T>(avx2, DP, a, s.Qs.data(), s.K.data(), s.Ktb.data(), s.Vtb.data(), s.dO.data(), s.lse.data(),
                  s.delta.data(), s.dQ.data(), s.dK.data(), s.dV.data(), drbp, s.S.data(), s.dP.data());
       store_rows(s.dQ.data(), start, L, h, H, D, DP, static_cast<T>(scale), dqp);
       store_rows(s.dK.data(), start, L, h, H, D, DP, T(1), dkp);

@@ -52,8 +52,8 @@ inline bool ids_inside(const index_t* idx, int64_t n, int64_t rows) {
 // The loop is latency-bound on random rows, so its cost is set by how many
 // rows are in flight at once: kD > 0 (D known at compile time) unrolls the
 // prefetches and makes the row offset a shift, which keeps a lookup short
-// enough for the out-of-order window to hold many. Not inlined: inside the bag loop GCC stops keeping
-// the sums in vector registers.
+// enough for the out-of-order window to hold many. Not inlined: inside the
+// bag loop GCC stops keeping the sums in vector registers.
 template <int W, bool kPrefetch, bool kScaled, int kD, typename scalar_t, typename acc_t, typename index_t>
 __attribute__((noinline)) void pool_block(const scalar_t* table, const index_t* idx, const scalar_t* scale,
                                           int64_t start, int64_t end, PrefetchDistance ahead, int64_t D_,
