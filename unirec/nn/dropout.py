@@ -5,8 +5,8 @@ from .. import ops
 
 
 class Dropout(nn.Module):
-    """Like ``torch.nn.Dropout(p)``, with the C++ mask generator on CPU tensors (``impl`` as in
-    :func:`unirec.ops.dropout`)."""
+    """Like ``torch.nn.Dropout(p)``, with the C++ mask generator on CPU tensors. ``impl`` is the
+    model-wide backend choice (see :func:`unirec.ops.resolve_impl`)."""
 
     def __init__(self, p: float = 0.5, impl: str = "auto"):
         super().__init__()
@@ -15,7 +15,7 @@ class Dropout(nn.Module):
         self.p, self.impl = p, impl
 
     def forward(self, x):
-        return ops.dropout(x, self.p, self.training, impl=self.impl)
+        return ops.dropout(x, self.p, self.training, impl=ops.resolve_impl(self.impl, "dropout"))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, impl={self.impl!r}"

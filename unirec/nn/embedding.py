@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import ops
 from ..ops.embedding import empty_table, table_batched_embedding, tbe_backward_update_
 
 OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
@@ -43,7 +44,11 @@ class TableBatchedEmbedding(nn.Module):
     With ``optimizer=None`` the packed weight is an ordinary parameter. With
     ``"sgd"`` or ``"rowwise_adagrad"`` it is a buffer updated in place during
     backward, touching only the rows that were looked up; keep it out of your
-    torch.optim optimizer (it is not among ``parameters()``).
+    torch.optim optimizer (it is not among ``parameters()``); that path always runs the
+    compiled kernels.
+
+    ``impl``: the backend of the lookup (a model-wide choice, see :func:`unirec.ops.resolve_impl`),
+    an attribute that :func:`unirec.nn.set_impl` changes at run time.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class TableBatchedEmbedding(nn.Module):
         init_std: Optional[float] = None,
         dtype: torch.dtype = torch.float32,
         device=None,
+        impl: str = "auto",
     ):
         super().__init__()
         rows = [int(r) for r in rows_per_table]
@@ -71,6 +77,7 @@ class TableBatchedEmbedding(nn.Module):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.rows_per_table = rows
         self.dim, self.pooling, self.optimizer, self.lr, self.eps = dim, pooling, optimizer, lr, eps
+        self.impl = impl
         table_offsets = torch.tensor([0] + rows, dtype=torch.long, device=device).cumsum(0)
         self.register_buffer("table_offsets", table_offsets)
         weight = empty_table(sum(rows), dim, dtype=dtype, device=device)  # huge pages on a CPU
@@ -91,7 +98,8 @@ class TableBatchedEmbedding(nn.Module):
     def forward(self, indices, offsets, per_sample_weights=None):
         if self.optimizer is None or not torch.is_grad_enabled():
             return table_batched_embedding(
-                self.weight, self.table_offsets, indices, offsets, per_sample_weights, self.pooling
+                self.weight, self.table_offsets, indices, offsets, per_sample_weights, self.pooling,
+                impl=ops.resolve_impl(self.impl, "embedding"),
             )
         return _FusedUpdate.apply(self._trigger, self, indices, offsets, per_sample_weights)
 

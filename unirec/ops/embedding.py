@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
+from .._ext import _C
 from .reference.embedding import tbe_forward_ref
 
 IMPLS = ("auto", "cpp", "cuda", "reference")
