@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import unirec
-from unirec.data import (DataFormatError, FeatureSpec, FetchError, describe, encode, fetch_movielens_100k,
-                         leave_one_out, read_atomic, read_atomic_file, read_csv, read_movielens_100k,
+from unirec.data import (DataFormatError, FeatureSpec, FetchError, TokenBuilder, TrainBatches, describe, encode,
+                         fetch_movielens_100k, leave_one_out, read_atomic, read_atomic_file, read_csv, read_movielens_100k,
                          read_movielens_1m, read_parquet, read_path, synthetic)
 from unirec.data import fetch as fetch_mod
 
@@ -272,37 +272,54 @@ def test_leave_one_out_invariants():
     assert not any((u, i) in tr_pairs for u, i in zip(sp.eval_users.tolist(), test_targets.tolist()))
     assert not any((u, i) in tr_pairs for u, i in zip(sp.eval_users.tolist(), valid_targets.tolist()))
 
-    # Training batches: every position predicts the next training event; held-out events never appear.
+    # Training batches (the one token pipeline, no candidates): every history token predicts the next
+    # training event; held-out events never appear.
     seen = 0
-    for b in sp.train_batches(batch_size=64, seed=1):
-        B = b.users.numel()
+    for b in TrainBatches(TokenBuilder(sp, max_len=1000), 64, candidates=False, seed=1).epoch(0):
+        B = b.batch_size
         assert b.offsets.shape == (B + 1,) and b.offsets.dtype == torch.int64 and b.items.dtype == torch.int64
+        assert b.cand_items.numel() == 0
         for j, u in enumerate(b.users.tolist()):
             s, e = int(b.offsets[j]), int(b.offsets[j + 1])
             train = sp.items[off[u]:off[u] + sp.train_len[u]]
             assert b.items[s:e].tolist() == train[:-1].tolist()
-            assert b.targets[s:e].tolist() == train[1:].tolist()
-            assert torch.all(b.target_timestamps[s:e] >= b.timestamps[s:e])
+            assert b.next_items[s:e].tolist() == train[1:].tolist()
         seen += B
     assert seen == int((sp.train_len >= 2).sum())
-    tb = sp.train_batch(sp.eval_users[:5], max_len=3)
+    tb = TokenBuilder(sp, max_len=3).train_batch(sp.eval_users[:5], candidates=False)
     assert torch.all(torch.diff(tb.offsets) <= 3)
     u0 = int(sp.eval_users[0])
     train0 = sp.items[off[u0]:off[u0] + sp.train_len[u0]]
-    assert tb.targets[:int(tb.offsets[1])].tolist() == train0[-3:].tolist()  # the most recent positions kept
+    assert tb.next_items[:int(tb.offsets[1])].tolist() == train0[-3:].tolist()  # the most recent positions kept
 
     # Evaluation batches: history up to the target, truncated input, full history for masking.
     total = 0
+    builder = TokenBuilder(sp, max_len=4)
     for stage, extra in (("valid", 0), ("test", 1)):
-        for eb in sp.eval_batches(stage, batch_size=50, max_len=4):
+        for i in range(0, n_eval, 50):
+            eb = builder.eval_batch(stage, sp.eval_users[i:i + 50])
             for j, u in enumerate(eb.users.tolist()):
                 hist = sp.items[off[u]:off[u] + sp.train_len[u] + extra]
                 assert eb.history_items[eb.history_offsets[j]:eb.history_offsets[j + 1]].tolist() == hist.tolist()
                 assert eb.items[eb.offsets[j]:eb.offsets[j + 1]].tolist() == hist[-4:].tolist()
                 assert int(eb.targets[j]) == int(sp.items[off[u] + sp.train_len[u] + extra])
+                assert eb.cand_items[j].item() == eb.targets[j].item()
             total += eb.users.numel()
     assert total == 2 * n_eval
     assert eb.to("cpu").targets is not None
+
+
+def test_train_batches_repeat_per_epoch_and_cover_every_user():
+    sp = leave_one_out(synthetic(num_users=50, num_items=40, mean_length=9, seed=2))
+    src = TrainBatches(TokenBuilder(sp, max_len=8), 16, candidates=True, seed=3)
+    a, b, c = (list(src.epoch(e)) for e in (0, 0, 1))
+    assert len(a) == len(src) and all(torch.equal(x.items, y.items) and torch.equal(x.cand_items, y.cand_items)
+                                      for x, y in zip(a, b))
+    users = torch.cat([x.users for x in a])
+    assert sorted(users.tolist()) == np.nonzero(sp.train_len >= 2)[0].tolist()
+    assert not torch.equal(users, torch.cat([x.users for x in c]))
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainBatches(src.builder, 0, candidates=True)
 
 
 def test_time_ties_keep_file_order(tmp_path):

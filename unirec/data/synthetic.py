@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .dataset import AGE_BOUNDARIES, PAD, Dataset, Feature, FeatureTable
+from .dataset import AGE_BOUNDARIES, PAD, Dataset, Feature, FeatureTable, bucket_labels
 
 
 def _csr_single(codes: np.ndarray, present: Optional[np.ndarray] = None):
@@ -42,9 +42,8 @@ def _csr_single(codes: np.ndarray, present: Optional[np.ndarray] = None):
 def _bucket_feature(name, values, boundaries) -> Feature:
     b = np.asarray(boundaries, dtype=np.float64)
     codes = np.searchsorted(b, values, side="right") + 1
-    from .dataset import _bucket_labels
     ind, off = _csr_single(codes)
-    return Feature(name, "numeric", np.asarray([PAD] + _bucket_labels(b)), ind, off, b)
+    return Feature(name, "numeric", np.asarray([PAD] + bucket_labels(b)), ind, off, b)
 
 
 def synthetic(num_users: int = 1000, num_items: int = 2000, num_clusters: int = 10, mean_length: float = 30.0,

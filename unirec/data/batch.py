@@ -1,0 +1,287 @@
+"""The one token-batch pipeline: what the model reads, for training, evaluation and serving.
+
+Every user's token stream is ``[profile] + history + candidates``:
+
+- history: past events (item, rating, time gap), each predicting the next item
+  (its ``next_items`` entry, 0 = no target);
+- candidates: items appended as *targets* (``num_targets`` of jagged_attention):
+  each sees the history and itself only; the ranking objective predicts their
+  rating and like. They carry no rating (that is the label).
+
+The profile token (when the model uses one) is added by the model from ``users``.
+
+:class:`TokenBuilder` cuts streams out of a :class:`~unirec.data.LeaveOneOutSplit`;
+:func:`live_token_batch` packs any histories (a served user's data-set events followed
+by the events posted to the service) with the same code: both go through :func:`pack_streams`
+and the same time-gap buckets (:func:`event_gaps`, :func:`time_buckets`).
+:class:`TrainBatches` is the trainer's batch source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .split import LeaveOneOutSplit
+
+
+@dataclass
+class TokenBatch:
+    """B users' token streams (history and candidates, packed).
+
+    users: [B] int64.
+    items: [L] int64 history items; ratings: [L] float32 (NaN = unknown) or None;
+    gaps: [L] int64 time-gap buckets (0 = first event of the user); offsets: [B + 1] int64.
+    next_items: [L] int64 the next item after each history event (0 = none, no retrieval loss).
+    first_items: [B] int64 the item a profile token predicts (the first history item; 0 = none).
+    cand_items: [C] int64, cand_gaps: [C] int64, cand_offsets: [B + 1] int64 the candidates.
+    cand_ratings: [C] float32 labels (NaN = unknown) or None.
+    targets: [B] int64 held-out item per user (evaluation batches only, else None).
+    history_items / history_offsets: CSR of each user's full history before the target (evaluation
+    and serving; the items to exclude from a ranking and the repeat offsets' input).
+    """
+
+    users: torch.Tensor
+    items: torch.Tensor
+    ratings: Optional[torch.Tensor]
+    gaps: torch.Tensor
+    offsets: torch.Tensor
+    next_items: torch.Tensor
+    first_items: torch.Tensor
+    cand_items: torch.Tensor
+    cand_gaps: torch.Tensor
+    cand_offsets: torch.Tensor
+    cand_ratings: Optional[torch.Tensor]
+    targets: Optional[torch.Tensor] = None
+    history_items: Optional[torch.Tensor] = None
+    history_offsets: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.users.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        """History and candidate tokens (the profile tokens not counted)."""
+        return self.items.numel() + self.cand_items.numel()
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                             for f in fields(self)})
+
+
+# --------------------------------------------------------------------------- time gaps
+
+
+def time_buckets(gaps: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Bucket of a gap in seconds: 0 for none (gap < 0), else 1 + min(floor(log2(1 + gap)), num_buckets - 1)."""
+    g = np.asarray(gaps, dtype=np.float64)
+    b = 1 + np.minimum(np.floor(np.log2(1.0 + np.maximum(g, 0.0))), num_buckets - 1).astype(np.int64)
+    return np.where(g < 0, 0, b)
+
+
+def event_gaps(timestamps: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """[n] seconds since the previous event of the same user; -1 (no gap) for each user's first event
+    (``starts``: positions where a user's events begin) and next to an unknown (NaN) timestamp. A
+    negative gap (an event posted with an earlier time than the one before it) counts as 0 s."""
+    ts = np.asarray(timestamps, dtype=np.float64)
+    gaps = np.full(len(ts), -1.0)
+    if len(ts) > 1:
+        d = ts[1:] - ts[:-1]
+        gaps[1:] = np.where(np.isnan(d), -1.0, np.maximum(d, 0.0))
+    starts = np.asarray(starts, dtype=np.int64)
+    gaps[starts[starts < len(ts)]] = -1.0
+    return gaps
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _offsets(lens) -> np.ndarray:
+    off = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lens, dtype=np.int64), out=off[1:])
+    return off
+
+
+def _ranges(spans) -> np.ndarray:
+    """The positions of the (start, end) ranges concatenated."""
+    parts = [np.arange(a, b) for a, b in spans]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def pack_streams(users, items: np.ndarray, ratings: Optional[np.ndarray], gap_bucket: np.ndarray, hist, cands,
+                 next_limit: np.ndarray, device=None, targets=None, history=None) -> TokenBatch:
+    """The TokenBatch of B streams cut out of flat event arrays.
+
+    items / ratings / gap_bucket: [n] events; hist / cands: per stream (start, end) positions of the history
+    and the candidates; next_limit: [B] the position past which a history event has no next-item target
+    (the end of the user's training events); targets: [B] or None; history: CSR (items, offsets) or None.
+    """
+    hp, cp = _ranges(hist), _ranges(cands)
+    hl = [b - a for a, b in hist]
+    nxt = np.zeros(len(hp), dtype=np.int64)
+    has_next = hp + 1 < np.repeat(np.asarray(next_limit, dtype=np.int64), hl)
+    nxt[has_next] = items[hp[has_next] + 1]
+    first = np.asarray([items[a] if b > a else 0 for a, b in hist], dtype=np.int64)
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+    return TokenBatch(
+        users=t(np.asarray(users, dtype=np.int64)), items=t(items[hp].astype(np.int64)),
+        ratings=None if ratings is None else t(ratings[hp]), gaps=t(gap_bucket[hp]), offsets=t(_offsets(hl)),
+        next_items=t(nxt), first_items=t(first),
+        cand_items=t(items[cp].astype(np.int64)), cand_gaps=t(gap_bucket[cp]),
+        cand_offsets=t(_offsets([b - a for a, b in cands])), cand_ratings=None if ratings is None else t(ratings[cp]),
+        targets=None if targets is None else t(targets),
+        history_items=None if history is None else t(history[0]),
+        history_offsets=None if history is None else t(history[1]),
+    )
+
+
+class TokenBuilder:
+    """Builds TokenBatches from a split for a model config (max_len, candidates, time buckets)."""
+
+    def __init__(self, split: LeaveOneOutSplit, max_len: int, num_time_buckets: int = 24,
+                 num_rank_candidates: int = 4, rank_shift: int = 4):
+        self.split, self.max_len = split, max_len
+        self.num_rank_candidates, self.rank_shift = num_rank_candidates, rank_shift
+        self.gap_bucket = time_buckets(event_gaps(split.timestamps, split.user_offsets[:-1]), num_time_buckets)
+
+    @classmethod
+    def for_config(cls, split: LeaveOneOutSplit, cfg) -> "TokenBuilder":
+        """From any config with max_len, num_time_buckets, num_rank_candidates and rank_shift."""
+        return cls(split, cfg.max_len, cfg.num_time_buckets, cfg.num_rank_candidates, cfg.rank_shift)
+
+    def _pack(self, users, hist, cands, device, targets=None, history=None) -> TokenBatch:
+        sp = self.split
+        users = np.asarray(users, dtype=np.int64)
+        limit = sp.user_offsets[users] + sp.train_len[users]
+        return pack_streams(users, sp.items, sp.ratings, self.gap_bucket, hist, cands, limit, device, targets,
+                            history)
+
+    def train_batch(self, users, rng: Optional[np.random.Generator] = None, candidates: bool = True,
+                    device=None) -> TokenBatch:
+        """Training streams of ``users`` (each with >= 2 training events).
+
+        Without candidates: the last ``max_len`` training events but one, each predicting the next.
+        With candidates: a cut c = m - K - s (s uniform in [0, rank_shift], from ``rng``) splits the
+        m training events into history e[:c] (predicting e[1:c+1]) and K candidates e[c:c+K].
+        """
+        sp = self.split
+        hist, cands = [], []
+        for u in users:
+            s0, m = int(sp.user_offsets[u]), int(sp.train_len[u])
+            if candidates:
+                k = min(self.num_rank_candidates, m - 1)
+                shift = int(rng.integers(0, self.rank_shift + 1)) if rng is not None else 0
+                c = max(1, m - k - shift)
+                k = min(k, m - c)
+            else:
+                c, k = m - 1, 0
+            hist.append((s0 + max(0, c - self.max_len), s0 + c))
+            cands.append((s0 + c, s0 + c + k))
+        return self._pack(users, hist, cands, device)
+
+    def eval_batch(self, stage: str, users, device=None) -> TokenBatch:
+        """Streams ranking each user's ``stage`` ("valid"/"test") event: the history before it (last
+        ``max_len`` events), the event itself as the one candidate (its rating is the label)."""
+        sp = self.split
+        users = np.asarray(users, dtype=np.int64)
+        tpos = sp.stage_positions(stage, users)
+        hist = [(int(max(sp.user_offsets[u], p - self.max_len)), int(p)) for u, p in zip(users, tpos)]
+        cands = [(int(p), int(p) + 1) for p in tpos]
+        return self._pack(users, hist, cands, device, targets=sp.items[tpos], history=sp.history(stage, users))
+
+    def user_batch(self, users, stage: str = "test", device=None) -> TokenBatch:
+        """Streams for recommending after all of each user's events up to and including ``stage``'s
+        ("test": every event), without candidates."""
+        sp = self.split
+        users = np.asarray(users, dtype=np.int64)
+        end = sp.user_offsets[users + 1] if stage == "test" else sp.stage_positions("test", users)
+        hist = [(int(max(sp.user_offsets[u], e - self.max_len)), int(e)) for u, e in zip(users, end)]
+        return self._pack(users, hist, [(e, e) for _, e in hist], device)
+
+
+class TrainBatches:
+    """The trainer's batch source: each epoch, every user with >= 2 training events once, in batches.
+
+    Epoch e orders the users with ``np.random.default_rng([seed, e])`` and draws the candidate cuts
+    from the same generator, so an epoch is the same whenever it runs (a resumed run repeats it).
+    """
+
+    def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.builder, self.batch_size, self.candidates, self.seed = builder, batch_size, candidates, seed
+        self.users = np.nonzero(builder.split.train_len >= 2)[0]
+
+    def __len__(self) -> int:
+        return -(-len(self.users) // self.batch_size)
+
+    def epoch(self, epoch: int, device=None) -> Iterator[TokenBatch]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.users)
+        for i in range(0, len(order), self.batch_size):
+            yield self.builder.train_batch(order[i:i + self.batch_size], rng, self.candidates, device)
+
+
+# --------------------------------------------------------------------------- live histories
+
+
+@dataclass
+class History:
+    """One user's events in time order.
+
+    items: [n] int64 1-based internal item ids; ratings: [n] float32 (NaN = unknown);
+    timestamps: [n] float64 seconds (NaN = unknown); user: the internal user index (0 = unknown to the model).
+    """
+
+    items: np.ndarray
+    ratings: np.ndarray
+    timestamps: np.ndarray
+    user: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def of_items(cls, items: Sequence[int], user: int = 0) -> "History":
+        """A history of items only (no ratings, no timestamps)."""
+        it = np.asarray(items, dtype=np.int64)
+        return cls(it, np.full(len(it), np.nan, np.float32), np.full(len(it), np.nan), user)
+
+    @classmethod
+    def of_user(cls, split: LeaveOneOutSplit, user: int, stage: Optional[str] = None) -> "History":
+        """User ``user``'s (internal index) data-set events: all of them (``stage`` None or "test"), or
+        those before the test event ("valid")."""
+        s, e = int(split.user_offsets[user]), int(split.user_offsets[user + 1])
+        if stage == "valid":
+            e = int(split.stage_positions("test", np.asarray([user]))[0])
+        r = split.ratings[s:e] if split.ratings is not None else np.full(e - s, np.nan, np.float32)
+        return cls(split.items[s:e].copy(), r.astype(np.float32), split.timestamps[s:e].copy(), user)
+
+    def concat(self, other: "History") -> "History":
+        """This history followed by ``other``'s events (the user of ``self``)."""
+        return History(np.concatenate([self.items, other.items]), np.concatenate([self.ratings, other.ratings]),
+                       np.concatenate([self.timestamps, other.timestamps]), self.user)
+
+
+def live_token_batch(histories: Sequence[History], max_len: int, num_time_buckets: int,
+                     device=None) -> TokenBatch:
+    """The TokenBatch recommending after each history's last event.
+
+    Each stream holds the last ``max_len`` events (gap buckets computed over the whole history, so the
+    first kept event keeps its gap to the event before it) and no candidates; ``history_items`` /
+    ``history_offsets`` hold every event. Every history must have at least one event (an empty stream
+    has no state to read).
+    """
+    if any(len(h) == 0 for h in histories):
+        raise ValueError("live_token_batch: every history needs at least one event")
+    full = _offsets([len(h) for h in histories])
+    items = np.concatenate([h.items for h in histories]).astype(np.int64)
+    ratings = np.concatenate([h.ratings for h in histories]).astype(np.float32)
+    gap_bucket = time_buckets(event_gaps(np.concatenate([h.timestamps for h in histories]), full[:-1]),
+                              num_time_buckets)
+    hist = [(max(int(a), int(b) - max_len), int(b)) for a, b in zip(full[:-1], full[1:])]
+    return pack_streams([h.user for h in histories], items, ratings, gap_bucket, hist, [(b, b) for _, b in hist],
+                        full[1:], device, history=(items, full))

@@ -1,0 +1,62 @@
+"""Where a data set comes from: the ``data`` section of a run's configuration, and loading it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict
+
+from .dataset import Dataset, encode
+from .fetch import fetch_movielens_100k
+from .readers import read_atomic
+from .synthetic import synthetic
+from .tabular import read_path
+
+BUILT_IN = ("ml-100k", "synthetic")
+
+
+def strict_from_dict(cls, d: dict, where: str):
+    """``cls(**d)`` for a dataclass; a key that is not a field is a ValueError naming it and ``where``.
+    The one rule for unknown keys of every configuration section (data, model, train)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                         + f"; known keys: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+@dataclass
+class DataConfig:
+    """The data set of a run: ``source`` is "ml-100k" (fetched on first use), "synthetic" (``options`` go
+    to :func:`unirec.data.synthetic`), or a path for :func:`unirec.data.read_path` (``options`` go there)."""
+
+    source: str = "ml-100k"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """A short name for run folders and result records: the built-in name or the path's last part."""
+        from pathlib import Path
+        return self.source if self.source in BUILT_IN else Path(self.source).name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        d = dict(d)
+        if "kwargs" in d:  # the key's name in run folders written before options had its name
+            d["options"] = d.pop("kwargs")
+        return strict_from_dict(cls, d, "data config")
+
+
+def load_dataset(source="ml-100k", **options) -> Dataset:
+    """The Dataset of a DataConfig, or of a source name / path with its options."""
+    if isinstance(source, DataConfig):
+        source, options = source.source, {**source.options, **options}
+    if source == "ml-100k":
+        return encode(read_atomic(fetch_movielens_100k(), "ml-100k"))
+    if source == "synthetic":
+        return synthetic(**options)
+    return encode(read_path(source, **options))
