@@ -21,7 +21,8 @@ from typing import Optional
 import pytest
 import torch
 
-from unirec.models import UniRec, UniRecConfig, preset
+from unirec.data import TokenBuilder, TrainBatches
+from unirec.models import UniRec, preset
 from unirec.training import TrainConfig, Trainer
 
 
@@ -38,14 +39,14 @@ def _setup(config: str = "unified", device: str = "cpu", overrides: Optional[dic
 
 
 def _epoch_fn(split, base, impl: str, device: str):
-    cfg = UniRecConfig.from_dict({**base.config.to_dict(), "impl": impl})
     state = copy.deepcopy(base.state_dict())
+    tc = TrainConfig(epochs=1, device=device)
+    batches = TrainBatches(TokenBuilder.for_config(split, base.config), tc.batch_size, base.needs_candidates, tc.seed)
 
     def run():
-        model = UniRec(cfg)
+        model = UniRec(base.config, base.schema, impl)
         model.load_state_dict(state)
-        t = Trainer(model, split, TrainConfig(epochs=1, device=device), progress=False, log=lambda s: None)
-        return t.train_epoch(0)
+        return Trainer(model, batches, tc, progress=False, log=lambda s: None).train_epoch(0)
     return run
 
 
@@ -66,7 +67,7 @@ def main():
     ap.add_argument("--config", default="unified", help="model preset (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="epochs per impl, alternating (default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a UniRecConfig field of the preset, e.g. --set max_len=200")
+                    help="override a ModelConfig field of the preset, e.g. --set max_len=200")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}

@@ -15,7 +15,7 @@ ROWS = [  # name, preset, config overrides
     ("ids", "sasrec", {}),
     ("attrs", "sasrec", {"use_item_features": True}),
     ("attrs-profile", "sasrec", {"use_item_features": True, "use_profile": True}),
-    ("tokens", "unified", {"ranking_head": False, "repeat_bias": False}),
+    ("tokens", "unified", {"objectives": {"retrieval": 1.0}, "repeat_bias": False}),
     ("rank-head", "unified", {"repeat_bias": False}),
     ("unified", "unified", {}),
     ("hstu", "hstu", {}),
@@ -23,7 +23,7 @@ ROWS = [  # name, preset, config overrides
 
 
 def overrides(best: dict, extra: dict) -> list:
-    out = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
+    out = [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in extra.items()]  # one word per value
     for k in TUNED:
         if k in best["params"]:
             out.append(f"{'train.' if k in best['train'] and k not in best['model'] else ''}{k}={best['params'][k]}")

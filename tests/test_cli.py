@@ -39,7 +39,9 @@ def test_evaluate_and_recommend(run_dir, capsys):
     assert main(["evaluate", str(run_dir), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     saved = json.loads((run_dir / "metrics.json").read_text())
-    assert ev["test"]["ndcg@10"] == pytest.approx(saved["test"]["ndcg@10"])
+    for stage in ("valid", "test", "test_unmasked"):
+        for k, v in saved[stage].items():
+            assert ev[stage][k] == pytest.approx(v, abs=1e-6) if isinstance(v, float) else ev[stage][k] == v
     assert main(["recommend", str(run_dir), "--user", "u5", "-k", "7"]) == 0
     out = capsys.readouterr().out
     assert "top 7 recommendations" in out and out.count("(score ") == 7
@@ -47,6 +49,74 @@ def test_evaluate_and_recommend(run_dir, capsys):
     assert "ndcg@10" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown user"):
         main(["recommend", str(run_dir), "--user", "no-such-user"])
+    with pytest.raises(SystemExit, match="no such run folder"):
+        main(["evaluate", str(run_dir / "missing")])
+
+
+def _as_legacy(run_dir, out):
+    """A copy of a run folder as the single-class model wrote it: a flat model_config.json (data sizes,
+    hyper-parameters and impl in one) and the state dict under that model's names."""
+    import shutil
+    from unirec.models.unirec import _LEGACY_NAMES
+    shutil.copytree(run_dir, out)
+    spec = json.loads((out / "model.json").read_text())
+    model, objectives = dict(spec["model"]), spec["model"]["objectives"]
+    del model["objectives"], model["item_optimizer"], model["item_lr"]
+    flat = {**model, **spec["schema"], "impl": "auto", "retrieval_loss": "full",
+            "ranking_head": "ranking" in objectives, "ranking_weight": objectives.get("ranking", 0.1)}
+    (out / "model_config.json").write_text(json.dumps(flat))
+    (out / "model.json").unlink()
+    state = torch.load(out / "model.pt", weights_only=True)
+    old = {}
+    for k, v in state.items():
+        for o, n in _LEGACY_NAMES:
+            if k == n or (n.endswith(".") and k.startswith(n)):
+                k = o + k[len(n):]
+                break
+        old[k] = v
+    torch.save(old, out / "model.pt")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["data"]["kwargs"] = cfg["data"].pop("options")
+    cfg["model"] = flat
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_run_folder_of_the_single_class_model_loads_and_reproduces(run_dir, tmp_path, capsys):
+    legacy = _as_legacy(run_dir, tmp_path / "legacy")
+    assert main(["evaluate", str(legacy), "--json", "--no-record"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for stage in ("valid", "test", "test_unmasked"):
+        assert ev[stage]["ndcg@10"] == pytest.approx(saved[stage]["ndcg@10"], abs=1e-6)
+        assert ev[stage]["hr@10"] == pytest.approx(saved[stage]["hr@10"], abs=1e-6)
+    assert not (legacy / "ranks.npz").exists() or (legacy / "ranks.npz").stat().st_mtime == \
+        (run_dir / "ranks.npz").stat().st_mtime
+
+
+def test_compare_pairs_runs_by_seed(tmp_path, capsys):
+    runs = {}
+    for arm, extra in (("sasrec", ["--config", "sasrec"]), ("unified", [])):
+        for seed in (0, 1):
+            out = tmp_path / f"{arm}-s{seed}"
+            assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--max-len", "16", "--seed", str(seed),
+                         "--out", str(out), *extra]) == 0
+            runs.setdefault(arm, []).append(str(out))
+    capsys.readouterr()
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(x["arm"], x["seed"]) for x in lines] == [("sasrec", 0), ("sasrec", 1), ("unified", 0), ("unified", 1)]
+    assert main(["compare", *runs["unified"], "--", *reversed(runs["sasrec"]), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    nd = res["metrics"]["ndcg@10"]
+    assert nd["num_seeds"] == 2 and nd["num_users"] == lines[0]["metrics"]["test"]["num_users"]
+    want = sum(x["metrics"]["test"]["ndcg@10"] for x in lines[2:]) / 2 - \
+        sum(x["metrics"]["test"]["ndcg@10"] for x in lines[:2]) / 2
+    assert nd["diff"] == pytest.approx(want, abs=1e-9) and nd["low"] <= nd["diff"] <= nd["high"]
+    assert [(p[2], p[3]) for p in res["pairs"]] == [(0, 0), (1, 1)]
+    assert main(["compare", *runs["unified"], "--", *runs["sasrec"]]) == 0
+    assert "ndcg@10" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="then --"):
+        main(["compare", *runs["unified"]])
 
 
 def test_data_info(capsys):
@@ -54,7 +124,8 @@ def test_data_info(capsys):
     assert "users 60" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cmd", [["train"], ["evaluate"], ["recommend"], ["tune"], ["data", "info"], []])
+@pytest.mark.parametrize("cmd", [["train"], ["evaluate"], ["compare"], ["recommend"], ["tune"], ["data", "info"],
+                                 []])
 def test_help_explains_every_option(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
@@ -71,9 +142,9 @@ def test_help_explains_every_option(cmd, capsys):
 
 
 def test_movielens_100k_real_data(capsys):
-    from unirec.data import FetchError, leave_one_out, load_dataset
+    from unirec.data import FetchError, TokenBuilder, leave_one_out, load_dataset
     from unirec.evaluation import evaluate_model
-    from unirec.models import TokenBuilder, UniRec, preset
+    from unirec.models import UniRec, preset
     try:
         ds = load_dataset("ml-100k")
     except FetchError as exc:
@@ -83,9 +154,9 @@ def test_movielens_100k_real_data(capsys):
     torch.manual_seed(0)
     cfg = preset("unified", dim=16, num_blocks=1, max_len=30)
     m = UniRec.from_dataset(ds, cfg)
-    assert cfg.item_feature_names == ["release_year", "class"] and "occupation" in cfg.user_feature_names
+    assert m.schema.item_feature_names == ["release_year", "class"] and "occupation" in m.schema.user_feature_names
     tb = TokenBuilder.for_config(sp, cfg)
-    loss, _ = m.loss(tb.train_batch(sp.eval_users[:32], None))
+    loss, _ = m(tb.train_batch(sp.eval_users[:32], None))
     loss.backward()
     assert torch.isfinite(loss)
     res = evaluate_model(m, tb, "valid")

@@ -24,9 +24,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from unirec.cli import build_parser, main  # noqa: E402
-from unirec.models import TokenBuilder, time_buckets  # noqa: E402
-from unirec.serving import (EventStore, History, MicroBatcher, RecommendJob, Recommender, create_app,  # noqa: E402
-                            gap_buckets, live_token_batch, load_run, split_history)
+from unirec.data import History, TokenBuilder, event_gaps, live_token_batch, time_buckets  # noqa: E402
+from unirec.serving import EventStore, MicroBatcher, RecommendJob, Recommender, create_app, load_run  # noqa: E402
 
 from conftest import SYNTHETIC, TINY_MODEL  # noqa: E402
 
@@ -62,7 +61,7 @@ def _reference(model, split, hist: History, k: int, exclude: bool = True):
     with torch.no_grad():
         rep = model.item_representations().float()
         q = model.predict(b, rep)["queries"]
-        vals, idx = model.topk_items(q, rep, k, b.history_items, b.history_offsets, exclude_history=exclude)
+        vals, idx = model.scorer.topk(q, rep, k, b.history_items, b.history_offsets, exclude_history=exclude)
     vocab = split.dataset.item_vocab
     keep = idx[0] > 0
     return [str(vocab[i]) for i in idx[0][keep].tolist()], vals[0][keep].tolist()
@@ -73,7 +72,7 @@ def _reference(model, split, hist: History, k: int, exclude: bool = True):
 
 def test_gap_buckets_match_time_buckets():
     ts = np.array([10.0, 10.0, 12.0, 5.0, np.nan, 100.0, 1e9])
-    got = gap_buckets(ts, 24)
+    got = time_buckets(event_gaps(ts, [0]), 24)
     want = [0] + [int(time_buckets(np.array([g]), 24)[0]) for g in (0.0, 2.0, 0.0)] + [0, 0] + \
         [int(time_buckets(np.array([1e9 - 100.0]), 24)[0])]
     assert got.tolist() == want
@@ -89,7 +88,7 @@ def test_live_token_batch_gives_token_builder_queries(loaded, stage):
     assert len(users) >= 4
     with torch.no_grad():
         rep = model.item_representations().float()
-        live = live_token_batch([split_history(split, u, stage) for u in users], model.config.max_len,
+        live = live_token_batch([History.of_user(split, u, stage) for u in users], model.config.max_len,
                                 model.config.num_time_buckets)
         q_live = model.predict(live, rep)["queries"]
         for j, u in enumerate(users):
@@ -99,7 +98,7 @@ def test_live_token_batch_gives_token_builder_queries(loaded, stage):
             ref = tb.user_batch([u], stage)
             s, e = int(live.offsets[j]), int(live.offsets[j + 1])
             assert torch.equal(live.items[s:e], ref.items) and torch.equal(live.gaps[s:e], ref.gaps)
-    full = sum(len(split_history(split, u, stage)) for u in users)
+    full = sum(len(History.of_user(split, u, stage)) for u in users)
     assert live.history_items.numel() == full
 
 
@@ -205,11 +204,11 @@ def test_every_endpoint(client, loaded):
     a = r.json()
     assert r.status_code == 200 and a["source"] == "model" and a["known_user"] is True
     u = ds.user_index("u3")
-    want_ids, want_scores = _reference(model, split, split_history(split, u), 6)
+    want_ids, want_scores = _reference(model, split, History.of_user(split, u), 6)
     assert _ids(a) == want_ids and a["model_version"] == version
     np.testing.assert_allclose([x["score"] for x in a["items"]], want_scores, rtol=1e-4, atol=1e-5)
     assert all(x["title"] == str(ds.item_text[ds.item_index(x["item_id"])]) for x in a["items"])
-    assert a["history_length"] == len(split_history(split, u))
+    assert a["history_length"] == len(History.of_user(split, u))
 
     r = client.post("/v1/recommend", json={"history": items[:3], "k": 4, "exclude_seen": False})
     assert r.status_code == 200 and r.json()["known_user"] is None
@@ -227,7 +226,7 @@ def test_every_endpoint(client, loaded):
     r = client.get("/v1/users/u3/history")
     h = r.json()
     assert r.status_code == 200 and h["known_user"] and h["events"][-1]["source"] == "live"
-    assert [e["item_id"] for e in h["events"][:-1]] == [str(ds.item_vocab[i]) for i in split_history(split, u).items]
+    assert [e["item_id"] for e in h["events"][:-1]] == [str(ds.item_vocab[i]) for i in History.of_user(split, u).items]
 
     r = client.get(f"/v1/items/{items[4]}/similar", params={"k": 5})
     s = r.json()
@@ -271,7 +270,7 @@ def test_event_then_recommend_is_fresh(client, loaded):
     model, split, _ = loaded
     ds = split.dataset
     u = ds.user_index("u7")
-    hist = split_history(split, u)
+    hist = History.of_user(split, u)
     for step in range(4):
         before = client.post("/v1/recommend", json={"user_id": "u7", "k": 5}).json()
         top = before["items"][0]["item_id"]

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from unirec.data import leave_one_out, synthetic
-from unirec.models import TokenBuilder, UniRec, preset
-from unirec.training import TrainConfig, Trainer, load_model, lr_at, save_model, train_run
+from unirec.data import DataConfig, TokenBuilder, TrainBatches, leave_one_out, synthetic
+from unirec.evaluation import evaluate_model
+from unirec.models import UniRec, preset
+from unirec.runs import Run
+from unirec.training import TrainConfig, Trainer, lr_at, train_run
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,16 @@ def fresh(sp, seed=0):
     return UniRec.from_dataset(sp.dataset, cfg())
 
 
+def trainer(model, sp, t, run=None):
+    tb = TokenBuilder.for_config(sp, model.config)
+    return Trainer(model, TrainBatches(tb, t.batch_size, model.needs_candidates, t.seed), t, run,
+                   validate=lambda: evaluate_model(model, tb, "valid"), progress=False, log=lambda s: None)
+
+
+def new_run(path, model, t):
+    return Run.create(path, DataConfig("synthetic"), model.config, vars(t))
+
+
 def test_lr_schedule_warmup_then_cosine():
     c = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, 100, c) == pytest.approx(0.1)
@@ -50,7 +62,7 @@ def test_seeded_cpu_runs_repeat_exactly(split):
     outs = []
     for _ in range(2):
         m = fresh(split)
-        hist = Trainer(m, split, tc(), progress=False, log=lambda s: None).fit()
+        hist = trainer(m, split, tc()).fit()
         outs.append((predictions(m, split), [h["loss"] for h in hist]))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=0, rtol=0)
     assert outs[0][1] == outs[1][1]
@@ -59,22 +71,24 @@ def test_seeded_cpu_runs_repeat_exactly(split):
 def test_checkpoint_load_and_resume_give_identical_predictions(split, tmp_path):
     # uninterrupted: 2 epochs (patience high so the best = the last improving epoch)
     a = fresh(split)
-    ta = Trainer(a, split, tc(), run_dir=tmp_path / "a", progress=False, log=lambda s: None)
+    ta = trainer(a, split, tc(), new_run(tmp_path / "a", a, tc()))
     ta.fit()
-    # save / load round trip (weights_only loading inside load_model)
-    save_model(tmp_path / "copy", a)
-    loaded = load_model(tmp_path / "copy")
+    # save / load round trip (weights_only loading inside Run.load_model)
+    copy = new_run(tmp_path / "copy", a, tc())
+    copy.save_model(a)
+    loaded = Run.open(tmp_path / "copy").load_model()
     for x, y in zip(predictions(a, split), predictions(loaded, split)):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     # interrupted after 1 epoch of the same 2-epoch schedule, then resumed from last.pt
     b = fresh(split)
-    tb = Trainer(b, split, tc(epochs=2), run_dir=tmp_path / "b", progress=False, log=lambda s: None)
+    tb = trainer(b, split, tc(epochs=2), new_run(tmp_path / "b", b, tc()))
     tb.tc.epochs = 1
     tb.total_steps = tb.steps_per_epoch * 2  # same schedule as the 2-epoch run
     tb.fit()
-    c = load_model(tmp_path / "b")  # best weights so far; resume restores last.pt over them
+    run_b = Run.open(tmp_path / "b")
+    c = run_b.load_model()  # best weights so far; resume restores last.pt over them
     c.train()
-    tr = Trainer(c, split, tc(epochs=2), run_dir=tmp_path / "b", progress=False, log=lambda s: None)
+    tr = trainer(c, split, tc(epochs=2), run_b)
     tr.fit(resume=True)
     assert tr.state["epoch"] == 2 and ta.state["history"][1]["loss"] == tr.state["history"][1]["loss"]
     for x, y in zip(predictions(a, split), predictions(c, split)):
@@ -82,15 +96,44 @@ def test_checkpoint_load_and_resume_give_identical_predictions(split, tmp_path):
 
 
 def test_early_stopping_and_run_folder(split, tmp_path):
-    data = {"source": "synthetic", "kwargs": {"num_users": 80, "num_items": 100, "num_clusters": 4,
-                                             "mean_length": 12, "seed": 5}}
+    data = DataConfig("synthetic", {"num_users": 80, "num_items": 100, "num_clusters": 4, "mean_length": 12,
+                                    "seed": 5})
     m = train_run(data, cfg(), tc(epochs=30, patience=1, lr=0.05), tmp_path / "run", progress=False,
-                  log=lambda s: None)
+                  log=lambda s: None, arm="tiny")
     assert m["epochs_run"] < 30 and "early stop" in m["stopped"]
-    for f in ("config.json", "model_config.json", "model.pt", "last.pt", "metrics.json", "training.png"):
+    for f in ("config.json", "model.json", "model.pt", "last.pt", "metrics.json", "ranks.npz", "training.png"):
         assert (tmp_path / "run" / f).exists(), f
+    ranks = np.load(tmp_path / "run" / "ranks.npz")
+    assert len(ranks["users"]) == len(ranks["test"]) == m["test"]["num_users"]
+    assert np.mean(np.where(ranks["test"] <= 10, 1 / np.log2(ranks["test"] + 1), 0)) == pytest.approx(
+        m["test"]["ndcg@10"])
+    line = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert line["arm"] == "tiny" and line["data"] == "synthetic" and line["seed"] == 0
+    assert line["metrics"]["test"]["ndcg@10"] == m["test"]["ndcg@10"] and line["commit"]
+    assert line["protocol"]["test_mask_history"] is True
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["test"]["mask_history"] is True and saved["test_unmasked"]["mask_history"] is False
     assert saved["valid"]["stage"] == "valid" and 0 <= saved["test"]["ndcg@10"] <= 1
     assert {"loss", "val_ndcg@10", "tokens_per_s"} <= set(saved["history"][0])
     assert np.isfinite(saved["test"]["rmse"])
+
+
+def test_config_sections_reject_unknown_keys():
+    with pytest.raises(ValueError, match="train config: unknown key 'epoch'"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="data config: unknown key 'path'"):
+        DataConfig.from_dict({"path": "x"})
+    assert DataConfig.from_dict({"source": "synthetic", "kwargs": {"seed": 1}}).options == {"seed": 1}
+
+
+def test_atomic_writes_leave_the_old_file_whole(tmp_path):
+    from unirec.runs import write_atomic
+    f = tmp_path / "x.bin"
+    write_atomic(f, lambda fh: fh.write(b"old"))
+
+    def dies(fh):
+        fh.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(f, dies)
+    assert f.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]

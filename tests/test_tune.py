@@ -4,13 +4,14 @@ import json
 import pytest
 
 from unirec.cli import main
+from unirec.data import DataConfig
 from unirec.models import preset
 from unirec.training import TrainConfig
 from unirec.training.tune import parse_space, tune
 
 pytest.importorskip("optuna")
 
-DATA = {"source": "synthetic", "kwargs": {"num_users": 50, "num_items": 60, "mean_length": 10, "seed": 1}}
+DATA = DataConfig("synthetic", {"num_users": 50, "num_items": 60, "mean_length": 10, "seed": 1})
 
 
 def test_parse_space_and_errors():

@@ -1,7 +1,8 @@
-"""The ``unirec`` command: train, evaluate, recommend, data info.
+"""The ``unirec`` command: train, evaluate, compare, recommend, tune, serve, data info.
 
     unirec train                       # MovieLens-100K, the unified config, ./runs/ml-100k-<time>
-    unirec evaluate runs/ml-100k-...   # metrics of a run's best model
+    unirec evaluate runs/ml-100k-...   # metrics of a run's best model (+ per-user ranks, a results line)
+    unirec compare RUNS_A... -- RUNS_B...   # paired bootstrap interval of the NDCG@10 / HR@10 difference
     unirec recommend runs/ml-100k-... --user 42 -k 10
     unirec data info                   # what the data set holds
     unirec tune --config sasrec --trials 16 --out tune-sasrec   # search on validation NDCG@10
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 DATA_HELP = ('data set: "ml-100k" (fetched on first use into $UNIREC_HOME, default ~/.cache/unirec), '
@@ -32,11 +32,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic data: generator seed (default: %(default)s)")
 
 
-def _data_spec(args) -> dict:
+def _data_config(args):
+    from .data import DataConfig
     if args.data == "synthetic":
-        return {"source": "synthetic", "kwargs": {"num_users": args.synthetic_users, "num_items": args.synthetic_items,
-                                                  "mean_length": args.synthetic_length, "seed": args.synthetic_seed}}
-    return {"source": args.data, "kwargs": {}}
+        return DataConfig("synthetic", {"num_users": args.synthetic_users, "num_items": args.synthetic_items,
+                                        "mean_length": args.synthetic_length, "seed": args.synthetic_seed})
+    return DataConfig(args.data)
 
 
 def _parse_value(v: str):
@@ -44,6 +45,9 @@ def _parse_value(v: str):
         return json.loads(v)
     except json.JSONDecodeError:
         return v
+
+
+IMPLS = ["auto", "cpp", "cuda", "triton", "reference"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,17 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--config", default="unified",
                    help=f"model preset ({', '.join(sorted(PRESETS))}; sasrec = the SASRec-equivalent baseline) "
-                        "or a JSON file of UniRecConfig fields (default: %(default)s)")
+                        "or a JSON file of ModelConfig fields (default: %(default)s)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a UniRecConfig field, e.g. --set dim=128 --set attention=silu (repeatable)")
+                   help="override a ModelConfig field, e.g. --set dim=128 --set attention=silu, "
+                        "--set 'objectives={\"retrieval\": 1, \"ranking\": 0.2}' (repeatable)")
     t.add_argument("--dim", type=int, help="embedding / hidden width (default: the preset's, 96)")
     t.add_argument("--blocks", type=int, help="Transformer blocks (default: the preset's, 3)")
     t.add_argument("--heads", type=int, help="attention heads (default: the preset's, 2)")
     t.add_argument("--max-len", type=int, help="history tokens per user (default: the preset's, 50 unified / 100 sasrec)")
     t.add_argument("--dropout", type=float, help="dropout (default: the preset's, 0.146 unified / 0.301 sasrec)")
     t.add_argument("--attention", choices=["softmax", "silu"], help="attention kind (silu = HSTU pointwise)")
-    t.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
-                   help="kernel backend for every op; reference = pure PyTorch (default: %(default)s)")
+    t.add_argument("--impl", default="auto", choices=IMPLS,
+                   help="kernel backend for every op; reference = pure PyTorch; not saved with the run "
+                        "(default: %(default)s)")
     t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
     t.add_argument("--lr", type=float, default=None,
@@ -93,16 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default: ./runs/<dataset>-<UTC time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--user", default=None, help="user id whose top 10 is shown (default: the first user)")
+    t.add_argument("--arm", default=None, help="name of the run in the results file (default: the --config name)")
+    t.add_argument("--results", default=None, metavar="FILE",
+                   help="results file the evaluation's line is appended to (default: results.jsonl beside the "
+                        "run folder)")
     t.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
 
     e = sub.add_parser("evaluate", help="evaluate a run's best model on validation and test",
                        description="Recompute a run's metrics (full ranking, history masked and unmasked, "
                                    "rating and like metrics) from its checkpoint and data.")
     e.add_argument("run", help="run folder written by `unirec train`")
-    e.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
-                   help="kernel backend (default: %(default)s)")
+    e.add_argument("--impl", default="auto", choices=IMPLS, help="kernel backend (default: %(default)s)")
     e.add_argument("--device", default="cpu", help="device (default: %(default)s)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--results", default=None, metavar="FILE",
+                   help="results file the line is appended to (default: results.jsonl beside the run folder)")
+    e.add_argument("--no-record", action="store_true",
+                   help="write neither RUN/ranks.npz nor a results line (default: both)")
+
+    c = sub.add_parser("compare", help="paired comparison of two arms' runs, user by user",
+                       description="The mean difference of test NDCG@10 and HR@10 between arm A and arm B with a "
+                                   "paired bootstrap 95%% interval over users and seeds (runs paired by seed), "
+                                   "from each run's per-user ranks (RUN/ranks.npz, written by `unirec train` and "
+                                   "`unirec evaluate`). Usage: unirec compare RUN_A1 RUN_A2 ... -- RUN_B1 RUN_B2 ...")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="arm A's runs")
+    c.add_argument("--against", nargs="+", default=[], metavar="RUN",
+                   help="arm B's runs (what follows a bare --: RUN_A... -- RUN_B...)")
+    c.add_argument("--stage", default="test", choices=["test", "test_unmasked", "valid"],
+                   help="which ranks to compare (default: %(default)s)")
+    c.add_argument("--metric", action="append", default=None, metavar="METRIC",
+                   help="ndcg@K, hr@K or mrr@K, K <= 20 (repeatable; default: ndcg@10 and hr@10)")
+    c.add_argument("--samples", type=int, default=10000, help="bootstrap samples (default: %(default)s)")
+    c.add_argument("--names", default="A,B", help="names of the two arms in the table (default: %(default)s)")
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     r = sub.add_parser("recommend", help="top-k items for a user from a run's model",
                        description="Recommend after all of the user's events (their last five are shown).")
@@ -110,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--user", required=True, help="the data set's user id")
     r.add_argument("-k", type=int, default=10, help="how many items (default: %(default)s)")
     r.add_argument("--include-seen", action="store_true", help="allow items the user already has")
-    r.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
-                   help="kernel backend (default: %(default)s)")
+    r.add_argument("--impl", default="auto", choices=IMPLS, help="kernel backend (default: %(default)s)")
 
     u = sub.add_parser("tune", help="search hyper-parameters on validation NDCG@10 (Optuna, resumable)",
                        description="Train one model per trial, choose by validation NDCG@10 only (test is never "
@@ -119,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that running the same command again resumes it. Writes OUT/best.json and "
                                    "OUT/best_model_config.json (for `unirec train --config`).")
     _add_data_args(u)
-    u.add_argument("--config", default="unified", help=f"preset or UniRecConfig JSON file to start from "
+    u.add_argument("--config", default="unified", help=f"preset or ModelConfig JSON file to start from "
                                                        f"({', '.join(sorted(PRESETS))}; default: %(default)s)")
     u.add_argument("--trials", type=int, default=16, help="finished trials in all (default: %(default)s)")
     u.add_argument("--param", action="append", default=[], metavar="FIELD=DIST",
-                   help="search FIELD (UniRecConfig or training field) over DIST: log:LOW:HIGH, float:LOW:HIGH, "
+                   help="search FIELD (ModelConfig or training field) over DIST: log:LOW:HIGH, float:LOW:HIGH, "
                         "int:LOW:HIGH or choice:A,B,C; replaces the default space when given (default space: "
                         + ", ".join(f"{k}={v}" for k, v in DEFAULT_SPACE.items()) + ")")
     u.add_argument("--epochs", type=int, default=20, help="maximum epochs per trial (default: %(default)s)")
@@ -152,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get 413 (default: %(default)s)")
     sv.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads of the model; the event loop needs a core too (default: %(default)s)")
-    sv.add_argument("--impl", default="auto", choices=["auto", "cpp", "cuda", "triton", "reference"],
-                   help="kernel backend (default: %(default)s)")
+    sv.add_argument("--impl", default="auto", choices=IMPLS, help="kernel backend (default: %(default)s)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: %(default)s)")
 
@@ -175,7 +202,7 @@ def _title(ds, item: int) -> str:
 
 def _top_for_user(model, split, user_id: Optional[str], k: int, exclude: bool = True):
     """(user index, last five item ids, [(item, score)] top k) after all the user's events."""
-    from .models import TokenBuilder
+    from .data import TokenBuilder
     ds = split.dataset
     try:
         u = ds.user_index(user_id) if user_id is not None else int(split.eval_users[0])
@@ -201,74 +228,66 @@ def _print_top(split, u, last5, top, out=None) -> None:
         print(f"  {r:2d}. {_title(ds, i)}  (score {s:.3f})", file=out)
 
 
-def format_metrics(metrics: dict) -> str:
-    """A table: rows = metric, columns = valid / test / test unmasked / popularity."""
-    cols = [("valid", "valid"), ("test", "test"), ("test_unmasked", "test unmasked"), ("popularity_test", "popularity")]
-    cols = [(k, n) for k, n in cols if k in metrics]
-    keys = [f"{m}@{k}" for k in (5, 10, 20) for m in ("ndcg", "hr", "mrr")] + ["rmse", "mae", "auc", "gauc"]
-    lines = [f"{'metric':<10}" + "".join(f"{n:>15}" for _, n in cols)]
-    for key in keys:
-        vals = [metrics[c].get(key) for c, _ in cols]
-        if all(v is None for v in vals):
-            continue
-        lines.append(f"{key:<10}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
-    lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_train(args) -> int:
-    from .data import leave_one_out
-    from .models import UniRecConfig
+    from .evaluation import format_metrics
+    from .models import ModelConfig
     from .models.config import preset_training
-    from .training import TrainConfig, load_data, load_model, train_run
-    from .training.run import default_run_dir
+    from .runs import Run, default_run_dir
+    from .training import TrainConfig, train_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = _model_config(args.config)
+    d = _model_config(args.config).to_dict()
     over = {"dim": args.dim, "num_blocks": args.blocks, "num_heads": args.heads, "max_len": args.max_len,
-            "dropout": args.dropout, "attention": args.attention, "impl": args.impl}
-    d = cfg.to_dict()
+            "dropout": args.dropout, "attention": args.attention}
     d.update({k: v for k, v in over.items() if v is not None})
     for kv in args.set:
         if "=" not in kv:
             raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         d[k] = _parse_value(v)
-    cfg = UniRecConfig.from_dict(d)
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--config / --set: {exc}") from None
     opt = preset_training(args.config)
     lr = args.lr if args.lr is not None else opt["lr"]
     wd = args.weight_decay if args.weight_decay is not None else opt["weight_decay"]
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=wd,
                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
                      seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None)
-    data = _data_spec(args)
-    run_dir = Path(args.out) if args.out else default_run_dir(data["source"])
-    metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress)
+    data = _data_config(args)
+    run_dir = Path(args.out) if args.out else default_run_dir(data)
+    arm = args.arm or Path(args.config).stem
+    metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress, impl=args.impl,
+                        arm=arm, results_file=args.results)
     print()
     print(format_metrics(metrics))
     print(f"\nbest epoch {metrics['best_epoch']} of {metrics['epochs_run']}; "
           f"{metrics['total_seconds']:.0f}s in all; run folder {run_dir}")
-    model = load_model(run_dir, impl=args.impl)
-    split = leave_one_out(load_data(data))
+    run = Run.open(run_dir)
+    model, split = run.load_model(args.impl), run.load_split()
     _print_top(split, *_top_for_user(model, split, args.user, 10))
     return 0
 
 
 def _model_config(name: str):
-    """A preset by name or a UniRecConfig JSON file."""
-    from .models import UniRecConfig, preset
+    """A preset by name or a ModelConfig JSON file."""
+    from .models import ModelConfig, preset
     from .models.config import PRESETS
     if name in PRESETS:
         return preset(name)
     path = Path(name)
     if not path.exists():
         raise SystemExit(f"--config {name!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
-    return UniRecConfig.from_json(path.read_text())
+    try:
+        return ModelConfig.from_json(path.read_text())
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--config {name}: {exc}") from None
 
 
 def cmd_tune(args) -> int:
@@ -289,7 +308,7 @@ def cmd_tune(args) -> int:
     tc = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, device=device,
                      **preset_training(args.config))
     try:
-        result = tune(_data_spec(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
+        result = tune(_data_config(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     print(format_trials(result))
@@ -300,21 +319,29 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _load_run(run: str, impl: str):
-    from .data import leave_one_out
-    from .training import load_data, load_model
-    path = Path(run)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise SystemExit(f"{run}: no config.json; pass a folder written by `unirec train`")
-    data = json.loads(cfg_file.read_text())["data"]
-    return load_model(path, impl=impl), leave_one_out(load_data(data))
+def _open_run(path: str, impl: str):
+    """(Run, model, split) of a run folder; a missing or malformed folder exits with one line."""
+    from .runs import Run
+    try:
+        run = Run.open(path)
+        return run, run.load_model(impl), run.load_split()
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def cmd_evaluate(args) -> int:
-    from .training import evaluate_run_model
-    model, split = _load_run(args.run, args.impl)
-    metrics = evaluate_run_model(model.to(args.device), split, device=args.device)
+    import time
+    from .evaluation import evaluate_split, format_metrics
+    t0 = time.perf_counter()
+    run, model, split = _open_run(args.run, args.impl)
+    metrics, ranks = evaluate_split(model.to(args.device), split, device=args.device)
+    if not args.no_record:
+        run.save_ranks(ranks)
+        try:
+            metrics["protocol"] = run.read_metrics().get("protocol")
+        except FileNotFoundError:
+            pass
+        run.append_result(metrics, time.perf_counter() - t0, args.results)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -322,8 +349,24 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .evaluation import compare_runs, format_comparison
+    runs_a, runs_b = args.runs, args.against
+    if not runs_a or not runs_b:
+        raise SystemExit("compare: give arm A's runs, then --, then arm B's runs (e.g. unirec compare "
+                         "runs/a-s0 runs/a-s1 -- runs/b-s0 runs/b-s1)")
+    names = (args.names.split(",") + ["A", "B"])[:2]
+    try:
+        result = compare_runs(runs_a, runs_b, metrics=tuple(args.metric or ("ndcg@10", "hr@10")), stage=args.stage,
+                              num_samples=args.samples)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"compare: {exc}") from None
+    print(json.dumps(result, indent=2, default=str) if args.json else format_comparison(result, *names))
+    return 0
+
+
 def cmd_recommend(args) -> int:
-    model, split = _load_run(args.run, args.impl)
+    _, model, split = _open_run(args.run, args.impl)
     _print_top(split, *_top_for_user(model, split, args.user, args.k, exclude=not args.include_seen))
     return 0
 
@@ -341,18 +384,23 @@ def cmd_serve(args) -> int:
 
 
 def cmd_data_info(args) -> int:
-    from .data import describe
-    from .training import load_data
-    print(describe(load_data(_data_spec(args))))
+    from .data import describe, load_dataset
+    print(describe(load_dataset(_data_config(args))))
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"] and "--" in argv:  # argparse would drop the bare -- that separates the arms
+        i = argv.index("--")
+        argv[i] = "--against"
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
     if args.command == "evaluate":
         return cmd_evaluate(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     if args.command == "recommend":
         return cmd_recommend(args)
     if args.command == "tune":

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md section 7), in torch.
+"""Evaluation metrics (docs/protocol.md), in torch.
 
 Ranking (full ranking over the catalogue, one target per user):
 

@@ -1,10 +1,11 @@
-"""Evaluating a UniRec model per DESIGN.md section 7, with ``unirec.ops.topk_scores``.
+"""Evaluating a UniRec model on a leave-one-out split (docs/protocol.md).
 
-Full ranking: the target's rank comes from the top ``kmax + 1`` unseen items plus, when the
-history is not masked, the user's history items (with the model's repeat offsets), with ties
-pessimistic as in :mod:`unirec.evaluation.metrics`: rank = 1 + #{other eligible items scoring
->= the target}. Ranks beyond ``kmax`` are reported as ``kmax + 1``, which leaves
-NDCG/HR/MRR@K exact for every K <= kmax. No B x N score matrix is stored.
+Full ranking through the model's scorer (:meth:`unirec.models.Scorer.target_ranks`): the target's
+rank comes from the top ``kmax + 1`` unseen items plus, when the history is not masked, the user's
+history items (with the model's repeat offsets), with ties pessimistic as in
+:mod:`unirec.evaluation.metrics`. Ranks beyond ``kmax`` are reported as ``kmax + 1``, which leaves
+NDCG/HR/MRR@K exact for every K <= kmax. No B x N score matrix is stored. Every evaluation keeps
+the per-user ranks, so that two runs can be compared user by user (:mod:`unirec.evaluation.compare`).
 """
 from __future__ import annotations
 
@@ -14,43 +15,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import ops
-from ..models._impl import op_impl
+from ..data import TokenBuilder
 from .metrics import DEFAULT_KS, auc, gauc, mae, ranking_metrics, rmse
-
-
-def model_ranks(model, queries: torch.Tensor, item_rep: torch.Tensor, targets: torch.Tensor,
-                history_items: torch.Tensor, history_offsets: torch.Tensor, mask_history: bool = True,
-                kmax: int = 20) -> torch.Tensor:
-    """Pessimistic ranks (clipped at kmax + 1) of each user's target under ``model``'s scores.
-
-    Args:
-        queries: [B, D] user states; item_rep: [N + 1, D]; targets: [B] int64 1-based item ids.
-        history_items / history_offsets: CSR [H] / [B + 1] of the events before each target (1-based).
-        mask_history: rank among items outside the history (the target always competes).
-    The target's score includes its repeat offset when it is in the history (``UniRec.item_scores``);
-    rank = 1 + #{unseen items scoring >= it} (from the top kmax + 1 of ``topk_scores`` with the
-    history and the target excluded) + #{other history items scoring >= it} when not masked.
-    """
-    B = queries.shape[0]
-    dev = queries.device
-    t_score = model.item_scores(queries, item_rep, targets.view(-1, 1), history_items, history_offsets)[:, 0]
-    ex_off = history_offsets + torch.arange(B + 1, device=dev)          # each row: history + target
-    ex_idx = torch.empty(int(ex_off[-1]), dtype=torch.int64, device=dev)
-    is_target = torch.zeros_like(ex_idx, dtype=torch.bool)
-    is_target[ex_off[1:] - 1] = True
-    ex_idx[is_target] = targets
-    ex_idx[~is_target] = history_items
-    items = item_rep[1:].float()
-    k = min(kmax + 1, items.shape[0])
-    vals, idx = ops.topk_scores(queries.float(), items, k, exclude_offsets=ex_off, exclude_indices=ex_idx - 1,
-                                impl=op_impl(model.config.impl, "retrieval"))
-    ahead = ((vals >= t_score.view(-1, 1)) & (idx >= 0)).sum(1)
-    if not mask_history and history_items.numel():
-        r, it, hs = model.history_scores(queries, item_rep, history_items, history_offsets)
-        other = it != targets[r]
-        ahead = ahead.index_add(0, r[other], (hs[other] >= t_score[r[other]]).long())
-    return torch.clamp(1 + ahead, max=kmax + 1)
 
 
 def _nan_to_none(d: dict) -> dict:
@@ -59,7 +25,8 @@ def _nan_to_none(d: dict) -> dict:
 
 @torch.no_grad()
 def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = True, ks: Sequence[int] = DEFAULT_KS,
-                   batch_size: int = 256, device=None, gauc_stages: Optional[Sequence[str]] = None) -> Dict[str, object]:
+                   batch_size: int = 256, device=None, gauc_stages: Optional[Sequence[str]] = None,
+                   return_ranks: bool = False) -> Dict[str, object]:
     """Ranking (NDCG/HR/MRR@K) and, with a ranking head, rating (RMSE/MAE) and like (AUC) metrics.
 
     Args:
@@ -68,6 +35,7 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
         mask_history: exclude the user's earlier items (except the target) from the ranking.
         gauc_stages: stages whose events are pooled for GAUC (a user needs events of both classes, so one
             event per user is not enough); default (stage,) for "valid", ("valid", "test") for "test".
+        return_ranks: also return "ranks", [E] int64 per user of ``builder.split.eval_users``.
     Returns:
         {"ndcg@10": ..., "hr@10": ..., ..., "num_users", "mask_history", "stage",
          "rmse", "mae", "auc", "gauc", "gauc_stages"} (rating keys only with a ranking head; NaN -> None).
@@ -86,14 +54,15 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
             b = b.to(device)
             p = model.predict(b, item_rep)
             if st == stage:
-                r = model_ranks(model, p["queries"], p["item_rep"], b.targets, b.history_items, b.history_offsets,
-                                mask_history, kmax=max(ks))
+                r = model.scorer.target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
+                                              b.history_offsets, mask_history, kmax=max(ks))
                 ranks.append(r.cpu())
             if "rating" in p and b.cand_ratings is not None:
                 rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings.cpu(), b.users.cpu()))
         if rows:
             preds[st] = [torch.cat(x) for x in zip(*rows)]
-    out: Dict[str, object] = dict(ranking_metrics(torch.cat(ranks), ks))
+    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    out: Dict[str, object] = dict(ranking_metrics(all_ranks, ks))
     out.update(num_users=int(len(users)), mask_history=bool(mask_history), stage=stage)
     if stage in preds:
         rating, like, y, u = preds[stage]
@@ -104,7 +73,30 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
         out.update(gauc=gauc(like_all, y_all >= thr, u_all), gauc_stages="+".join(gauc_stages))
     if was_training:
         model.train()
-    return _nan_to_none(out)
+    out = _nan_to_none(out)
+    if return_ranks:
+        out["ranks"] = all_ranks
+    return out
+
+
+def evaluate_split(model, split, batch_size: int = 256, device="cpu", test: bool = True):
+    """(metrics, per-user ranks) of a model on a split: validation (masked) and, with ``test``, test
+    (masked and unmasked) plus the popularity floor on test.
+
+    metrics: {"valid": {...}, "test": {...}, "test_unmasked": {...}, "popularity_test": {...}};
+    ranks: {"users": [E] the data set's user ids, "valid" / "test" / "test_unmasked": [E] int64}.
+    """
+    b = TokenBuilder.for_config(split, model.config)
+    stages = [("valid", "valid", True)] + ([("test", "test", True), ("test_unmasked", "test", False)] if test else [])
+    metrics, ranks = {}, {"users": split.dataset.user_vocab[split.eval_users].astype(str)}
+    for key, stage, mask in stages:
+        m = evaluate_model(model, b, stage, mask_history=mask, batch_size=batch_size, device=device,
+                           return_ranks=True)
+        ranks[key] = m.pop("ranks").numpy()
+        metrics[key] = m
+    if test:
+        metrics["popularity_test"] = {k: v for k, v in popularity_baseline(split, "test").items() if k != "ranks"}
+    return metrics, ranks
 
 
 def popularity_baseline(split, stage: str = "test", mask_history: bool = True, ks: Sequence[int] = DEFAULT_KS):
@@ -116,3 +108,18 @@ def popularity_baseline(split, stage: str = "test", mask_history: bool = True, k
     scores = lambda s, e: pop.expand(e - s, -1)  # noqa: E731
     return evaluate_full_ranking(scores, targets, torch.from_numpy(hi), torch.from_numpy(ho),
                                  mask_history=mask_history, ks=ks, num_items=pop.numel())
+
+
+def format_metrics(metrics: dict) -> str:
+    """A table: rows = metric, columns = valid / test / test unmasked / popularity."""
+    cols = [("valid", "valid"), ("test", "test"), ("test_unmasked", "test unmasked"), ("popularity_test", "popularity")]
+    cols = [(k, n) for k, n in cols if k in metrics]
+    keys = [f"{m}@{k}" for k in (5, 10, 20) for m in ("ndcg", "hr", "mrr")] + ["rmse", "mae", "auc", "gauc"]
+    lines = [f"{'metric':<10}" + "".join(f"{n:>15}" for _, n in cols)]
+    for key in keys:
+        vals = [metrics[c].get(key) for c, _ in cols]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{key:<10}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
+    lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
+    return "\n".join(lines)

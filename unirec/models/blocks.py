@@ -9,7 +9,6 @@ from torch import nn
 
 from .. import ops
 from ..nn import Dropout
-from ._impl import op_impl
 
 
 class JaggedSelfAttention(nn.Module):
@@ -18,6 +17,8 @@ class JaggedSelfAttention(nn.Module):
     ``activation="softmax"``: standard attention, out = W_o(attn(q, k, v)).
     ``activation="silu"``: HSTU-style pointwise attention with a gate u and an
     optional relative position bias [H, max_seqlen]: out = W_o(LN(attn) * silu(u)).
+    ``impl``: the backend choice (see :func:`unirec.ops.resolve_impl`), set at run time by
+    :func:`unirec.nn.set_impl`.
 
     forward(x [T, D], offsets [B + 1], num_targets [B] or None) -> [T, D].
     """
@@ -31,7 +32,7 @@ class JaggedSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.attn_norm = nn.LayerNorm(dim) if activation == "silu" else None
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, max_seqlen)) if rel_bias else None
-        self.dropout = Dropout(dropout, op_impl(impl, "dropout"))
+        self.dropout = Dropout(dropout, impl)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None):
         T = x.shape[0]
@@ -39,7 +40,7 @@ class JaggedSelfAttention(nn.Module):
         q, k, v = (p.contiguous() for p in parts[:3])
         rel = None if self.rel_bias is None else self.rel_bias.to(q.dtype)
         a = ops.jagged_attention(q, k, v, offsets, self.max_seqlen, causal=True, num_targets=num_targets,
-                                 activation=self.activation, rel_bias=rel, impl=op_impl(self.impl, "attention")).reshape(T, self.dim)
+                                 activation=self.activation, rel_bias=rel, impl=ops.resolve_impl(self.impl, "attention")).reshape(T, self.dim)
         if self.activation == "silu":
             a = self.attn_norm(a) * F.silu(parts[3].reshape(T, self.dim))
         return self.out(self.dropout(a))
@@ -53,9 +54,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = JaggedSelfAttention(dim, num_heads, max_seqlen, activation, rel_bias, dropout, impl)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), Dropout(dropout, op_impl(impl, "dropout")),
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), Dropout(dropout, impl),
                                  nn.Linear(ffn_mult * dim, dim))
-        self.drop = Dropout(dropout, op_impl(impl, "dropout"))
+        self.drop = Dropout(dropout, impl)
 
     def forward(self, x, offsets, num_targets=None):
         x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets))

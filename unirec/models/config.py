@@ -1,45 +1,52 @@
-"""UniRecConfig: every hyper-parameter of the model, a dataclass that round-trips through JSON."""
+"""The model's configuration: hyper-parameters (:class:`ModelConfig`), the sizes it takes from a data set
+(:class:`DataSchema`), and the named presets. Both round-trip through JSON; an unknown key is an error
+naming it (:func:`unirec.data.strict_from_dict`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import List
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+from ..data import strict_from_dict
 
 ATTENTIONS = ("softmax", "silu")
 FEATURE_MIXES = ("sum", "mix")
-RETRIEVAL_LOSSES = ("full", "sampled")
+ITEM_OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
+# name -> objective class, filled by @register_objective in unirec.models.objectives (imported with the package)
+OBJECTIVES: Dict[str, type] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: makes an objective available to ``ModelConfig.objectives`` under ``name``."""
+    def add(cls):
+        OBJECTIVES[name] = cls
+        return cls
+    return add
 
 
 @dataclass
-class UniRecConfig:
-    """Configuration of :class:`unirec.models.UniRec`.
+class ModelConfig:
+    """Hyper-parameters of :class:`unirec.models.UniRec`.
 
-    Data-dependent sizes (``num_items`` ... ``rating_max``) are filled by
-    :meth:`UniRec.from_dataset`; the rest are hyper-parameters.
+    ``objectives``: name -> weight of each training objective (:data:`OBJECTIVES`):
+    "retrieval" (next item, full-catalogue softmax), "sampled_retrieval" (softmax over the batch's
+    targets), "ranking" (candidates' rating and like). The loss is sum_o weight_o * loss_o.
 
-    The SASRec-equivalent baseline is ``use_item_features=False, use_rating=False,
-    use_time=False, use_profile=False, attention="softmax", ranking_head=False,
-    repeat_bias=False`` (see :func:`preset`).
+    The SASRec-equivalent baseline is ``use_item_features=False, use_rating=False, use_time=False,
+    use_profile=False, attention="softmax", objectives={"retrieval": 1.0}, repeat_bias=False``
+    (see :func:`preset`).
 
-    ``repeat_bias``: the score of an item the user has already interacted with gets a
-    learned offset beta[bucket(d)], d = events since its last occurrence (bucket =
-    floor(log2(1 + min(d, max_len - 1))), at most ``num_repeat_buckets - 1``), in training (inside the
-    full-catalogue softmax) and in every ranking. It learns whether and how soon people
-    come back to an item: strongly negative on data without repeats, positive on
-    re-consumption data.
+    ``repeat_bias``: the score of an item the user has already interacted with gets a learned
+    offset beta[bucket(d)], d = events since its last occurrence (bucket = floor(log2(1 + min(d,
+    max_len - 1))), at most ``num_repeat_buckets - 1``), in training (inside the full-catalogue
+    softmax) and in every ranking. It learns whether and how soon people come back to an item:
+    strongly negative on data without repeats, positive on re-consumption data.
+
+    ``item_optimizer``: None trains the item tables with the model's optimizer (AdamW); "sgd" or
+    "rowwise_adagrad" updates them inside the backward with ``item_lr`` (the fused
+    ``unirec.nn.TableBatchedEmbedding`` path: no dense gradient of the tables).
     """
 
-    # data-dependent
-    num_items: int = 0
-    num_users: int = 0
-    item_feature_names: List[str] = field(default_factory=list)
-    item_feature_sizes: List[int] = field(default_factory=list)
-    item_bag_nnz: int = 0
-    user_feature_names: List[str] = field(default_factory=list)
-    user_feature_sizes: List[int] = field(default_factory=list)
-    user_bag_nnz: int = 0
-    rating_min: float = 1.0
-    rating_max: float = 5.0
     # architecture
     dim: int = 64
     num_blocks: int = 2
@@ -58,35 +65,46 @@ class UniRecConfig:
     use_time: bool = True
     num_time_buckets: int = 24
     use_profile: bool = True
-    # heads
-    retrieval_loss: str = "full"
-    ranking_head: bool = True
+    # objectives and their inputs
+    objectives: Dict[str, float] = field(default_factory=lambda: {"retrieval": 1.0, "ranking": 0.1})
     num_rank_candidates: int = 4
     rank_shift: int = 4
-    ranking_weight: float = 0.1
     like_threshold: float = 4.0
-    # repeat-aware scoring: a learned score offset for items already in the history, by recency
+    # scoring
     repeat_bias: bool = False
     num_repeat_buckets: int = 8
-    # kernels
-    impl: str = "auto"
+    # item tables' optimizer
+    item_optimizer: object = None
+    item_lr: float = 0.05
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.feature_mix not in FEATURE_MIXES:
             raise ValueError(f"feature_mix must be one of {FEATURE_MIXES}, got {self.feature_mix!r}")
-        if self.retrieval_loss not in RETRIEVAL_LOSSES:
-            raise ValueError(f"retrieval_loss must be one of {RETRIEVAL_LOSSES}, got {self.retrieval_loss!r}")
+        if self.item_optimizer not in ITEM_OPTIMIZERS:
+            raise ValueError(f"item_optimizer must be one of {ITEM_OPTIMIZERS}, got {self.item_optimizer!r}")
+        if not isinstance(self.objectives, dict) or not self.objectives:
+            raise ValueError(f"objectives must map objective names to weights, got {self.objectives!r}")
+        for name, w in self.objectives.items():
+            if name not in OBJECTIVES:
+                raise ValueError(f"objectives: unknown objective {name!r}; have {sorted(OBJECTIVES)}")
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ValueError(f"objectives: the weight of {name!r} must be a number >= 0, got {w!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.max_len < 1 or self.num_blocks < 0 or self.num_rank_candidates < 1 or self.num_repeat_buckets < 1:
             raise ValueError("max_len, num_rank_candidates and num_repeat_buckets must be >= 1, num_blocks >= 0")
 
     @property
+    def ranking(self) -> bool:
+        """Whether candidates are appended to training streams (the ranking objective is on)."""
+        return "ranking" in self.objectives
+
+    @property
     def max_seqlen(self) -> int:
         """Longest token sequence the model builds: profile + history + candidates."""
-        return int(self.use_profile) + self.max_len + (self.num_rank_candidates if self.ranking_head else 1)
+        return int(self.use_profile) + self.max_len + (self.num_rank_candidates if self.ranking else 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,16 +113,56 @@ class UniRecConfig:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UniRecConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown UniRecConfig fields: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return strict_from_dict(cls, d, "model config")
 
     @classmethod
-    def from_json(cls, text: str) -> "UniRecConfig":
+    def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class DataSchema:
+    """What the model takes from its data set: catalogue and user counts, the attribute tables' names and
+    sizes (row 0 of each is padding), the bags' total lengths and the rating range. Filled by
+    :meth:`from_dataset`; saved with the weights so a checkpoint rebuilds without the data."""
+
+    num_items: int = 0
+    num_users: int = 0
+    item_feature_names: List[str] = field(default_factory=list)
+    item_feature_sizes: List[int] = field(default_factory=list)
+    item_bag_nnz: int = 0
+    user_feature_names: List[str] = field(default_factory=list)
+    user_feature_sizes: List[int] = field(default_factory=list)
+    user_bag_nnz: int = 0
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "DataSchema":
+        """Sizes of ``dataset`` (a :class:`unirec.data.Dataset`); the bag lengths count every item's
+        id + attribute bags and every user's attribute bags."""
+        import torch
+        ift, uft = dataset.item_features, dataset.user_features
+        s = cls(num_items=dataset.num_items, num_users=dataset.num_users)
+        if ift is not None:
+            s.item_feature_names = [f.name for f in ift.features]
+            s.item_feature_sizes = [f.size for f in ift.features]
+            s.item_bag_nnz = int(ift.bags(torch.arange(s.num_items + 1), include_id=True).indices.numel())
+        if uft is not None and uft.features:
+            s.user_feature_names = [f.name for f in uft.features]
+            s.user_feature_sizes = [f.size for f in uft.features]
+            s.user_bag_nnz = int(uft.bags(torch.arange(s.num_users + 1), include_id=False).indices.numel())
+        if dataset.rating is not None and len(dataset.rating):
+            s.rating_min, s.rating_max = float(dataset.rating.min()), float(dataset.rating.max())
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSchema":
+        return strict_from_dict(cls, d, "data schema")
 
 
 # The presets carry the hyper-parameters `unirec tune` chose on MovieLens-100K validation NDCG@10
@@ -112,12 +170,12 @@ class UniRecConfig:
 _TUNED_UNIFIED = dict(dim=96, num_blocks=3, max_len=50, dropout=0.146)
 PRESETS = {
     "unified": dict(use_item_features=True, use_rating=True, use_time=True, use_profile=True, attention="softmax",
-                    ranking_head=True, repeat_bias=True, **_TUNED_UNIFIED),
+                    objectives={"retrieval": 1.0, "ranking": 0.1}, repeat_bias=True, **_TUNED_UNIFIED),
     "sasrec": dict(use_item_features=False, use_rating=False, use_time=False, use_profile=False,
-                   attention="softmax", rel_bias=False, ranking_head=False, repeat_bias=False,
+                   attention="softmax", rel_bias=False, objectives={"retrieval": 1.0}, repeat_bias=False,
                    dim=96, num_blocks=3, max_len=100, dropout=0.301),
     "hstu": dict(use_item_features=True, use_rating=True, use_time=True, use_profile=True, attention="silu",
-                 rel_bias=True, ranking_head=True, repeat_bias=True, **_TUNED_UNIFIED),
+                 rel_bias=True, objectives={"retrieval": 1.0, "ranking": 0.1}, repeat_bias=True, **_TUNED_UNIFIED),
 }
 # AdamW settings found by the same searches (TrainConfig fields).
 PRESET_TRAINING = {
@@ -133,8 +191,21 @@ def preset_training(name: str) -> dict:
     return {"lr": 2e-3, "weight_decay": 0.05, **PRESET_TRAINING.get(name, {})}
 
 
-def preset(name: str, **overrides) -> UniRecConfig:
+def preset(name: str, **overrides) -> ModelConfig:
     """A named configuration ("unified", "sasrec" = the SASRec-equivalent baseline, "hstu") with overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; have {sorted(PRESETS)}")
-    return UniRecConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def upgrade_flat_config(d: dict):
+    """(ModelConfig, DataSchema) of a flat ``UniRecConfig`` dict, the model_config.json of run folders
+    written before the model was built from parts (data sizes, hyper-parameters and ``impl`` in one)."""
+    d = dict(d)
+    d.pop("impl", None)
+    schema = DataSchema.from_dict({k: d.pop(k) for k in list(d) if k in DataSchema.__dataclass_fields__})
+    objectives = {"sampled_retrieval" if d.pop("retrieval_loss", "full") == "sampled" else "retrieval": 1.0}
+    ranking_weight = d.pop("ranking_weight", 0.1)
+    if d.pop("ranking_head", True):
+        objectives["ranking"] = ranking_weight
+    return ModelConfig.from_dict({**d, "objectives": objectives}), schema

@@ -7,7 +7,6 @@ from .app import create_app, serve
 from .batcher import MicroBatcher
 from .engine import ApiError, Ranked, RecommendJob, Recommender, load_run
 from .store import Event, EventStore
-from .tokens import History, gap_buckets, live_token_batch, split_history
 
 __all__ = ["create_app", "serve", "MicroBatcher", "ApiError", "Ranked", "RecommendJob", "Recommender", "load_run",
-           "Event", "EventStore", "History", "gap_buckets", "live_token_batch", "split_history"]
+           "Event", "EventStore"]

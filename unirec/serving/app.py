@@ -307,7 +307,7 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         """Appends an event to the user's live history; answered once it is on disk. The user's next
         recommendation reflects it."""
         rec.item_index(ev.item_id, "item_id")
-        cfg = rec.config
+        cfg = rec.model.schema
         if ev.rating is not None and not cfg.rating_min <= ev.rating <= cfg.rating_max:
             raise ApiError(422, "rating", f"must be between {cfg.rating_min:g} and {cfg.rating_max:g}, got {ev.rating:g}")
         loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
 """The recommender behind the service: a run's model and data, live histories, cached user states.
 
 :class:`Recommender` answers a batch of :class:`RecommendJob` at once (one forward pass for all
-the users whose state is not cached, then ``UniRec.topk_items`` / ``UniRec.item_scores``, which
-rank with ``unirec.ops.topk_scores``). It is called from one worker thread; the event loop only
+the users whose state is not cached, over the same token batches as training and evaluation,
+:func:`unirec.data.live_token_batch`; then the model's scorer, as in evaluation, which ranks with
+``unirec.ops.topk_scores``). It is called from one worker thread; the event loop only
 calls :meth:`Recommender.invalidate` and the id look-ups.
 
 User states are cached per user id and invalidated by new events: a version counter per user is
@@ -12,8 +13,6 @@ event was acknowledged always sees that event.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,10 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .. import ops
-from ..models._impl import op_impl
+from ..data import History, live_token_batch
+from ..runs import Run
 from .store import EventStore
-from .tokens import History, live_token_batch, split_history
 
 
 class ApiError(Exception):
@@ -38,19 +36,10 @@ class ApiError(Exception):
 
 
 def load_run(run_dir: Union[str, Path], impl: str = "auto"):
-    """(model in eval mode, LeaveOneOutSplit, model version) of a run folder written by ``unirec train``.
-
-    The version is ``<folder name>@<first 12 hex digits of model.pt's sha256>``."""
-    from ..data import leave_one_out
-    from ..training import load_data, load_model
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.json; pass a folder written by `unirec train`")
-    model = load_model(run_dir, impl=impl)
-    split = leave_one_out(load_data(json.loads(cfg_file.read_text())["data"]))
-    digest = hashlib.sha256((run_dir / "model.pt").read_bytes()).hexdigest()[:12]
-    return model, split, f"{run_dir.resolve().name}@{digest}"
+    """(model in eval mode on backend ``impl``, LeaveOneOutSplit, model version) of a run folder written
+    by ``unirec train``. The version is ``<folder name>@<first 12 hex digits of model.pt's sha256>``."""
+    run = Run.open(run_dir)
+    return run.load_model(impl), run.load_split(), run.model_version()
 
 
 @dataclass
@@ -152,7 +141,7 @@ class Recommender:
     def user_history(self, user_id: str) -> Tuple[History, bool]:
         """(data-set events then live events, known to the model) of a user."""
         u = self.user_index(user_id)
-        base = split_history(self.split, u) if u else History.of_items([])
+        base = History.of_user(self.split, u) if u else History.of_items([])
         live = [e for e in self.store.events(user_id) if e.item_id in self._item_index]
         extra = History(np.asarray([self._item_index[e.item_id] for e in live], dtype=np.int64),
                         np.asarray([np.nan if e.rating is None else e.rating for e in live], dtype=np.float32),
@@ -260,7 +249,7 @@ class Recommender:
         q = torch.stack([preps[j].query for j in group])
         hi, ho = self._csr([preps[j].history.items for j in group])
         k = min(max(jobs[j].k for j in group), self.num_items)
-        vals, idx = self.model.topk_items(q, self.item_rep, k, hi, ho, exclude_history=exclude)
+        vals, idx = self.model.scorer.topk(q, self.item_rep, k, hi, ho, exclude_history=exclude)
         vals, idx = vals.tolist(), idx.tolist()
         for r, j in enumerate(group):
             pairs = [(i, s) for i, s in zip(idx[r], vals[r]) if i > 0][:jobs[j].k]
@@ -274,7 +263,8 @@ class Recommender:
         if len(cands) == 0:
             return Ranked([], [], "model", p.known, len(p.history))
         hi, ho = self._csr([p.history.items])
-        s = self.model.item_scores(p.query.view(1, -1), self.item_rep, torch.from_numpy(cands).view(1, -1), hi, ho)[0]
+        s = self.model.scorer.item_scores(p.query.view(1, -1), self.item_rep, torch.from_numpy(cands).view(1, -1),
+                                          hi, ho)[0]
         order = torch.argsort(s, descending=True, stable=True)[:job.k]
         return Ranked(cands[order.numpy()].tolist(), s[order].tolist(), "model", p.known, len(p.history))
 
@@ -291,10 +281,5 @@ class Recommender:
     @torch.inference_mode()
     def similar(self, item: int, k: int) -> Tuple[List[int], List[float]]:
         """The k items (1-based) most similar to ``item`` by cosine of the model's item representations,
-        the item itself excluded; with ``unirec.ops.topk_scores``."""
-        q = self._unit_items[item - 1].view(1, -1)
-        vals, idx = ops.topk_scores(q, self._unit_items, min(k, self.num_items),
-                                    exclude_offsets=torch.tensor([0, 1]), exclude_indices=torch.tensor([item - 1]),
-                                    impl=op_impl(self.config.impl, "retrieval"))
-        keep = idx[0] >= 0
-        return (idx[0][keep] + 1).tolist(), vals[0][keep].tolist()
+        the item itself excluded (the scorer's top-k)."""
+        return self.model.scorer.similar(self._unit_items, item, k)

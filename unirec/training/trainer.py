@@ -1,25 +1,27 @@
 """The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on
 CUDA, early stopping on validation NDCG@10, resumable checkpoints, repeatable seeded CPU runs.
 
-Repeatability: epoch e shuffles users with ``np.random.default_rng([seed, e])`` and seeds torch
-(dropout, candidate cuts) with ``seed * 1_000_003 + e`` at its start, so a run resumed from the
-checkpoint of epoch e continues exactly as the uninterrupted run (on CPU).
+The trainer knows only ``model(batch) -> (loss, parts)``, a batch source (``batches.epoch(e)``,
+``len(batches)``) and an optional ``validate() -> metrics``; a :class:`unirec.runs.Run` keeps its
+checkpoints.
+
+Repeatability: the batch source orders epoch e's users with ``np.random.default_rng([seed, e])``
+(:class:`unirec.data.TrainBatches`) and torch (dropout) is seeded with ``seed * 1_000_003 + e`` at
+the epoch's start, so a run resumed from the checkpoint of epoch e continues exactly as the
+uninterrupted run (on CPU).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 
-from ..evaluation.model_eval import evaluate_model
-from ..models import TokenBuilder, UniRec
-from .checkpoint import load_training_state, save_model, save_training_state
+from ..data import TrainBatches, strict_from_dict
+from ..runs import Run
 from .progress import Progress
 
 
@@ -44,8 +46,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return strict_from_dict(cls, d, "train config")
 
 
 def lr_at(step: int, total: int, tc: TrainConfig) -> float:
@@ -56,31 +57,28 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def make_optimizer(model: UniRec, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings of tokens other than the item table."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.98))
+def make_optimizer(model, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups (``model.param_groups(weight_decay)``: which parameters
+    are decayed is declared by the modules, see :func:`unirec.nn.weight_decay_groups`)."""
+    return torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98))
 
 
 class Trainer:
-    """Trains a UniRec on a LeaveOneOutSplit; ``fit()`` returns the per-epoch history.
+    """Trains ``model`` on the batches of ``batches``; ``fit()`` returns the per-epoch history.
 
-    With ``run_dir``, it keeps ``model.pt`` (best validation NDCG@10) + ``model_config.json`` and
-    ``last.pt`` (resumable state) there; ``fit(resume=True)`` continues from ``last.pt``.
+    ``validate()``: validation metrics with "ndcg@10" and "hr@10" (None: no validation, no early stop).
+    With ``run``, it keeps ``model.pt`` (best validation NDCG@10) and ``last.pt`` (resumable state)
+    there; ``fit(resume=True)`` continues from ``last.pt``.
     """
 
-    def __init__(self, model: UniRec, split, tc: TrainConfig, run_dir: Optional[Path] = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
-        self.model, self.split, self.tc = model.to(tc.device), split, tc
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+    def __init__(self, model, batches: TrainBatches, tc: TrainConfig, run: Optional[Run] = None,
+                 validate: Optional[Callable[[], dict]] = None, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.model, self.batches, self.tc = model.to(tc.device), batches, tc
+        self.run, self._validate = run, validate
         self.progress, self.log = progress, log
-        self.builder = TokenBuilder.for_config(split, model.config)
         self.optimizer = make_optimizer(model, tc)
-        self.users = np.nonzero(split.train_len >= 2)[0]
-        self.steps_per_epoch = math.ceil(len(self.users) / tc.batch_size)
+        self.steps_per_epoch = len(batches)
         self.total_steps = self.steps_per_epoch * tc.epochs
         self.state = dict(epoch=0, step=0, best_ndcg=-1.0, best_epoch=0, bad_epochs=0, history=[], stopped=None)
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
@@ -95,25 +93,22 @@ class Trainer:
         m, tc = self.model, self.tc
         m.train()
         torch.manual_seed(tc.seed * 1_000_003 + epoch)
-        rng = np.random.default_rng([tc.seed, epoch])
-        order = rng.permutation(self.users)
         sums: Dict[str, float] = {}
         n = tokens = 0
         bar = Progress(self.steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", enabled=self.progress)
-        for i in range(0, len(order), tc.batch_size):
-            batch = self.builder.train_batch(order[i:i + tc.batch_size], rng, candidates=m.config.ranking_head)
+        for batch in self.batches.epoch(epoch):
             batch = batch.to(tc.device)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(self.state["step"], self.total_steps, tc)
             with self._autocast():
-                loss, parts = m.loss(batch)
+                loss, parts = m(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(m.parameters(), tc.grad_clip)
             self.optimizer.step()
             self.state["step"] += 1
-            ntok = batch.items.numel() + batch.cand_items.numel()
+            ntok = batch.num_tokens
             tokens += ntok
             n += 1
             parts["loss"] = float(loss.detach())
@@ -126,34 +121,30 @@ class Trainer:
         bar.close(f"epoch mean loss {out.get('loss', float('nan')):.4f}, {secs:.1f}s")
         return out
 
-    def validate(self) -> Dict[str, object]:
-        return evaluate_model(self.model, self.builder, "valid", batch_size=self.tc.eval_batch_size,
-                              device=self.tc.device)
-
     def fit(self, resume: bool = False, on_validation: Optional[Callable[[int, float], None]] = None) -> List[dict]:
         """Trains until ``epochs``, early stopping (``patience`` epochs without a better validation
         NDCG@10) or ``time_budget_s``; leaves the best weights in the model.
         ``on_validation(epoch, val_ndcg10)`` is called after each validation (it may raise to stop)."""
         tc, st = self.tc, self.state
         if resume:
-            if self.run_dir is None or not (self.run_dir / "last.pt").exists():
-                raise FileNotFoundError(f"nothing to resume: no last.pt in {self.run_dir}")
-            st.update(load_training_state(self.run_dir / "last.pt", self.model, self.optimizer, tc.device))
-            if (self.run_dir / "model.pt").exists():
-                self.best_state = torch.load(self.run_dir / "model.pt", map_location=tc.device, weights_only=True)
+            if self.run is None:
+                raise FileNotFoundError("nothing to resume: the trainer has no run folder")
+            st.update(self.run.load_training_state(self.model, self.optimizer, tc.device))
+            if (self.run.path / "model.pt").exists():
+                self.best_state = self.run.load_state("model.pt", tc.device)
             self.log(f"resumed at epoch {st['epoch']} (best validation NDCG@10 {st['best_ndcg']:.4f})")
         t0 = time.perf_counter()
         while st["epoch"] < tc.epochs and st["stopped"] is None:
             e = st["epoch"]
             rec = {"epoch": e + 1, **self.train_epoch(e)}
-            if (e + 1) % tc.eval_every == 0 or e + 1 == tc.epochs:
-                val = self.validate()
+            if self._validate is not None and ((e + 1) % tc.eval_every == 0 or e + 1 == tc.epochs):
+                val = self._validate()
                 rec["val_ndcg@10"], rec["val_hr@10"] = val["ndcg@10"], val["hr@10"]
                 if val["ndcg@10"] > st["best_ndcg"]:
                     st.update(best_ndcg=val["ndcg@10"], best_epoch=e + 1, bad_epochs=0)
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                    if self.run_dir is not None:
-                        save_model(self.run_dir, self.model)
+                    if self.run is not None:
+                        self.run.save_model(self.model)
                 else:
                     st["bad_epochs"] += 1
                 self.log(f"epoch {e + 1}: val NDCG@10 {val['ndcg@10']:.4f} HR@10 {val['hr@10']:.4f} "
@@ -166,13 +157,10 @@ class Trainer:
                 st["stopped"] = f"early stop: no better validation NDCG@10 for {tc.patience} epochs"
             elif tc.time_budget_s is not None and time.perf_counter() - t0 > tc.time_budget_s:
                 st["stopped"] = f"time budget of {tc.time_budget_s:.0f}s reached"
-            if self.run_dir is not None:
-                save_training_state(self.run_dir / "last.pt", self.model, self.optimizer, st)
+            if self.run is not None:
+                self.run.save_training_state(self.model, self.optimizer, st)
         if st["stopped"]:
             self.log(st["stopped"])
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return st["history"]
-
-    def config_dict(self) -> dict:
-        return asdict(self.tc)

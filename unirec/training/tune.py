@@ -2,14 +2,14 @@
 kept in SQLite inside the output folder, so an interrupted search resumes where it stopped.
 
 Each trial is a whole training run (``train_run`` with validation only: the test split is
-never evaluated during a search). A search space maps a field of :class:`UniRecConfig` or
+never evaluated during a search). A search space maps a field of :class:`ModelConfig` or
 :class:`TrainConfig` to a distribution:
 
     "log:LOW:HIGH"      log-uniform float        "float:LOW:HIGH"   uniform float
     "int:LOW:HIGH"      uniform integer          "choice:A,B,C"     one of the values (JSON-parsed)
 
 Output folder: ``study.db`` (the study), ``trial-NNN/`` (each trial's run folder),
-``best.json`` ({"model": UniRecConfig fields, "train": TrainConfig fields, "valid_ndcg@10", "trial"})
+``best.json`` ({"model": ModelConfig fields, "train": TrainConfig fields, "valid_ndcg@10", "trial"})
 and ``best_model_config.json`` (usable as ``unirec train --config``).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from ..models import UniRecConfig
+from ..data import DataConfig
+from ..models import ModelConfig
 from .run import train_run
 from .trainer import TrainConfig
 
@@ -34,7 +35,7 @@ DEFAULT_SPACE: Dict[str, str] = {
 }
 KINDS = ("log", "float", "int", "choice")
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-_MODEL_FIELDS = {f.name for f in fields(UniRecConfig)}
+_MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 
 
 def parse_space(specs: Dict[str, str]) -> Dict[str, tuple]:
@@ -43,7 +44,7 @@ def parse_space(specs: Dict[str, str]) -> Dict[str, tuple]:
     out = {}
     for name, spec in specs.items():
         if name not in _TRAIN_FIELDS and name not in _MODEL_FIELDS:
-            raise ValueError(f"search parameter {name!r} is neither a UniRecConfig nor a TrainConfig field")
+            raise ValueError(f"search parameter {name!r} is neither a ModelConfig nor a TrainConfig field")
         kind, _, rest = str(spec).partition(":")
         if kind not in KINDS or not rest:
             raise ValueError(f"search parameter {name!r}: expected one of {', '.join(k + ':...' for k in KINDS)}, "
@@ -71,12 +72,12 @@ def _suggest(trial, name: str, dist: tuple):
     return trial.suggest_float(name, dist[1], dist[2], log=kind == "log")
 
 
-def tune(data: dict, base_model: UniRecConfig, base_train: TrainConfig, space: Dict[str, str], trials: int,
+def tune(data: DataConfig, base_model: ModelConfig, base_train: TrainConfig, space: Dict[str, str], trials: int,
          out_dir, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) a search of ``trials`` finished trials in all; returns best.json's content.
 
     Args:
-        data: the run data spec ({"source": "ml-100k"} ...); base_model / base_train: the fixed settings.
+        data: the data set; base_model / base_train: the fixed settings.
         space: field -> distribution string (module docstring). seed: the sampler's seed.
     """
     import optuna
@@ -93,7 +94,7 @@ def tune(data: dict, base_model: UniRecConfig, base_train: TrainConfig, space: D
 
     def objective(trial) -> float:
         params = {name: _suggest(trial, name, d) for name, d in dists.items()}
-        model_cfg = UniRecConfig.from_dict({**base_model.to_dict(), **{k: v for k, v in params.items()
+        model_cfg = ModelConfig.from_dict({**base_model.to_dict(), **{k: v for k, v in params.items()
                                                                      if k in _MODEL_FIELDS}})
         train_cfg = TrainConfig(**{**asdict(base_train), **{k: v for k, v in params.items() if k in _TRAIN_FIELDS}})
 
@@ -113,7 +114,7 @@ def tune(data: dict, base_model: UniRecConfig, base_train: TrainConfig, space: D
         log(f"search: {trials - len(done)} trials to run ({len(done)} finished) over {', '.join(dists)}")
         study.optimize(objective, n_trials=trials - len(done), catch=())
     best = study.best_trial
-    model_cfg = UniRecConfig.from_dict({**base_model.to_dict(), **{k: v for k, v in best.params.items()
+    model_cfg = ModelConfig.from_dict({**base_model.to_dict(), **{k: v for k, v in best.params.items()
                                                                  if k in _MODEL_FIELDS}})
     train_cfg = {**asdict(base_train), **{k: v for k, v in best.params.items() if k in _TRAIN_FIELDS}}
     result = {"model": model_cfg.to_dict(), "train": train_cfg, "valid_ndcg@10": best.value, "trial": best.number,

@@ -1,0 +1,134 @@
+"""The item side and the profile: attribute tables looked up with one table-batched embedding call.
+
+:class:`AttributeTables` holds T tables of one entity kind (items: the id table and the attribute
+tables; users: the attribute tables) in one :class:`unirec.nn.TableBatchedEmbedding`, with every
+entity's bags kept as buffers. :class:`ItemEncoder` fuses its item-side sources into one vector per
+catalogue item:
+
+    item_rep[i] = sum_t w_t * pooled_t(i)      over the tables t of every source
+
+(w_t = 1 for ``feature_mix="sum"``, learned for ``"mix"``); row 0 (padding) is zero. A further
+source (a frozen pretrained vector table behind a learned adapter, one table per domain) is one more
+module in ``ItemEncoder.sources`` returning [N + 1, T_s, D].
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..nn import TableBatchedEmbedding
+from .config import DataSchema, ModelConfig
+
+
+def gather_bags(all_indices: torch.Tensor, all_offsets: torch.Tensor, num_tables: int, num_rows: int,
+                ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bags of entities ``ids`` [B] from a feature-major layout over all ``num_rows`` entities.
+
+    all_offsets: [num_tables * num_rows + 1]; bag (t, r) = all_indices[all_offsets[t*R + r] : ...+1].
+    Returns (indices [nnz], offsets [num_tables * B + 1]) in the same feature-major layout.
+    """
+    rows = (torch.arange(num_tables, device=ids.device).unsqueeze(1) * num_rows + ids.unsqueeze(0)).reshape(-1)
+    start, lens = all_offsets[rows], all_offsets[rows + 1] - all_offsets[rows]
+    total = int(lens.sum())
+    first = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(total, device=ids.device) + torch.repeat_interleave(start - first, lens, output_size=total)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(lens, 0, out=offsets[1:])
+    return all_indices[pos], offsets
+
+
+class AttributeTables(nn.Module):
+    """T embedding tables of one entity kind and every entity's bags (feature-major CSR buffers).
+
+    forward(ids [B] or None) -> [B, T, D] pooled (sum) bags of those entities, or of all
+    ``num_entities`` when ids is None. Tables start at N(0, 0.02); ``optimizer`` / ``lr`` as in
+    :class:`unirec.nn.TableBatchedEmbedding` (None: an ordinary parameter).
+    """
+
+    def __init__(self, table_sizes: Sequence[int], num_entities: int, nnz: int, dim: int,
+                 optimizer: Optional[str] = None, lr: float = 0.05):
+        super().__init__()
+        self.num_entities = num_entities
+        self.tables = TableBatchedEmbedding(table_sizes, dim, "sum", optimizer, lr, init_std=0.02)
+        self.register_buffer("bag_indices", torch.zeros(nnz, dtype=torch.int64))
+        self.register_buffer("bag_offsets", torch.zeros(len(table_sizes) * num_entities + 1, dtype=torch.int64))
+
+    @property
+    def num_tables(self) -> int:
+        return self.tables.num_tables
+
+    def set_bags(self, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Copies every entity's bags in (the layout of :meth:`unirec.data.FeatureTable.bags` over all ids)."""
+        if indices.shape != self.bag_indices.shape or offsets.shape != self.bag_offsets.shape:
+            raise ValueError(f"bags of shape {tuple(indices.shape)} / {tuple(offsets.shape)}, expected "
+                             f"{tuple(self.bag_indices.shape)} / {tuple(self.bag_offsets.shape)}")
+        with torch.no_grad():
+            self.bag_indices.copy_(indices)
+            self.bag_offsets.copy_(offsets)
+
+    def forward(self, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if ids is None:
+            return self.tables(self.bag_indices, self.bag_offsets)
+        ind, off = gather_bags(self.bag_indices, self.bag_offsets, self.num_tables, self.num_entities, ids)
+        return self.tables(ind, off)
+
+
+class TableMix(nn.Module):
+    """[N, T, D] -> [N, D]: the sum over tables, or (``learned``) a weighted sum with one weight per table."""
+
+    def __init__(self, num_tables: int, learned: bool = False):
+        super().__init__()
+        self.weights = nn.Parameter(torch.ones(num_tables)) if learned else None
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            return pooled.sum(1)
+        return (pooled * self.weights.view(1, -1, 1)).sum(1)
+
+
+class ItemEncoder(nn.Module):
+    """Every catalogue item's representation, [N + 1, D] (row 0 = padding = 0), from its sources fused by
+    :class:`TableMix` (see the module docstring). The id + attribute tables are one
+    :class:`AttributeTables` (one TBE call for the whole catalogue)."""
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        with_attrs = config.use_item_features and bool(schema.item_feature_sizes)
+        sizes = [schema.num_items + 1] + (list(schema.item_feature_sizes) if with_attrs else [])
+        nnz = schema.item_bag_nnz if with_attrs else schema.num_items
+        self.with_attributes = with_attrs
+        self.sources = nn.ModuleList([AttributeTables(sizes, schema.num_items + 1, nnz, config.dim,
+                                                      config.item_optimizer, config.item_lr)])
+        self.fusion = TableMix(sum(s.num_tables for s in self.sources), learned=config.feature_mix == "mix")
+
+    def set_bags(self, item_features) -> None:
+        """Fills the id (+ attribute) bags from a :class:`unirec.data.FeatureTable` (None: ids only)."""
+        n = self.sources[0].num_entities
+        ids = torch.arange(n)
+        if item_features is not None and self.with_attributes:
+            b = item_features.bags(ids, include_id=True)
+            self.sources[0].set_bags(b.indices, b.offsets)
+        else:
+            self.sources[0].set_bags(ids[1:].clone(), torch.cat([torch.zeros(1, dtype=torch.int64), ids]))
+
+    def forward(self) -> torch.Tensor:
+        pooled = [s() for s in self.sources]
+        return self.fusion(pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1))
+
+
+class ProfileEncoder(nn.Module):
+    """forward(users [B]) -> [B, D]: each user's attribute embeddings (age, gender, ...) pooled and summed."""
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        self.attributes = AttributeTables(schema.user_feature_sizes, schema.num_users + 1, schema.user_bag_nnz,
+                                          config.dim)
+
+    def set_bags(self, user_features) -> None:
+        b = user_features.bags(torch.arange(self.attributes.num_entities), include_id=False)
+        self.attributes.set_bags(b.indices, b.offsets)
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return self.attributes(users).sum(1)

@@ -1,0 +1,152 @@
+"""Training objectives: each a module with ``loss(encoded, batch) -> (loss or None, parts)``.
+
+The model config lists its objectives with weights (``ModelConfig.objectives``); the model's loss
+is sum_o weight_o * loss_o. A new objective is a class here, registered under its name with
+:func:`~unirec.models.config.register_objective`, and an entry in the config.
+
+- ``retrieval``: every history token (and the profile token) predicts the next item against the
+  whole catalogue (tied item representations) with ``unirec.ops.softmax_cross_entropy``. With the
+  scorer's repeat offsets the softmax includes them exactly (:meth:`Retrieval.repeat_correction`).
+- ``sampled_retrieval``: the same over the batch's distinct targets only (in-batch negatives).
+- ``ranking``: each candidate's hidden state -> MLP -> (rating, like logit); MSE + BCE.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..data import TokenBatch
+from .config import OBJECTIVES, DataSchema, ModelConfig, register_objective
+from .scorer import recency_bucket
+from .stream import Encoded, take_rows
+
+Loss = Tuple[Optional[torch.Tensor], Dict[str, float]]
+
+
+def next_item_queries(enc: Encoded, batch: TokenBatch):
+    """(queries [M, D], 1-based targets [M], how many of the M are history tokens): the hidden state of
+    every history token with a next item, then of every profile token, each with the item it predicts."""
+    q_pos, tgt = [enc.hist_pos], [batch.next_items]
+    if enc.profile_pos is not None:
+        q_pos.append(enc.profile_pos)
+        tgt.append(batch.first_items)
+    q_pos, tgt = torch.cat(q_pos), torch.cat(tgt)
+    keep = tgt > 0
+    return take_rows(enc.hidden, q_pos[keep]), tgt[keep], int(keep[:enc.hist_pos.numel()].sum())
+
+
+@register_objective("retrieval")
+class Retrieval(nn.Module):
+    """Next-item cross-entropy over the whole catalogue (module docstring). ``impl``: the loss backend."""
+
+    def __init__(self, config: ModelConfig, schema: DataSchema, impl: str = "auto"):
+        super().__init__()
+        self.num_buckets, self.max_len, self.impl = config.num_repeat_buckets, config.max_len, impl
+
+    def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
+        q, tgt, n_hist = next_item_queries(enc, batch)
+        items = enc.item_rep[1:].to(q.dtype)
+        impl = ops.resolve_impl(self.impl, "loss")
+        if enc.repeat_offsets is None:
+            ret = ops.softmax_cross_entropy(q, items, tgt - 1, impl=impl)
+        else:
+            per_row = ops.softmax_cross_entropy(q, items, tgt - 1, reduction="none", impl=impl).float()
+            per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
+                                 per_row[n_hist:]])
+            ret = per_row.sum() / max(per_row.numel(), 1)
+        return ret, {"retrieval": float(ret.detach())}
+
+    def repeat_correction(self, enc: Encoded, batch: TokenBatch, loss0: torch.Tensor) -> torch.Tensor:
+        """Exact change of each history token's softmax loss when seen items get beta[bucket].
+
+        Token i of a stream has seen S_i = the distinct items at positions j <= i (d = i - j since
+        the last occurrence). With l_i = loss without offsets, lse_i = l_i + z_i,target and
+        p_ij = exp(z_ij - lse_i):  loss_i = l_i + log(1 + sum_{j in S_i} p_ij (e^beta_ij - 1))
+        - beta_i,target [target in S_i].  Padded [B, Lmax, Lmax] over each stream's window.
+        Returns [n] for the history tokens that have a target (in ``loss0``'s order).
+        """
+        items, off = batch.items, batch.offsets
+        dev = items.device
+        lens = torch.diff(off)
+        Lm = int(lens.max()) if lens.numel() else 0
+        ar = torch.arange(Lm, device=dev)
+        valid = ar.view(1, -1) < lens.view(-1, 1)                               # [B, L]
+        idx = torch.where(valid, off[:-1].view(-1, 1) + ar.view(1, -1), 0)
+        it = torch.where(valid, items[idx], 0)                                   # [B, L], 0 = padding
+        nxt = torch.where(valid, batch.next_items[idx], 0)
+        h = take_rows(enc.hidden, enc.hist_pos[idx]).float()                    # [B, L, D]
+        rep = enc.item_rep.float()
+        z = torch.bmm(h, take_rows(rep, it).transpose(1, 2))                    # z[b, i, j] = <h_bi, e_it[b, j]>
+        # (i, j) counts when j <= i and the item at j does not occur again in (j, i].
+        same = (it.unsqueeze(2) == it.unsqueeze(1)) & (ar.view(1, 1, -1) > ar.view(1, -1, 1))  # [b, j, k]: k > j
+        next_occ = torch.where(same, ar.view(1, 1, -1), Lm).amin(2)             # [B, L] next position of it[b, j]
+        i_ = ar.view(1, -1, 1)
+        j_ = ar.view(1, 1, -1)
+        pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
+        beta = enc.repeat_offsets[recency_bucket(i_ - j_, self.num_buckets, self.max_len)]
+        rows = valid & (nxt > 0)                                                 # tokens with a target
+        z_t = (h * take_rows(rep, nxt)).sum(-1)                                 # [B, L]
+        lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
+        p = torch.exp((z - lse.unsqueeze(2)).clamp(max=0.0)) * pair
+        mass = (p * torch.expm1(beta)).sum(2)                                   # sum_j p_ij (e^beta - 1)
+        hit = pair & (it.unsqueeze(1) == nxt.unsqueeze(2))
+        corr = torch.log1p(mass.clamp_min(-1.0 + 1e-6)) - (beta * hit).sum(2)
+        return corr[rows]
+
+
+@register_objective("sampled_retrieval")
+class SampledRetrieval(nn.Module):
+    """Next-item softmax over the batch's distinct targets (in-batch negatives, no logQ correction)."""
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+
+    def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
+        q, tgt, _ = next_item_queries(enc, batch)
+        uniq, inv = torch.unique(tgt, return_inverse=True)
+        ret = F.cross_entropy((q @ enc.item_rep[uniq].to(q.dtype).T).float(), inv)
+        return ret, {"sampled_retrieval": float(ret.detach())}
+
+
+@register_objective("ranking")
+class Ranking(nn.Module):
+    """Candidates' rating (MSE) and like = rating >= ``like_threshold`` (BCE), from an MLP on
+    [h, h * item] of each candidate's hidden state h; candidates without a rating are skipped."""
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        D = config.dim
+        self.mlp = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 2))
+        self.like_threshold = config.like_threshold
+        self.rating_min, self.rating_max = schema.rating_min, schema.rating_max
+
+    def outputs(self, enc: Encoded, cand_items: torch.Tensor):
+        """(rating [C], like logit [C]) of the candidates."""
+        hc = take_rows(enc.hidden, enc.cand_pos)
+        ic = take_rows(enc.item_rep, cand_items).to(hc.dtype)
+        out = self.mlp(torch.cat([hc, hc * ic], 1)).float()
+        return 0.5 * (self.rating_min + self.rating_max) + out[:, 0], out[:, 1]
+
+    def predict(self, enc: Encoded, cand_items: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{"rating": [C] clamped to the data's range, "like": [C] probabilities}."""
+        rating, like = self.outputs(enc, cand_items)
+        return {"rating": rating.clamp(self.rating_min, self.rating_max), "like": torch.sigmoid(like)}
+
+    def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
+        rating, like_logit = self.outputs(enc, batch.cand_items)
+        if batch.cand_ratings is None or not batch.cand_items.numel():
+            return None, {}
+        y = batch.cand_ratings.float()
+        ok = ~torch.isnan(y)
+        if not ok.any():
+            return None, {}
+        mse = F.mse_loss(rating[ok], y[ok])
+        bce = F.binary_cross_entropy_with_logits(like_logit[ok], (y[ok] >= self.like_threshold).float())
+        return mse + bce, {"rating": float(mse.detach()), "like": float(bce.detach())}
+
+
+__all__ = ["OBJECTIVES", "Retrieval", "SampledRetrieval", "Ranking", "next_item_queries"]

@@ -1,0 +1,143 @@
+"""The token stream: one packed sequence of tokens per user, through the Transformer blocks.
+
+Event token = item_rep[item] + E_rating(level) + E_gap(time bucket) + E_pos(distance from the end);
+a candidate token = item_rep[item] + the candidate type vector + the "candidate" rating level + its
+gap + E_pos(0); an optional profile token (the profile encoder's vector + the profile type vector)
+leads the stream. Embedding LayerNorm and dropout, then pre-norm blocks of ``jagged_attention``
+(candidates are its ``num_targets``: each sees the history and itself, never another candidate),
+then a final LayerNorm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..data import TokenBatch
+from ..nn import Dropout
+from .blocks import Block
+from .config import DataSchema, ModelConfig
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an integer index of any shape, via index_select: its backward is an index_add,
+    several times faster on CPU than the index_put of advanced indexing."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
+@dataclass
+class Encoded:
+    """The stream after the blocks, and where each kind of token sits in it.
+
+    item_rep: [N + 1, D] the item representations the stream was built from; hidden: [S, D] every
+    token's final state; offsets: [B + 1] the streams in ``hidden``; hist_pos: [L] the row of each
+    history token, cand_pos: [C] of each candidate, profile_pos: [B] of each profile token (or None),
+    last_pos: [B] of the last history token; repeat_offsets: the scorer's offsets by recency bucket
+    (or None), for objectives that score seen items as the scorer does.
+    """
+
+    item_rep: torch.Tensor
+    hidden: torch.Tensor
+    offsets: torch.Tensor
+    hist_pos: torch.Tensor
+    cand_pos: torch.Tensor
+    profile_pos: Optional[torch.Tensor]
+    last_pos: torch.Tensor
+    repeat_offsets: Optional[torch.Tensor] = None
+
+
+class TokenTypes(nn.Module):
+    """Learned vectors marking the tokens that are not events: the candidates and (when there is one) the
+    profile token. Both start at zero."""
+
+    def __init__(self, dim: int, profile: bool):
+        super().__init__()
+        self.profile = nn.Parameter(torch.zeros(dim)) if profile else None
+        self.candidate = nn.Parameter(torch.zeros(dim))
+
+
+class TokenStream(nn.Module):
+    """Builds the packed token streams of a batch and runs the blocks (see the module docstring).
+
+    forward(batch, item_rep [N + 1, D], types, profile [B, D] or None) -> :class:`Encoded`.
+    """
+
+    no_weight_decay = ()
+
+    def __init__(self, config: ModelConfig, schema: DataSchema, with_profile: bool):
+        super().__init__()
+        c, D = config, config.dim
+        self.config, self.with_profile = config, with_profile
+        self.rating_min, self.rating_max = schema.rating_min, schema.rating_max
+        # rating levels: 0 unknown, 1..L ratings, L + 1 candidate
+        self.rating_emb = nn.Embedding(c.rating_levels + 2, D) if c.use_rating else None
+        self.gap_emb = nn.Embedding(c.num_time_buckets + 1, D) if c.use_time else None
+        self.pos_emb = nn.Embedding(c.max_len + 2, D) if c.positions else None
+        for e in (self.rating_emb, self.gap_emb, self.pos_emb):
+            if e is not None:
+                nn.init.normal_(e.weight, std=0.02)
+        # These tables describe the event, not the item or the user: not decayed.
+        self.no_weight_decay = tuple(f"{n}.weight" for n in ("rating_emb", "gap_emb", "pos_emb")
+                                     if getattr(self, n) is not None)
+        self.emb_norm = nn.LayerNorm(D)
+        self.emb_drop = Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.max_seqlen, c.ffn_mult, c.dropout, c.attention,
+                                          c.rel_bias) for _ in range(c.num_blocks))
+        self.final_norm = nn.LayerNorm(D)
+
+    def rating_levels(self, ratings: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+        """[n] rating level of each event: 0 unknown (None or NaN), else 1 + the rating's place among
+        ``rating_levels`` even steps between the data set's lowest and highest rating."""
+        c = self.config
+        if ratings is None:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+        span = max(self.rating_max - self.rating_min, 1e-6)
+        lv = torch.round((ratings.float() - self.rating_min) / span * (c.rating_levels - 1)).clamp(0, c.rating_levels - 1)
+        return torch.where(torch.isnan(ratings.float()), torch.zeros_like(lv), lv + 1).to(torch.int64)
+
+    def forward(self, batch: TokenBatch, item_rep: torch.Tensor, types: TokenTypes,
+                profile: Optional[torch.Tensor] = None) -> Encoded:
+        c, dev = self.config, batch.items.device
+        B = batch.batch_size
+        P = int(self.with_profile)
+        hl = torch.diff(batch.offsets)
+        cl = torch.diff(batch.cand_offsets)
+        offsets = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(P + hl + cl, 0, out=offsets[1:])
+        L, C = batch.items.numel(), batch.cand_items.numel()
+        user_of_h = torch.repeat_interleave(torch.arange(B, device=dev), hl, output_size=L)
+        user_of_c = torch.repeat_interleave(torch.arange(B, device=dev), cl, output_size=C)
+        j_h = torch.arange(L, device=dev) - batch.offsets[user_of_h]
+        j_c = torch.arange(C, device=dev) - batch.cand_offsets[user_of_c]
+        hist_pos = offsets[user_of_h] + P + j_h
+        cand_pos = offsets[user_of_c] + P + hl[user_of_c] + j_c
+
+        h = take_rows(item_rep, batch.items)
+        ct = take_rows(item_rep, batch.cand_items) + types.candidate
+        if self.rating_emb is not None:
+            h = h + self.rating_emb(self.rating_levels(batch.ratings, L, dev))
+            ct = ct + self.rating_emb.weight[c.rating_levels + 1]
+        if self.gap_emb is not None:
+            h = h + self.gap_emb(batch.gaps)
+            ct = ct + self.gap_emb(batch.cand_gaps)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb((hl[user_of_h] - j_h).clamp(max=c.max_len))  # 1 = most recent
+            ct = ct + self.pos_emb.weight[0]
+        parts, dest = [h, ct], [hist_pos, cand_pos]
+        profile_pos = None
+        if P:
+            profile_pos = offsets[:-1]
+            parts.append(profile + types.profile)
+            dest.append(profile_pos)
+        tokens = torch.cat(parts)
+        perm = torch.empty_like(torch.cat(dest))
+        perm[torch.cat(dest)] = torch.arange(perm.numel(), device=dev)
+        x = self.emb_drop(self.emb_norm(take_rows(tokens, perm)))
+        num_targets = cl if C else None
+        for blk in self.blocks:
+            x = blk(x, offsets, num_targets)
+        x = self.final_norm(x)
+        return Encoded(item_rep=item_rep, hidden=x, offsets=offsets, hist_pos=hist_pos, cand_pos=cand_pos,
+                       profile_pos=profile_pos, last_pos=offsets[:-1] + P + hl - 1)

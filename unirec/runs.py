@@ -1,0 +1,235 @@
+"""Run folders: what a training run writes, and what evaluation, serving and the CLI read.
+
+A run folder holds:
+
+- ``config.json``: {"arm": name, "data": DataConfig, "model": ModelConfig, "train": training settings};
+- ``model.json`` + ``model.pt``: the best weights' ModelConfig and DataSchema, and the state dict
+  (loaded with ``torch.load(weights_only=True)``);
+- ``last.pt``: the resumable training state;
+- ``metrics.json``: validation and test metrics, the protocol flags, the training history;
+- ``ranks.npz``: per-user ranks of the last evaluation ("users", "valid", "test", "test_unmasked"),
+  the input of ``unirec compare``;
+- ``training.png``: loss and validation NDCG@10 per epoch.
+
+Each evaluation also appends one JSON line (arm, data set, seed, protocol, metrics, wall time,
+commit) to a results file, ``results.jsonl`` beside the run folder unless told otherwise.
+
+Every file is written to a temporary file, flushed to disk and renamed over the old one, so a
+process killed during a save leaves the previous file whole. Folders written before the model was
+built from parts (a flat ``model_config.json``) load as they are: their configuration and weights
+are converted on reading.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .data import DataConfig, LeaveOneOutSplit, leave_one_out, load_dataset
+from .models import DataSchema, ModelConfig, UniRec, upgrade_legacy
+from .models.config import upgrade_flat_config
+
+PathLike = Union[str, Path]
+MODEL_FORMAT = 2
+
+
+def write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Writes ``path`` through ``write(file)`` into a temporary file beside it, fsyncs it and renames it
+    over ``path``: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: PathLike, obj) -> Path:
+    return write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def source_commit() -> str:
+    """The git commit of the unirec source tree (with "+dirty" for local changes), else "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_run_dir(data: DataConfig, root: PathLike = "runs") -> Path:
+    """./runs/<data set>-<UTC time>."""
+    return Path(root) / f"{data.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+class Run:
+    """A run folder (see the module docstring). :meth:`create` starts one, :meth:`open` reads one."""
+
+    def __init__(self, path: PathLike, config: dict):
+        self.path, self.config = Path(path), config
+
+    @classmethod
+    def create(cls, path: PathLike, data: DataConfig, model: ModelConfig, train: dict,
+               arm: Optional[str] = None) -> "Run":
+        """Makes the folder and writes config.json (the training settings as a plain dict)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"arm": arm or path.name, "data": data.to_dict(), "model": model.to_dict(), "train": dict(train)}
+        write_json(path / "config.json", config)
+        return cls(path, config)
+
+    @classmethod
+    def open(cls, path: PathLike) -> "Run":
+        """Reads a run folder written by ``unirec train``; FileNotFoundError / ValueError saying what is missing."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such run folder")
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json; pass a folder written by `unirec train`")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict) or "data" not in config:
+            raise ValueError(f"{path / 'config.json'}: expected an object with a \"data\" section")
+        return cls(path, config)
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def arm(self) -> str:
+        return self.config.get("arm") or self.path.name
+
+    @property
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_dict(self.config["data"])
+
+    @property
+    def train_config(self) -> dict:
+        return dict(self.config.get("train", {}))
+
+    @property
+    def legacy(self) -> bool:
+        """Written before the model was built from parts (read through a conversion)."""
+        return not (self.path / "model.json").exists() and (self.path / "model_config.json").exists()
+
+    def model_spec(self):
+        """(ModelConfig, DataSchema) of the saved weights."""
+        if self.legacy:
+            return upgrade_flat_config(json.loads((self.path / "model_config.json").read_text()))
+        f = self.path / "model.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{self.path}: no model.json; the run has no saved model yet")
+        spec = json.loads(f.read_text())
+        return ModelConfig.from_dict(spec["model"]), DataSchema.from_dict(spec["schema"])
+
+    # ------------------------------------------------------------------ data and model
+
+    def load_dataset(self):
+        return load_dataset(self.data_config)
+
+    def load_split(self) -> LeaveOneOutSplit:
+        return leave_one_out(self.load_dataset())
+
+    def save_model(self, model: UniRec, name: str = "model.pt") -> Path:
+        """Writes the state dict ``name`` and model.json (config and schema)."""
+        write_atomic(self.path / name, lambda f: torch.save(model.state_dict(), f))
+        write_json(self.path / "model.json", {"format": MODEL_FORMAT, "model": model.config.to_dict(),
+                                              "schema": model.schema.to_dict()})
+        return self.path / name
+
+    def load_state(self, name: str = "model.pt", map_location="cpu") -> dict:
+        f = self.path / name
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: the run has no saved model")
+        state = torch.load(f, map_location=map_location, weights_only=True)
+        if self.legacy:
+            state = upgrade_legacy(json.loads((self.path / "model_config.json").read_text()), state)[2]
+        return state
+
+    def load_model(self, impl: str = "auto", name: str = "model.pt", map_location="cpu") -> UniRec:
+        """The saved model in eval mode, on backend ``impl``."""
+        config, schema = self.model_spec()
+        model = UniRec(config, schema, impl)
+        model.load_state_dict(self.load_state(name, map_location))
+        return model.eval()
+
+    def model_version(self, name: str = "model.pt") -> str:
+        """``<folder name>@<first 12 hex digits of the weights' sha256>``."""
+        import hashlib
+        digest = hashlib.sha256((self.path / name).read_bytes()).hexdigest()[:12]
+        return f"{self.path.resolve().name}@{digest}"
+
+    # ------------------------------------------------------------------ training state
+
+    def save_training_state(self, model, optimizer, state: dict, name: str = "last.pt") -> None:
+        """The resumable state: model and optimizer state dicts plus plain ``state`` (epoch, history...)."""
+        ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": json.dumps(state)}
+        write_atomic(self.path / name, lambda f: torch.save(ck, f))
+
+    def load_training_state(self, model, optimizer, map_location="cpu", name: str = "last.pt") -> dict:
+        f = self.path / name
+        if not f.exists():
+            raise FileNotFoundError(f"nothing to resume: no {name} in {self.path}")
+        ck = torch.load(f, map_location=map_location, weights_only=True)
+        if self.legacy:
+            ck["model"] = upgrade_legacy(json.loads((self.path / "model_config.json").read_text()), ck["model"])[2]
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        return json.loads(ck["state"])
+
+    # ------------------------------------------------------------------ results
+
+    def write_metrics(self, metrics: dict) -> Path:
+        return write_json(self.path / "metrics.json", metrics)
+
+    def read_metrics(self) -> dict:
+        f = self.path / "metrics.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: the run has not been evaluated")
+        return json.loads(f.read_text())
+
+    def save_ranks(self, ranks: dict) -> Path:
+        """ranks.npz from {"users": [E] ids, "valid" / "test" / "test_unmasked": [E] int64 ranks}."""
+        arrays = {k: np.asarray(v) for k, v in ranks.items()}
+        return write_atomic(self.path / "ranks.npz", lambda f: np.savez(f, **arrays))
+
+    def append_result(self, metrics: dict, wall_seconds: float, results_file: Optional[PathLike] = None) -> Path:
+        """Appends one JSON line for this evaluation to ``results_file`` (default: results.jsonl beside the
+        run folder): arm, data set, seed, protocol flags, metrics per stage, wall time, commit."""
+        path = Path(results_file) if results_file is not None else self.path.parent / "results.jsonl"
+        record = {
+            "arm": self.arm, "run": str(self.path), "data": self.data_config.name,
+            "seed": self.train_config.get("seed"), "protocol": metrics.get("protocol"),
+            "metrics": {k: v for k, v in metrics.items() if k in ("valid", "test", "test_unmasked", "popularity_test")},
+            "best_epoch": metrics.get("best_epoch"), "wall_seconds": round(float(wall_seconds), 3),
+            "commit": source_commit(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        line = (json.dumps(record) + "\n").encode()
+        # One write of one line in append mode: concurrent runs appending to one file do not interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
