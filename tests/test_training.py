@@ -8,7 +8,7 @@ import torch
 from unirec.data import DataConfig, TokenBuilder, TrainBatches, leave_one_out, synthetic
 from unirec.evaluation import evaluate_model
 from unirec.models import UniRec, preset
-from unirec.runs import Run
+from unirec.runs import Run, RunConfig
 from unirec.training import TrainConfig, Trainer, lr_at, train_run
 
 
@@ -44,7 +44,7 @@ def trainer(model, sp, t, run=None):
 
 
 def new_run(path, model, t):
-    return Run.create(path, DataConfig("synthetic"), model.config, vars(t))
+    return Run.create(path, RunConfig(DataConfig("synthetic"), model.config, t))
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -118,12 +118,22 @@ def test_early_stopping_and_run_folder(split, tmp_path):
     assert np.isfinite(saved["test"]["rmse"])
 
 
-def test_config_sections_reject_unknown_keys():
+def test_config_sections_reject_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="train config: unknown key 'epoch'"):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="data config: unknown key 'path'"):
         DataConfig.from_dict({"path": "x"})
+    with pytest.raises(ValueError, match="run config: unknown key 'modle'"):
+        RunConfig.from_dict({"data": {}, "modle": {}})
+    with pytest.raises(ValueError, match="model config: unknown key 'dimm'"):
+        RunConfig.from_dict({"data": {}, "model": {"dimm": 8}})
     assert DataConfig.from_dict({"source": "synthetic", "kwargs": {"seed": 1}}).options == {"seed": 1}
+    c = RunConfig(DataConfig("synthetic", {"seed": 2}), preset("sasrec"), TrainConfig(seed=3), "arm")
+    assert RunConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"data": {}, "train": {"lr": 1, "epochz": 2}}))
+    with pytest.raises(ValueError, match="config.json: train config: unknown key 'epochz'"):
+        Run.open(tmp_path / "r")
 
 
 def test_atomic_writes_leave_the_old_file_whole(tmp_path):

@@ -2,7 +2,8 @@
 
 A run folder holds:
 
-- ``config.json``: {"arm": name, "data": DataConfig, "model": ModelConfig, "train": training settings};
+- ``config.json``: a :class:`RunConfig`, {"arm": name, "data": DataConfig, "model": ModelConfig,
+  "train": TrainConfig};
 - ``model.json`` + ``model.pt``: the best weights' ModelConfig and DataSchema, and the state dict
   (loaded with ``torch.load(weights_only=True)``);
 - ``last.pt``: the resumable training state;
@@ -25,6 +26,7 @@ import io
 import json
 import os
 import subprocess
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -32,12 +34,67 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .data import DataConfig, LeaveOneOutSplit, leave_one_out, load_dataset
+from .data import DataConfig, LeaveOneOutSplit, leave_one_out, load_dataset, strict_from_dict
 from .models import DataSchema, ModelConfig, UniRec, upgrade_legacy
 from .models.config import upgrade_flat_config
 
 PathLike = Union[str, Path]
 MODEL_FORMAT = 2
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: optimisation, schedule, early stopping, device (see :mod:`unirec.training`)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = True
+    eval_batch_size: int = 256
+    eval_every: int = 1
+    time_budget_s: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return strict_from_dict(cls, d, "train config")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run is made of, the content of its config.json: the data set, the model's
+    hyper-parameters, the training settings, and the arm's name in result records. Each section
+    rejects unknown keys, naming them."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    arm: str = ""
+
+    def to_dict(self) -> dict:
+        return {"arm": self.arm, "data": self.data.to_dict(), "model": self.model.to_dict(),
+                "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"run config: expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"arm", "data", "model", "train"})
+        if unknown:
+            raise ValueError(f"run config: unknown key {unknown[0]!r}; known keys: arm, data, model, train")
+        model = d.get("model", {})
+        if "num_items" in model:  # the flat model section of folders written by the single-class model
+            model = upgrade_flat_config(model)[0]
+        else:
+            model = ModelConfig.from_dict(model)
+        return cls(DataConfig.from_dict(d.get("data", {})), model, TrainConfig.from_dict(d.get("train", {})),
+                   d.get("arm") or "")
 
 
 def write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -84,17 +141,17 @@ def default_run_dir(data: DataConfig, root: PathLike = "runs") -> Path:
 class Run:
     """A run folder (see the module docstring). :meth:`create` starts one, :meth:`open` reads one."""
 
-    def __init__(self, path: PathLike, config: dict):
+    def __init__(self, path: PathLike, config: RunConfig):
         self.path, self.config = Path(path), config
 
     @classmethod
-    def create(cls, path: PathLike, data: DataConfig, model: ModelConfig, train: dict,
-               arm: Optional[str] = None) -> "Run":
-        """Makes the folder and writes config.json (the training settings as a plain dict)."""
+    def create(cls, path: PathLike, config: RunConfig) -> "Run":
+        """Makes the folder and writes config.json (the arm's name defaults to the folder's)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = {"arm": arm or path.name, "data": data.to_dict(), "model": model.to_dict(), "train": dict(train)}
-        write_json(path / "config.json", config)
+        if not config.arm:
+            config.arm = path.name
+        write_json(path / "config.json", config.to_dict())
         return cls(path, config)
 
     @classmethod
@@ -106,26 +163,22 @@ class Run:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json; pass a folder written by `unirec train`")
         try:
-            config = json.loads((path / "config.json").read_text())
+            raw = json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-        if not isinstance(config, dict) or "data" not in config:
+        if not isinstance(raw, dict) or "data" not in raw:
             raise ValueError(f"{path / 'config.json'}: expected an object with a \"data\" section")
+        try:
+            config = RunConfig.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path / 'config.json'}: {exc}") from None
         return cls(path, config)
 
     # ------------------------------------------------------------------ configuration
 
     @property
     def arm(self) -> str:
-        return self.config.get("arm") or self.path.name
-
-    @property
-    def data_config(self) -> DataConfig:
-        return DataConfig.from_dict(self.config["data"])
-
-    @property
-    def train_config(self) -> dict:
-        return dict(self.config.get("train", {}))
+        return self.config.arm or self.path.name
 
     @property
     def legacy(self) -> bool:
@@ -145,7 +198,7 @@ class Run:
     # ------------------------------------------------------------------ data and model
 
     def load_dataset(self):
-        return load_dataset(self.data_config)
+        return load_dataset(self.config.data)
 
     def load_split(self) -> LeaveOneOutSplit:
         return leave_one_out(self.load_dataset())
@@ -218,8 +271,8 @@ class Run:
         run folder): arm, data set, seed, protocol flags, metrics per stage, wall time, commit."""
         path = Path(results_file) if results_file is not None else self.path.parent / "results.jsonl"
         record = {
-            "arm": self.arm, "run": str(self.path), "data": self.data_config.name,
-            "seed": self.train_config.get("seed"), "protocol": metrics.get("protocol"),
+            "arm": self.arm, "run": str(self.path), "data": self.config.data.name,
+            "seed": self.config.train.seed, "protocol": metrics.get("protocol"),
             "metrics": {k: v for k, v in metrics.items() if k in ("valid", "test", "test_unmasked", "popularity_test")},
             "best_epoch": metrics.get("best_epoch"), "wall_seconds": round(float(wall_seconds), 3),
             "commit": source_commit(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -3,7 +3,6 @@ resume the model, train, evaluate, write the folder's files and one line of the 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -12,8 +11,8 @@ import torch
 from ..data import DataConfig, TokenBuilder, TrainBatches, leave_one_out, load_dataset
 from ..evaluation import evaluate_model, evaluate_split
 from ..models import ModelConfig, UniRec
-from ..runs import Run, default_run_dir
-from .trainer import TrainConfig, Trainer
+from ..runs import Run, RunConfig, TrainConfig, default_run_dir
+from .trainer import Trainer
 
 PROTOCOL = {"split": "leave-one-out by time", "ranking": "full catalogue", "ties": "pessimistic",
             "valid_mask_history": True, "test_mask_history": True, "test_unmasked_mask_history": False,
@@ -66,7 +65,7 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         model = run.load_model(impl)
     else:
         model = UniRec.from_dataset(ds, model_cfg, impl)
-        run = Run.create(run_dir, data, model.config, asdict(train_cfg), arm)
+        run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or ""))
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
         f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
     builder = TokenBuilder.for_config(split, model.config)

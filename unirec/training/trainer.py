@@ -15,38 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..data import TrainBatches, strict_from_dict
-from ..runs import Run
+from ..data import TrainBatches
+from ..runs import Run, TrainConfig
 from .progress import Progress
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (serialisable with asdict)."""
-
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    patience: int = 5
-    seed: int = 0
-    device: str = "cpu"
-    bf16: bool = True
-    eval_batch_size: int = 256
-    eval_every: int = 1
-    time_budget_s: Optional[float] = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return strict_from_dict(cls, d, "train config")
 
 
 def lr_at(step: int, total: int, tc: TrainConfig) -> float:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List
 from ..data import DataConfig
 from ..models import ModelConfig
 from .run import train_run
-from .trainer import TrainConfig
+from ..runs import TrainConfig
 
 DEFAULT_SPACE: Dict[str, str] = {
     "lr": "log:5e-4:5e-3",
