@@ -1,4 +1,5 @@
 import hashlib
+import re
 import subprocess
 import zipfile
 
@@ -207,6 +208,159 @@ def test_read_path_errors(tmp_path):
         read_path(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         read_path(tmp_path / "missing.csv")
+
+
+# --------------------------------------------------------------------------- line endings, non-finite numbers
+
+INTER_FORMATS = {  # format -> (file name, header line, row template, encoding, timestamp column, rating column)
+    "atomic": ("x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n", "{u}\t{i}\t{r}\t{t}",
+               "3 (rating)", "4 (timestamp)"),
+    "ml-100k": ("u.data", "", "{u}\t{i}\t{r}\t{t}", "3 (rating)", "4 (timestamp)"),
+    "ml-1m": ("ratings.dat", "", "{u}::{i}::{r}::{t}", "3 (Rating)", "4 (Timestamp)"),
+    "csv": ("x.csv", "user,item,rating,timestamp\n", "{u},{i},{r},{t}", "3 (rating)", "4 (timestamp)"),
+}
+
+
+def read_format(fmt, path):
+    return {"atomic": lambda: read_atomic(path.parent, "x"), "ml-100k": lambda: read_movielens_100k(path.parent),
+            "ml-1m": lambda: read_movielens_1m(path.parent), "csv": lambda: read_csv(path)}[fmt]()
+
+
+@pytest.mark.parametrize("fmt", sorted(INTER_FORMATS))
+@pytest.mark.parametrize("field", ["timestamp", "rating"])
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf", "-INF", "+Infinity", "1e999", "-1e400"])
+def test_non_finite_timestamp_or_rating_names_file_line_column(tmp_path, fmt, field, value):
+    name, header, row, rating_col, time_col = INTER_FORMATS[fmt]
+    rows = [row.format(u=1, i=10, r=4, t=100), row.format(u=2, i=10, r=3, t=200),
+            row.format(u=2, i=20, r=value if field == "rating" else 5, t=value if field == "timestamp" else 300)]
+    p = write(tmp_path / name, header + "\n".join(rows) + "\n")
+    with pytest.raises(DataFormatError, match=f"expected a finite number, got '{re.escape(value)}'") as ei:
+        read_format(fmt, p)
+    line = 3 + bool(header)
+    assert (ei.value.path, ei.value.line, ei.value.column) == (str(p), line, time_col if field == "timestamp" else rating_col)
+    assert f"line {line}, column {ei.value.column}" in str(ei.value)
+
+
+def test_non_finite_numbers_in_attribute_files(tmp_path):
+    """Files: "nan"/"inf" in a float column is an error with its line, also in float_seq and ML ages."""
+    p = write(tmp_path / "x.item", "item_id:token\tprice:float\temb:float_seq\n1\t2.5\t1 2\n2\tinf\t1 2\n")
+    with pytest.raises(DataFormatError, match="line 3, column 2 \\(price\\): expected a finite number"):
+        read_atomic_file(p)
+    write(p, "item_id:token\tprice:float\temb:float_seq\n1\t2.5\t1 nan\n")
+    with pytest.raises(DataFormatError, match="line 2, column 3 \\(emb\\): expected finite numbers"):
+        read_atomic_file(p)
+    d = ml100k_files(tmp_path / "ml")
+    write(d / "u.user", "1|24|M|technician|85711\n2|NaN|F|other|94043\n")
+    with pytest.raises(DataFormatError, match="u.user, line 2, column 2 \\(age\\)"):
+        read_movielens_100k(d)
+    items = write(tmp_path / "items.csv", "item_id,year\nx,1990\ny,-inf\n")
+    with pytest.raises(DataFormatError, match="items.csv, line 3, column 2 \\(year\\)"):
+        read_csv(write(tmp_path / "e.csv", "user,item,time\na,x,1\n"), items)
+
+
+def test_non_finite_attributes_in_memory_tables_are_missing():
+    """Decision: in tables not read from text (Parquet, built in memory) a non-finite attribute value is
+    missing, an empty bag, like a MovieLens title without a year; a non-finite timestamp is an error."""
+    from unirec.data import RawData, Table
+    ids = np.asarray([str(i) for i in range(1, 11)])
+    inter = Table({"user_id": np.asarray(["a"] * 10), "item_id": ids, "timestamp": np.arange(10.0)},
+                  {"user_id": "token", "item_id": "token", "timestamp": "float"})
+    price = np.arange(10.0)
+    price[[1, 2]] = np.inf, np.nan
+    year = np.asarray([str(1990 + i) for i in range(10)])
+    year[3] = "-inf"  # 9 of 10 tokens are numbers: a numeric feature, the tenth missing
+    item = Table({"item_id": ids, "price": price, "year": year}, {"item_id": "token", "price": "float", "year": "token"})
+    ds = encode(RawData("m", inter, item))
+    for name, missing in (("price", [2, 3]), ("year", [4])):
+        f = ds.item_features[name]
+        assert f.kind == "numeric" and np.isfinite(f.boundaries).all()
+        assert np.flatnonzero(np.diff(f.offsets) == 0).tolist() == [0] + missing  # row 0 is the padding
+    inter.columns["timestamp"] = np.asarray([0.0, np.nan] + [1.0] * 8)
+    with pytest.raises(DataFormatError, match="row 2, column timestamp: expected a finite number, got nan"):
+        encode(RawData("m", inter))
+    empty = Table({k: np.zeros(0, dtype=str) for k in ("user_id", "item_id")} | {"timestamp": np.zeros(0)},
+                  {"user_id": "token", "item_id": "token", "timestamp": "float"}, "e.csv")
+    with pytest.raises(DataFormatError, match="e.csv: no interactions"):
+        encode(RawData("e", empty))
+
+
+def test_parquet_names_the_row(tmp_path, monkeypatch):
+    """Parquet has no lines: a non-finite or null timestamp names its row (pyarrow is optional, so the
+    file's columns are stubbed)."""
+    from unirec.data import tabular
+    p = tmp_path / "e.parquet"
+    p.write_bytes(b"PAR1")
+    cols = {"user": ["a", "b", "c"], "item": [1, 2, 3], "ts": [1.0, 2.0, float("nan")], "rating": [4, None, 5]}
+    monkeypatch.setattr(tabular, "_parquet_columns", lambda path: (list(cols), cols))
+    with pytest.raises(DataFormatError, match="e.parquet, row 3, column 3 \\(ts\\): expected a finite number, got nan") as ei:
+        read_parquet(p)
+    assert ei.value.line == 3
+    cols["ts"] = [1.0, 2.0, 3.0]
+    with pytest.raises(DataFormatError, match="e.parquet, row 2, column 4 \\(rating\\): expected a finite number"):
+        read_parquet(p)  # a null
+    cols["rating"] = [4, 3, 5]
+    assert read_parquet(p).inter["item_id"].tolist() == ["1", "2", "3"]  # int ids stay "1", not "1.0"
+
+
+def test_crlf_files_read_as_lf(tmp_path):
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    write(d / "ratings.dat", "1::1193::5::978300760\r\n2::661::3::978302109\r\n")
+    write(d / "movies.dat", "1193::One Flew (1975)::Drama\r\n661::James (1996)::Animation|Musical\r\n", "latin-1")
+    write(d / "users.dat", "1::F::1::10::48067\r\n2::M::56::16::70072\r\n")
+    raw = read_movielens_1m(d)
+    assert raw.inter["timestamp"].tolist() == [978300760, 978302109]
+    assert raw.item["genre"] == [["Drama"], ["Animation", "Musical"]] and raw.user["zip_code"].tolist() == ["48067", "70072"]
+    write(tmp_path / "c.inter", "user_id:token\titem_id:token\ttimestamp:float\r\nu\t1\t5\r\nu\t2\t6\r\n")
+    assert read_atomic(tmp_path, "c").inter["timestamp"].tolist() == [5, 6]
+    raw = read_csv(write(tmp_path / "c.csv", "user,item,timestamp\r\na,x,1\r\nb,y,2\r\n"))
+    assert raw.inter["item_id"].tolist() == ["x", "y"] and raw.inter["timestamp"].tolist() == [1, 2]
+
+
+ODD = "\x85\x0b\x0c\x1c\x1d\x1e"  # str.splitlines splits at each of these (and at U+2028 / U+2029)
+
+
+def test_titles_with_line_break_lookalikes_are_one_record(tmp_path):
+    d = ml100k_files(tmp_path / "ml")
+    flags = "|".join(["0"] * 8 + ["1"] + ["0"] * 10)
+    write(d / "u.item", f"10|Toy{ODD}Story (1995)|01-Jan-1995||http://x|{flags}\n20|Caf\xe9 (1994)||||{flags}\n", "latin-1")
+    raw = read_movielens_100k(d)
+    assert raw.item["movie_title"].tolist() == [f"Toy{ODD}Story", "Caf\xe9"]
+    assert encode(raw).item_text.tolist() == ["", f"Toy{ODD}Story", "Caf\xe9"]
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    write(d / "ratings.dat", "1::1193::5::978300760\r\n")
+    write(d / "movies.dat", "1193::Cuckoo\x85s Nest (1975)::Drama\r\n", "latin-1")
+    assert read_movielens_1m(d).item["movie_title"].tolist() == ["Cuckoo\x85s Nest"]
+    title = "A\u2028B\u2029C\x85D\rE"  # a lone \r is no line end either
+    write(tmp_path / "t.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t5\n")
+    write(tmp_path / "t.item", f"item_id:token\ttitle:token\n1\t{title}\n")
+    assert read_atomic(tmp_path, "t").item["title"].tolist() == [title]
+    items = write(tmp_path / "items.csv", f'item_id,title\n1,A\u2028B\x85C\n2,"quoted\rand\nsplit"\n')
+    raw = read_csv(write(tmp_path / "e.csv", "user,item,time\na,1,1\n"), items)
+    assert raw.item["title"].tolist() == ["A\u2028B\x85C", "quoted\rand\nsplit"]
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    # a quoted field over two lines moves the following rows one line down
+    items = write(tmp_path / "items.csv", 'item_id,title,year\n1,"two\nlines",1990\n2,x,1991\n3,y\n')
+    with pytest.raises(DataFormatError, match="items.csv, line 5, column 3 \\(year\\): expected 3 fields") as ei:
+        read_csv(write(tmp_path / "e.csv", "user,item,time\na,1,1\n"), items)
+    assert ei.value.line == 5
+    p = write(tmp_path / "e.csv", "user,item,time\na,1,1\n\nb,2,later\n")
+    with pytest.raises(DataFormatError, match="e.csv, line 4, column 3 \\(time\\): expected a number, got 'later'"):
+        read_csv(p)
+    p = write(tmp_path / "e.csv", "user,item,time\na,1,1\nb,2\r3,4\n")  # a lone \r in an unquoted field
+    with pytest.raises(DataFormatError, match="e.csv, line 3: not valid CSV"):
+        read_csv(p)
+    p = write(tmp_path / "e.csv", "user,item,user\na,1,1\n")
+    with pytest.raises(DataFormatError, match="line 1, column 1 \\(user\\): duplicate column name"):
+        read_csv(p)
+    p.write_bytes(b"\xef\xbb\xbfuser,item,time\na,1,1\n")  # a UTF-8 byte-order mark is no part of the header
+    assert read_csv(p).inter["user_id"].tolist() == ["a"]
+    p.write_bytes(b"user,item,time\na,1,1\nb,\xff,2\n")
+    with pytest.raises(DataFormatError, match="e.csv, line 3: not valid utf-8"):
+        read_csv(p)
 
 
 # --------------------------------------------------------------------------- features as TBE bags

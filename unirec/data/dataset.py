@@ -26,6 +26,10 @@ AGE_BOUNDARIES = (18.0, 25.0, 35.0, 45.0, 50.0, 56.0)
 FEATURE_KINDS = ("categorical", "multi", "numeric", "text")
 
 
+class UnknownIdError(KeyError):
+    """An id the data set lacks: a KeyError that the CLI reports as the user's mistake, not as a bug."""
+
+
 @dataclass
 class FeatureSpec:
     """How to encode one attribute column.
@@ -202,13 +206,14 @@ class Dataset:
         return len(self.user)
 
     def _lookup(self, which: str, key: str) -> int:
+        vocab = self.user_vocab if which == "user" else self.item_vocab
         if which not in self._index:
-            vocab = self.user_vocab if which == "user" else self.item_vocab
             self._index[which] = {str(v): i for i, v in enumerate(vocab) if i}
         try:
             return self._index[which][str(key)]
         except KeyError:
-            raise KeyError(f"unknown {which} id {key!r} in data set {self.name!r}") from None
+            raise UnknownIdError(f"unknown {which} id {key!r} in data set {self.name!r}"
+                                 + (f" ({which} ids look like {vocab[1]!r})" if len(vocab) > 1 else "")) from None
 
     def user_index(self, user_id: str) -> int:
         """The encoded index (>= 1) of a data-set user id."""
@@ -223,13 +228,10 @@ class Dataset:
 
 
 def _natural_vocab(values: np.ndarray):
-    """Unique ids ordered numerically when all are integers, else lexicographically.
-
-    Returns (vocab [V+1] with PAD first, codes [n] in 1..V).
-    """
+    """Unique ids, numeric order when all are integers, else lexicographic: (vocab [V+1] PAD first, codes in 1..V)."""
     uniq, inv = np.unique(values, return_inverse=True)
-    if len(uniq) and np.char.isdigit(uniq).all() and \
-            int(np.char.str_len(uniq).max()) < 19:  # fits in int64
+    # ASCII digits only ("²".isdigit() holds, but int() refuses it); < 19 digits fit in int64.
+    if len(uniq) and all(u.isascii() and u.isdigit() and len(u) < 19 for u in uniq.tolist()):
         order = np.argsort(uniq.astype(np.int64), kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
@@ -269,29 +271,10 @@ def _csr_rows_to_entities(row_entity: np.ndarray, row_lengths: np.ndarray, flat:
 
 def bucket_labels(b: np.ndarray) -> List[str]:
     """Labels of the buckets that ``boundaries`` b make: "<b0", "[b0,b1)", ..., ">=b_last"."""
-    def fmt(x):
-        return f"{x:g}"
+    fmt = "{:g}".format
     if len(b) == 0:
         return ["all"]
     return [f"<{fmt(b[0])}"] + [f"[{fmt(lo)},{fmt(hi)})" for lo, hi in zip(b[:-1], b[1:])] + [f">={fmt(b[-1])}"]
-
-
-def _as_float(table: Table, name: str) -> Optional[np.ndarray]:
-    col = table[name]
-    if table.types[name] == "float":
-        return col
-    if table.types[name] != "token":
-        return None
-    # Tokens that read as numbers (RecBole types years and ages as token); a few stray
-    # non-numbers (ml-100k has 'unkonwn' and 'V' as years) become missing values.
-    out = np.full(len(col), np.nan)
-    for i, v in enumerate(col.tolist()):
-        try:
-            out[i] = float(v)
-        except ValueError:
-            pass
-    nonempty = int((col != "").sum())
-    return out if nonempty and (~np.isnan(out)).sum() >= 0.9 * nonempty else None
 
 
 def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_rows: int) -> Feature:
@@ -302,7 +285,7 @@ def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_
     col, ftype = table[spec.source], table.types[spec.source]
     boundaries = None
     if spec.kind == "numeric":
-        values = _as_float(table, spec.source)
+        values = table.numbers(spec.source)
         if values is None:
             raise DataFormatError(table.source, None, spec.source, f"feature {spec.name!r} is numeric but the column "
                                                                    "holds non-numbers")
@@ -311,7 +294,8 @@ def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_
             boundaries = np.asarray(spec.boundaries, dtype=np.float64)
         else:
             qs = np.quantile(values[ok], np.linspace(0, 1, spec.num_buckets + 1)[1:-1]) if ok.any() else []
-            boundaries = np.unique(np.asarray(qs, dtype=np.float64))
+            qs = np.asarray(qs, dtype=np.float64)
+            boundaries = np.unique(qs[np.isfinite(qs)])  # interpolating between +-1e308 can overflow
         codes = np.searchsorted(boundaries, np.where(ok, values, 0.0), side="right") + 1
         flat, lens = codes[ok], ok.astype(np.int64)
         vocab = np.asarray([PAD] + bucket_labels(boundaries))
@@ -319,7 +303,7 @@ def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_
         if ftype not in ("token", "float"):
             raise DataFormatError(table.source, None, spec.source, f"feature {spec.name!r} is categorical but the "
                                                                    f"column has type {ftype}")
-        vals = np.asarray(["" if np.isnan(v) else f"{v:g}" for v in col]) if ftype == "float" else np.asarray(col, dtype=str)
+        vals = np.asarray([f"{v:g}" if np.isfinite(v) else "" for v in col] if ftype == "float" else col, dtype=str)
         if spec.prefix is not None:
             vals = np.asarray([v[: spec.prefix] for v in vals.tolist()])
         ok = vals != ""
@@ -349,9 +333,9 @@ def default_feature_specs(table: Table, key: str, text_field: Optional[str] = No
         low = name.lower()
         if name == key or name == text_field or ftype == "float_seq":
             continue
-        if low == "age" and _as_float(table, name) is not None:
+        if low == "age" and table.numbers(name) is not None:
             specs.append(FeatureSpec(name, "numeric", boundaries=AGE_BOUNDARIES))
-        elif (ftype == "float" or low in ("year", "release_year")) and _as_float(table, name) is not None:
+        elif (ftype == "float" or low in ("year", "release_year")) and table.numbers(name) is not None:
             specs.append(FeatureSpec(name, "numeric"))
         elif low in ("zip", "zip_code", "zipcode", "zip-code") and ftype == "token":
             specs.append(FeatureSpec(name, "categorical", name="zip_prefix", prefix=2))
@@ -383,10 +367,19 @@ def encode(raw: RawData, item_features: Optional[Sequence[FeatureSpec]] = None,
     :func:`default_feature_specs`; pass [] for none.
     """
     inter = raw.inter
+    if len(inter) == 0:
+        raise DataFormatError(inter.source, None, None, "no interactions: expected at least one row of events")
     user_vocab, user = _natural_vocab(np.asarray(inter["user_id"], dtype=str))
     item_vocab, item = _natural_vocab(np.asarray(inter["item_id"], dtype=str))
     timestamp = np.asarray(inter["timestamp"], dtype=np.float64)
-    rating = np.asarray(inter["rating"], dtype=np.float32) if "rating" in inter else None
+    with np.errstate(over="ignore"):  # past float32's range a rating is inf, refused below
+        rating = np.asarray(inter["rating"], dtype=np.float32) if "rating" in inter else None
+    # The readers refuse these with their line; this guards other tables (a NaN timestamp ends in an IndexError).
+    for name, v, what in (("timestamp", timestamp, "a finite number"), ("rating", rating, "a finite float32")):
+        bad = np.flatnonzero(~np.isfinite(v)) if v is not None else []
+        if len(bad):
+            raise DataFormatError(inter.source, int(bad[0]) + 1, name, f"expected {what}, got {inter[name][bad[0]]}",
+                                  unit="row")
     ift = uft = text = None
     if raw.item is not None:
         specs = default_feature_specs(raw.item, "item_id", raw.text_field) if item_features is None else item_features

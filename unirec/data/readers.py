@@ -19,6 +19,8 @@ A malformed file raises :class:`DataFormatError` naming the file, the line
 """
 from __future__ import annotations
 
+import codecs
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,13 +34,16 @@ PathLike = Union[str, os.PathLike]
 
 
 class DataFormatError(ValueError):
-    """A data file that cannot be parsed; the message names file, line and column."""
+    """A data file that cannot be parsed; the message names file, line and column.
 
-    def __init__(self, path: PathLike, line: Optional[int], column: Optional[str], message: str):
+    ``unit`` names what ``line`` counts: "line" for text files, "row" for Parquet (which has no lines)."""
+
+    def __init__(self, path: PathLike, line: Optional[int], column: Optional[str], message: str, *,
+                 unit: str = "line"):
         self.path, self.line, self.column = str(path), line, column
         where = str(path)
         if line is not None:
-            where += f", line {line}"
+            where += f", {unit} {line}"
         if column is not None:
             where += f", column {column}"
         super().__init__(f"{where}: {message}")
@@ -69,6 +74,30 @@ class Table:
     def __getitem__(self, name: str):
         return self.columns[name]
 
+    def numbers(self, name: str) -> Optional[np.ndarray]:
+        """Column ``name`` as float64, NaN where missing; None when it is no numeric column.
+
+        A value that is not finite is missing (an empty bag when encoded): the file readers refuse
+        "nan"/"inf" text, but tables read from Parquet or built in memory may hold them, MovieLens titles
+        without a year have a NaN year, and an inf would make a bucket edge of inf."""
+        col, ftype = self.columns[name], self.types[name]
+        if ftype == "float":
+            col = np.asarray(col, dtype=np.float64)
+            return np.where(np.isfinite(col), col, np.nan)
+        if ftype != "token":
+            return None
+        # Tokens that read as numbers (RecBole types years and ages as token); a few stray
+        # non-numbers (ml-100k has 'unkonwn' and 'V' as years) become missing values.
+        out = np.full(len(col), np.nan)
+        for i, v in enumerate(col.tolist()):
+            try:
+                out[i] = float(v)
+            except ValueError:
+                pass
+        out[~np.isfinite(out)] = np.nan
+        nonempty = int((col != "").sum())
+        return out if nonempty and (~np.isnan(out)).sum() >= 0.9 * nonempty else None
+
 
 @dataclass
 class RawData:
@@ -86,17 +115,25 @@ class RawData:
 # --------------------------------------------------------------------------- parsing helpers
 
 
-def to_float_column(path, values: Sequence[str], column: str, line_numbers: Sequence[int]) -> np.ndarray:
-    """Strings -> float64; on failure finds the first bad cell for the message."""
+def to_float_column(path, values: Sequence[str], column: str, line_numbers: Sequence[int], *,
+                    unit: str = "line") -> np.ndarray:
+    """Strings -> float64. A cell that is no finite number ("", text, "nan", "inf", 1e999) is a
+    DataFormatError naming its line: a NaN timestamp would otherwise surface deep in the model."""
     try:
-        return np.asarray(values, dtype=np.float64) if len(values) else np.zeros(0, np.float64)
+        out = np.asarray(values, dtype=np.float64) if len(values) else np.zeros(0, np.float64)
+        if np.isfinite(out).all():
+            return out
     except ValueError:
-        for v, ln in zip(values, line_numbers):
-            try:
-                float(v)
-            except ValueError:
-                raise DataFormatError(path, ln, column, f"expected a number, got {v!r}") from None
-        raise
+        pass
+    for v, ln in zip(values, line_numbers):
+        try:
+            x = float(v)
+        except ValueError:
+            raise DataFormatError(path, ln, column, f"expected a number, got {v!r}", unit=unit) from None
+        if not math.isfinite(x):
+            raise DataFormatError(path, ln, column, f"expected a finite number, got {v!r}", unit=unit)
+    # numpy refused a number that Python's float reads: take Python's reading.
+    return np.asarray([float(v) for v in values], dtype=np.float64)
 
 
 def _split_rows(path, lines, sep: str, ncols: int, names: Sequence[str], first_line: int, *, regex=False):
@@ -104,8 +141,7 @@ def _split_rows(path, lines, sep: str, ncols: int, names: Sequence[str], first_l
     cols: List[List[str]] = [[] for _ in range(ncols)]
     line_numbers: List[int] = []
     splitter = re.compile(sep).split if regex else (lambda s: s.split(sep))
-    for i, raw in enumerate(lines):
-        line = raw.rstrip("\r\n")
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         parts = splitter(line)
@@ -132,24 +168,38 @@ def typed_column(path, values: List[str], ftype: str, column: str, line_numbers,
         for v, ln in zip(values, line_numbers):
             parts = v.split(seq_sep) if v.strip() else []
             try:
-                out.append(np.asarray(parts, dtype=np.float64))
+                out.append(np.asarray([float(x) for x in parts], dtype=np.float64))
             except ValueError:
                 raise DataFormatError(path, ln, column, f"expected numbers separated by {seq_sep!r}, got {v!r}") from None
+            if not np.isfinite(out[-1]).all():
+                raise DataFormatError(path, ln, column, f"expected finite numbers, got {v!r}")
         return out
     raise AssertionError(ftype)
 
 
-def _read_text(path: Path, encoding: str) -> List[str]:
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+def decode_file(path: Path, encoding: str) -> str:
+    """A data file's text; a missing file is a FileNotFoundError, a byte that is not ``encoding`` a
+    DataFormatError naming its line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    data = path.read_bytes()
+    # A UTF-8 byte-order mark would otherwise become part of the first column's name.
+    bom = codecs.lookup(encoding).name == "utf-8" and data.startswith(codecs.BOM_UTF8)
     try:
-        with open(path, "r", encoding=encoding, newline="") as f:
-            return f.read().splitlines()
+        return data[3 if bom else 0:].decode(encoding)
     except UnicodeDecodeError as exc:
-        # Report the line of the bad byte.
-        data = path.read_bytes()
-        line = data[: exc.start].count(b"\n") + 1
+        line = data[: exc.start + (3 if bom else 0)].count(b"\n") + 1
         raise DataFormatError(path, line, None, f"not valid {encoding} text ({exc.reason})") from None
+
+
+def _read_text(path: Path, encoding: str) -> List[str]:
+    """The file's lines. A line ends at "\\n" only, and a "\\r" right before it is dropped (ML-1M has CRLF
+    endings). Not str.splitlines: it also splits at \\x85, \\x0b, \\x0c, \\x1c-\\x1e, U+2028 and U+2029,
+    which occur inside MovieLens titles."""
+    lines = decode_file(path, encoding).split("\n")
+    if lines[-1] == "":  # the newline that ends the last line starts no new one
+        lines.pop()
+    return [s[:-1] if s.endswith("\r") else s for s in lines]
 
 
 # --------------------------------------------------------------------------- RecBole atomic files
@@ -234,6 +284,7 @@ ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "c
                     "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
                     "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
 _YEAR_IN_TITLE = re.compile(r"\s*\((\d{4})\)\s*$")
+_YEAR_AT_END = re.compile(r"(\d{4})$", re.ASCII)
 
 
 def _split_title(title: str):
@@ -274,10 +325,10 @@ def read_movielens_100k(directory: PathLike) -> RawData:
             title, year = _split_title(c[1][j])
             date = c[2][j].strip()
             if date:
-                try:
-                    year = float(date[-4:])
-                except ValueError:
-                    raise DataFormatError(p, ln, "3 (release date)", f"expected a date like 01-Jan-1995, got {date!r}") from None
+                m = _YEAR_AT_END.search(date)
+                if not m:
+                    raise DataFormatError(p, ln, "3 (release date)", f"expected a date like 01-Jan-1995, got {date!r}")
+                year = float(m.group(1))
             flags = [c[5 + g][j] for g in range(19)]
             bad = [g for g, f in enumerate(flags) if f not in ("0", "1")]
             if bad:
@@ -323,7 +374,8 @@ def read_movielens_1m(directory: PathLike) -> RawData:
         c, lns = _split_rows(p, _read_text(p, "latin-1"), "::", 5, ["UserID", "Gender", "Age", "Occupation", "Zip-code"], 1)
         occ = []
         for v, ln in zip(c[3], lns):
-            if not v.isdigit() or int(v) >= len(ML1M_OCCUPATIONS):
+            # isascii: "²".isdigit() holds but int("²") fails; len: int() refuses > 4300 digits.
+            if not (v.isascii() and v.isdigit() and len(v) < 4 and int(v) < len(ML1M_OCCUPATIONS)):
                 raise DataFormatError(p, ln, "4 (Occupation)", f"expected an occupation code 0-20, got {v!r}")
             occ.append(ML1M_OCCUPATIONS[int(v)])
         user = Table({"user_id": np.asarray(c[0], dtype=str), "gender": np.asarray(c[1], dtype=str),

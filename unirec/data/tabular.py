@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .readers import (FIELD_TYPES, DataFormatError, PathLike, RawData, Table, read_atomic, read_movielens_100k,
-                      read_movielens_1m, to_float_column, typed_column)
+from .readers import (FIELD_TYPES, DataFormatError, PathLike, RawData, Table, _read_text, read_atomic,
+                      read_movielens_100k, read_movielens_1m, to_float_column, typed_column)
 
 USER_ALIASES = ("user_id", "user", "userid", "uid", "customer_id", "visitorid")
 ITEM_ALIASES = ("item_id", "item", "itemid", "iid", "movieid", "movie_id", "product_id", "article_id")
@@ -54,26 +54,35 @@ def _infer_type(values: Sequence[str], seq_sep: str) -> str:
 
 
 def _read_csv_rows(path: Path, sep: str, encoding: str):
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, "r", encoding=encoding, newline="") as f:
-        try:
-            rows = list(csv.reader(f, delimiter=sep))
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataFormatError(path, None, None, f"cannot parse as CSV: {exc}") from None
-    if not rows:
-        raise DataFormatError(path, 1, None, "empty file: expected a header row")
-    header, body = rows[0], rows[1:]
-    line_numbers = []
-    kept = []
-    for i, r in enumerate(body):
+    """(header, rows, first line of each row). Lines are split as by every reader (at "\\n" only, a "\\r"
+    before it dropped): the csv module alone would also end a record at a lone "\\r"."""
+    if len(sep) != 1:
+        raise ValueError(f"sep must be one character, got {sep!r}")
+    reader = csv.reader((line + "\n" for line in _read_text(path, encoding)), delimiter=sep)
+    rows, starts, start = [], [], 1
+    try:
+        for r in reader:
+            rows.append(r)
+            starts.append(start)
+            start = reader.line_num + 1  # a quoted field may span lines
+    except csv.Error as exc:  # e.g. a "\\r" inside an unquoted field, or a field over the csv size limit
+        raise DataFormatError(path, reader.line_num, None, f"not valid CSV: {exc}") from None
+    if not rows or not rows[0]:
+        raise DataFormatError(path, 1, None, f"expected a header row, got an empty {'line' if rows else 'file'}")
+    header = rows[0]
+    names = _typed_header(header)[0]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise DataFormatError(path, 1, f"{names.index(dup) + 1} ({dup})", f"duplicate column name {dup!r}")
+    kept, line_numbers = [], []
+    for r, ln in zip(rows[1:], starts[1:]):
         if not r or all(not c.strip() for c in r):
             continue
         if len(r) != len(header):
             col = f"{len(r) + 1} ({header[len(r)]})" if len(r) < len(header) else f"{len(header) + 1} (extra field)"
-            raise DataFormatError(path, i + 2, col, f"expected {len(header)} fields separated by {sep!r}, got {len(r)}")
+            raise DataFormatError(path, ln, col, f"expected {len(header)} fields separated by {sep!r}, got {len(r)}")
         kept.append(r)
-        line_numbers.append(i + 2)  # the csv module counts physical rows; quoted newlines are not expected here
+        line_numbers.append(ln)
     return header, kept, line_numbers
 
 
@@ -93,8 +102,9 @@ def _table_from_rows(path, header, rows, line_numbers, seq_sep: str, key_aliases
     return Table(columns, types, str(path))
 
 
-def _interactions_from_columns(path, names, getcol, line_numbers) -> Table:
-    """Builds the interaction table from columns located by alias."""
+def _interactions_from_columns(path, names, getcol, line_numbers, unit: str = "line") -> Table:
+    """Builds the interaction table from columns located by alias. Timestamps and ratings must be finite
+    numbers (a NaN timestamp would surface deep in the model); ``unit`` names what line_numbers count."""
     idx = {what: _find(names, al) for what, al in
            (("user", USER_ALIASES), ("item", ITEM_ALIASES), ("time", TIME_ALIASES), ("rating", RATING_ALIASES))}
     for what, al in (("user", USER_ALIASES), ("item", ITEM_ALIASES), ("time", TIME_ALIASES)):
@@ -102,19 +112,22 @@ def _interactions_from_columns(path, names, getcol, line_numbers) -> Table:
             article = "an" if what[0] in "aeiou" else "a"
             raise DataFormatError(path, 1, None, f"interactions need {article} {what} column named one of {list(al)}; "
                                                  f"header is {list(names)}")
-    cols = {"user_id": np.asarray(getcol(idx["user"]), dtype=str), "item_id": np.asarray(getcol(idx["item"]), dtype=str)}
+    cols = {k: np.asarray(["" if v is None else str(v) for v in getcol(idx[w])], dtype=str)
+            for k, w in (("user_id", "user"), ("item_id", "item"))}
     types = {"user_id": "token", "item_id": "token"}
     for key, what in (("timestamp", "time"), ("rating", "rating")):
         j = idx[what]
         if j is None:
             continue
-        vals = getcol(j)
+        vals, column = getcol(j), f"{j + 1} ({names[j]})"
         if isinstance(vals, np.ndarray) and vals.dtype.kind in "iuf":
             cols[key] = vals.astype(np.float64)
-        elif isinstance(vals, np.ndarray) and vals.dtype.kind == "M":
-            cols[key] = vals.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+            bad = np.flatnonzero(~np.isfinite(cols[key]))
+            if len(bad):
+                raise DataFormatError(path, line_numbers[bad[0]], column,
+                                      f"expected a finite number, got {cols[key][bad[0]]}", unit=unit)
         else:
-            cols[key] = to_float_column(path, [str(v) for v in vals], f"{j + 1} ({names[j]})", line_numbers)
+            cols[key] = to_float_column(path, [str(v) for v in vals], column, line_numbers, unit=unit)
         types[key] = "float"
     return Table(cols, types, str(path))
 
@@ -152,8 +165,11 @@ def _parquet_columns(path: Path):
     except ImportError:
         pq = None
     if pq is not None:
-        t = pq.read_table(path)
-        return t.column_names, {n: t.column(n).to_pylist() for n in t.column_names}
+        try:
+            t = pq.read_table(path)
+            return t.column_names, {n: t.column(n).to_pylist() for n in t.column_names}
+        except Exception as exc:  # pyarrow raises assorted types (ArrowInvalid, OSError, ...) for a bad file
+            raise DataFormatError(path, None, None, f"not a readable Parquet file: {exc}") from None
     try:
         import pandas as pd
     except ImportError:
@@ -164,13 +180,20 @@ def _parquet_columns(path: Path):
     return list(df.columns), {n: df[n].tolist() for n in df.columns}
 
 
-def _pylist_to_column(path, name, j, values):
-    if values and isinstance(values[0], (list, tuple, np.ndarray)):
-        if all(isinstance(x, (int, float, np.number)) for v in values for x in v):
-            return [np.asarray(v, dtype=np.float64) for v in values], "float_seq"
-        return [[str(x) for x in v] for v in values], "token_seq"
-    if values and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
-        return np.asarray(values, dtype=np.float64), "float"
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, (bool, np.bool_))
+
+
+def _pylist_to_column(values):
+    """A Parquet attribute column -> (column, type); a null is missing: an empty list, NaN or ""."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, (list, tuple, np.ndarray)) for v in present):
+        seqs = [[] if v is None else list(v) for v in values]
+        if all(_is_number(x) for v in seqs for x in v):
+            return [np.asarray(v, dtype=np.float64) for v in seqs], "float_seq"
+        return [[str(x) for x in v] for v in seqs], "token_seq"
+    if present and all(_is_number(v) for v in present):
+        return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64), "float"
     return np.asarray(["" if v is None else str(v) for v in values], dtype=str), "token"
 
 
@@ -182,14 +205,20 @@ def read_parquet(inter_path: PathLike, item_path: Optional[PathLike] = None, use
     lns = list(range(1, len(next(iter(cols.values()), [])) + 1))  # rows, 1-based, for messages
 
     def getcol(j):
+        """Numbers and datetimes as float64 seconds, a null as NaN (refused, with its row, for timestamps and
+        ratings); anything else as read (ids: ints stay "1", not "1.0")."""
         v = cols[names[j]]
-        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-            return np.asarray(v, dtype=np.float64)
-        if v and hasattr(v[0], "timestamp"):
-            return np.asarray([x.timestamp() for x in v], dtype=np.float64)
+        present = [x for x in v if x is not None]
+        if j in (idx_user, idx_item) or not present:
+            return v
+        if all(_is_number(x) for x in present):
+            return np.asarray([np.nan if x is None else x for x in v], dtype=np.float64)
+        if all(hasattr(x, "timestamp") for x in present):
+            return np.asarray([np.nan if x is None else x.timestamp() for x in v], dtype=np.float64)
         return v
 
-    inter = _interactions_from_columns(inter_path, names, getcol, lns)
+    idx_user, idx_item = _find(names, USER_ALIASES), _find(names, ITEM_ALIASES)
+    inter = _interactions_from_columns(inter_path, names, getcol, lns, unit="row")
     tables = []
     for p, aliases, key in ((item_path, ITEM_ALIASES, "item_id"), (user_path, USER_ALIASES, "user_id")):
         if p is None:
@@ -202,7 +231,7 @@ def read_parquet(inter_path: PathLike, item_path: Optional[PathLike] = None, use
             raise DataFormatError(p, None, None, f"needs an id column named one of {list(aliases)}; columns are {n2}")
         columns, types = {}, {}
         for j, n in enumerate(n2):
-            vals, t = _pylist_to_column(p, n, j, c2[n])
+            vals, t = _pylist_to_column(c2[n])
             if j == k:
                 n, vals, t = key, np.asarray([str(v) for v in c2[n]], dtype=str), "token"
             columns[n], types[n] = vals, t
