@@ -147,3 +147,58 @@ def test_atomic_writes_leave_the_old_file_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(f, dies)
     assert f.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+KILLED_DURING_SAVE = r"""
+import os, sys, time, torch
+import unirec.runs
+from unirec.data import DataConfig
+from unirec.models import preset
+from unirec.runs import TrainConfig
+from unirec.training import train_run
+
+data = DataConfig("synthetic", {"num_users": 80, "num_items": 100, "num_clusters": 4, "mean_length": 12, "seed": 5})
+model = preset("unified", dim=16, num_blocks=1, num_heads=2, max_len=16, dropout=0.2)
+tc = TrainConfig(epochs=3, batch_size=32, lr=3e-3, warmup_steps=2, patience=5)
+real_save, saves = torch.save, []  # saves: the last.pt writes so far
+
+
+def save_then_stall(obj, f):
+    # the epoch-2 last.pt: half of its bytes reach the file, then the process is killed
+    if isinstance(obj, dict) and "optimizer" in obj:
+        saves.append(1)
+    if len(saves) == 2 and "optimizer" in obj:
+        import io
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        print("saving", flush=True)
+        time.sleep(600)
+    real_save(obj, f)
+
+
+unirec.runs.torch.save = save_then_stall
+train_run(data, model, tc, sys.argv[1], progress=False, log=lambda s: None)
+"""
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_and_resumes(tmp_path):
+    """A process killed in the middle of writing last.pt leaves the previous last.pt whole; training resumes."""
+    import subprocess
+    import sys
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", KILLED_DURING_SAVE, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "saving"
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert list(run_dir.glob(".last.pt.*.tmp")), "the kill should have left a partial temporary file"
+    ck = torch.load(run_dir / "last.pt", weights_only=True)  # whole: the epoch-1 state
+    assert json.loads(ck["state"])["epoch"] == 1
+    data = DataConfig("synthetic", {"num_users": 80, "num_items": 100, "num_clusters": 4, "mean_length": 12,
+                                    "seed": 5})
+    m = train_run(data, cfg(), tc(epochs=3), run_dir, resume=True, progress=False, log=lambda s: None)
+    assert m["epochs_run"] == 3 and [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    assert json.loads(torch.load(run_dir / "last.pt", weights_only=True)["state"])["epoch"] == 3

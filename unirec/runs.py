@@ -111,6 +111,12 @@ def write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> 
     finally:
         if tmp.exists():
             tmp.unlink()
+    # The rename is durable only once the folder's entry is on disk too.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return path
 
 

@@ -11,7 +11,7 @@ import torch
 from ..data import DataConfig, TokenBuilder, TrainBatches, leave_one_out, load_dataset
 from ..evaluation import evaluate_model, evaluate_split
 from ..models import ModelConfig, UniRec
-from ..runs import Run, RunConfig, TrainConfig, default_run_dir
+from ..runs import Run, RunConfig, TrainConfig, default_run_dir, write_atomic
 from .trainer import Trainer
 
 PROTOCOL = {"split": "leave-one-out by time", "ranking": "full catalogue", "ties": "pessimistic",
@@ -39,7 +39,7 @@ def plot_history(history, path: Path) -> Optional[Path]:
     ax2.set_ylabel("validation NDCG@10", color="tab:red")
     fig.suptitle("unirec training")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return path
 

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List
 from ..data import DataConfig
 from ..models import ModelConfig
 from .run import train_run
-from ..runs import TrainConfig
+from ..runs import TrainConfig, write_atomic, write_json
 
 DEFAULT_SPACE: Dict[str, str] = {
     "lr": "log:5e-4:5e-3",
@@ -119,8 +119,8 @@ def tune(data: DataConfig, base_model: ModelConfig, base_train: TrainConfig, spa
     train_cfg = {**asdict(base_train), **{k: v for k, v in best.params.items() if k in _TRAIN_FIELDS}}
     result = {"model": model_cfg.to_dict(), "train": train_cfg, "valid_ndcg@10": best.value, "trial": best.number,
               "params": best.params, "trials": summarize(study)}
-    (out / "best.json").write_text(json.dumps(result, indent=2))
-    (out / "best_model_config.json").write_text(model_cfg.to_json())
+    write_json(out / "best.json", result)
+    write_atomic(out / "best_model_config.json", lambda f: f.write(model_cfg.to_json().encode()))
     return result
 
 
