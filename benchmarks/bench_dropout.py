@@ -1,6 +1,6 @@
 """Dropout forward, and forward + backward: unirec's counter-based kernel (the backward regenerates
-the mask from the seed) against the reference F.dropout (torch's Bernoulli sampling on CPU; on CUDA
-both run torch's fused Philox kernel).
+the mask from the seed) against stock F.dropout, provider "torch_dropout" (torch's Bernoulli
+sampling on CPU; on CUDA both run torch's fused Philox kernel).
 
 Shapes: the unified model's activations on MovieLens-100K ([2700, 96] after attention and the
 embeddings, [2700, 384] inside the feed-forward layer) and a larger layer ([16384, 1024]);
@@ -26,17 +26,17 @@ def _drop(provider):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
-@pytest.mark.parametrize("provider", ["unirec", "reference"])
+@pytest.mark.parametrize("provider", ["unirec", "torch_dropout"])
 def test_dropout_fwd(benchmark, shape, provider):
     device = bench_device()
     x = torch.randn(shape, device=device)
     drop = _drop(provider)
     measure(benchmark, lambda: drop(x), device=device, group=f"dropout fwd {shape[0]}x{shape[1]}",
-            provider=provider, bytes_moved=2 * x.numel() * 4)
+            provider=provider, bytes_moved=2 * x.numel() * 4, params=dict(rows=shape[0], cols=shape[1], p=P))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
-@pytest.mark.parametrize("provider", ["unirec", "reference"])
+@pytest.mark.parametrize("provider", ["unirec", "torch_dropout"])
 def test_dropout_fwd_bwd(benchmark, shape, provider):
     device = bench_device()
     x = torch.randn(shape, device=device, requires_grad=True)
@@ -47,4 +47,4 @@ def test_dropout_fwd_bwd(benchmark, shape, provider):
         x.grad = None
         drop(x).backward(g)
     measure(benchmark, fn, device=device, group=f"dropout fwd+bwd {shape[0]}x{shape[1]}", provider=provider,
-            bytes_moved=4 * x.numel() * 4)
+            bytes_moved=4 * x.numel() * 4, params=dict(rows=shape[0], cols=shape[1], p=P))

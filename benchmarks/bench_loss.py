@@ -64,4 +64,5 @@ def test_softmax_cross_entropy_fwd_bwd(benchmark, device, shape, provider):
         info["peak_rss_mb"] = peak
     # Useful work: the three GEMMs of forward + backward (the logits, dhidden, ditems).
     measure(benchmark, fn, device=device, group=f"softmax_ce fwd+bwd M={M} N={N} D={D} {dtype}", provider=name,
-            flops=3 * 2 * M * N * D, rounds=3 if device == "cpu" else 10, **info)
+            flops=3 * 2 * M * N * D, rounds=5 if device == "cpu" else 10, params=dict(M=M, N=N, D=D, dtype=dtype),
+            **info)

@@ -3,9 +3,10 @@
 CPU (the issue's shapes): B=256, D=64, k=100, N in {1e5, 1e6}, 50 excluded
 ids per query. GPU: B=1024, D=128, k=100, N=1e6, float32 and bfloat16.
 Providers: unirec's compiled kernel ("cpp" / "cuda"), unirec's reference,
-"matmul_mask_topk" (the full [B, N] scores, excluded set to -inf,
-torch.topk) and "chunked_matmul_topk" (the best stock way without B x N:
-matmul and topk per chunk of items, merged).
+"matmul_mask_topk" (the naive stock way: the full [B, N] scores, excluded
+set to -inf, torch.topk) and "chunked_matmul_topk" (the best stock way:
+matmul and topk per chunk of CHUNK items, merged, never B x N). The README's
+stock column is the faster of the two stock providers, named in the cell.
 peak_rss_mb / peak_extra_mb: memory beyond the inputs, measured in a fresh
 process (benchmarks/peak_memory.py).
 
@@ -91,4 +92,5 @@ def test_topk_scores(benchmark, device, shape, provider):
     if peak is not None:
         info["peak_vs_scores"] = round(peak / scores_mb, 4)
     measure(benchmark, fn, device=device, group=f"topk_scores B={B} N={N} D={D} k={K} {dtype}", provider=name,
-            flops=flops, rounds=5 if device == "cpu" else 20, **info)
+            flops=flops, rounds=5 if device == "cpu" else 20,
+            params=dict(B=B, N=N, D=D, k=K, excluded_per_query=N_EXCLUDED, dtype=dtype), **info)
