@@ -3,6 +3,11 @@
 The CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always compiled. The CUDA
 sources (csrc/cuda/*.cu) are compiled when torch is a CUDA build and nvcc is
 found -- a build machine needs no GPU. UNIREC_CUDA=0|1 overrides the choice.
+
+Every file gets the same flags: kernels built for AVX2 or AVX-512 choose their
+ISA with `#pragma GCC target` in their own file (csrc/cpu/embedding_pool_*.cpp),
+so this file and CMakeLists.txt need no per-file flags to stay in step. Those
+kernel files are small and separate so that ninja compiles them in parallel.
 """
 import glob
 import os

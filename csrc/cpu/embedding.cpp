@@ -4,9 +4,13 @@
 // The backward groups index positions by their row with a stable sort, then
 // sums each row's contributions in position order: no two threads ever write
 // the same row, so the result is deterministic and race-free.
-#include <ATen/ATen.h>
+//
+// The forward's pooling kernels, built once per instruction set, live in
+// embedding_pool_<isa>.cpp (declared in embedding_pool.h).
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>  // new_empty: lighter than at::empty's headers
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,29 +24,9 @@
 #include <sys/mman.h>
 #endif
 
+#include "embedding_pool.h"
 #include "unirec/cpu_features.h"
 #include "unirec/embedding.h"
-
-namespace unirec {
-namespace emb_avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-constexpr int kWidestBlock = 128;  // 8 of the 32 zmm registers
-#include "embedding_kernels.h"
-#pragma GCC pop_options
-}  // namespace emb_avx512
-namespace emb_avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-constexpr int kWidestBlock = 64;  // 8 of the 16 ymm registers
-#include "embedding_kernels.h"
-#pragma GCC pop_options
-}  // namespace emb_avx2
-namespace emb_base {
-constexpr int kWidestBlock = 64;
-#include "embedding_kernels.h"
-}  // namespace emb_base
-}  // namespace unirec
 
 namespace unirec {
 namespace {
@@ -59,8 +43,11 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
                    indices = indices_.contiguous(), offsets = offsets_.contiguous();
   check_tbe_offsets(table_offsets, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({s.B, s.T, s.D}, weight.options());
-  if (out.numel() == 0) return out;
+  at::Tensor out = weight.new_empty({s.B, s.T, s.D});
+  if (out.numel() == 0) {  // D = 0 reads no rows, but a bad index still raises
+    check_tbe_indices(table_offsets, indices, offsets, s);
+    return out;
+  }
   const CpuIsa isa = cpu_isa();
   std::atomic<bool> bad_index{false};
 
@@ -75,9 +62,10 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weight_, const at::Tensor& table_of
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t D = s.D;
       const int64_t nnz = off[s.T * s.B];
-      const auto pool = isa == CpuIsa::kAvx512 ? emb_avx512::pool_bags<scalar_t, acc_t, index_t>
-                        : isa == CpuIsa::kAvx2  ? emb_avx2::pool_bags<scalar_t, acc_t, index_t>
-                                                : emb_base::pool_bags<scalar_t, acc_t, index_t>;
+      const PoolBagsFn<scalar_t, index_t> pool = isa == CpuIsa::kAvx512 ? pool_bags_avx512<scalar_t, acc_t, index_t>()
+                                                 : isa == CpuIsa::kAvx2
+                                                     ? pool_bags_avx2<scalar_t, acc_t, index_t>()
+                                                     : pool_bags_baseline<scalar_t, acc_t, index_t>();
       at::parallel_for(0, s.T * s.B, kBagGrain, [&](int64_t begin, int64_t end) {
         // Runs of bags of one table: bag t*B + b is sample b of table t.
         for (int64_t first = begin; first < end;) {
@@ -190,7 +178,7 @@ inline void row_gradient(const RowGroups& groups, int64_t g, const scalar_t* gra
 template <typename scalar_t, typename acc_t>
 at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight, const RowGroups& groups,
                         const TbeShape& s) {
-  at::Tensor grad = at::empty({s.nnz}, weight.options());
+  at::Tensor grad = weight.new_empty({s.nnz});
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const scalar_t* w = weight.data_ptr<scalar_t>();
   scalar_t* gp = grad.data_ptr<scalar_t>();
@@ -211,7 +199,7 @@ at::Tensor psw_gradient(const at::Tensor& grad_output, const at::Tensor& weight,
 // A dense gradient of a large table is written once per step; on a fresh
 // allocation 4 KiB page faults cost more than the writes themselves.
 at::Tensor empty_dense_gradient(const at::Tensor& weight) {
-  at::Tensor out = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor out = weight.new_empty(weight.sizes());  // contiguous
   advise_huge_pages(out.data_ptr(), static_cast<int64_t>(out.nbytes()));
   return out;
 }
@@ -230,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> tbe_backward_cpu(const at::Tensor& grad_outpu
   check_tbe_values(table_offsets, indices, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor grad_weight = empty_dense_gradient(weight);
-  at::Tensor grad_psw = at::empty({0}, weight.options());
+  at::Tensor grad_psw = weight.new_empty({0});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -276,7 +264,7 @@ at::Tensor tbe_backward_update_cpu(at::Tensor& weight, at::Tensor& state, const 
                    offsets = offsets_.contiguous(), grad_output = grad_output_.contiguous();
   check_tbe_values(table_offsets, indices, offsets, s);
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  at::Tensor grad_psw = at::empty({0}, weight.options());
+  at::Tensor grad_psw = weight.new_empty({0});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "tbe_backward_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

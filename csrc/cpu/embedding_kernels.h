@@ -1,9 +1,10 @@
-// The pooling loops of the table-batched embedding forward. Included three
-// times by embedding.cpp, under `#pragma GCC target` for AVX-512 and for
-// AVX2+FMA and once for the baseline ISA, each time inside its own namespace:
-// no include guard, no includes (embedding.cpp includes what it needs first)
-// and kWidestBlock, the widest column block whose sums fit in registers, is
-// defined by the includer.
+// The pooling loops of the table-batched embedding forward. Included once by
+// each of embedding_pool_avx512.cpp, embedding_pool_avx2.cpp and
+// embedding_pool_baseline.cpp, inside its own namespace and, for AVX-512 and
+// AVX2+FMA, under `#pragma GCC target`: no include guard, no includes (the
+// includer includes <algorithm>, <cstdint>, <type_traits> and the c10 scalar
+// types first, outside the pragma) and kWidestBlock, the widest column block
+// whose sums fit in registers, is defined by the includer.
 
 // How far ahead rows are prefetched, in index positions, in two steps: `far`
 // into L2 (prefetcht1), `near` into L1 (prefetcht0). One core keeps only about
