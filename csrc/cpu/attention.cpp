@@ -80,11 +80,15 @@ Seqs check_values(const at::Tensor& offsets, const std::optional<at::Tensor>& nu
     nt_c = num_targets->contiguous();
     nt = nt_c.data_ptr<int64_t>();
   }
+  // Order first: an entry out of range shows as a decrease, not as one very long sequence.
+  for (int64_t b = 0; b < B; ++b) {
+    UNIREC_CHECK(off[b + 1] >= off[b], "offsets must not decrease, but offsets[", b + 1, "] = ", off[b + 1],
+                 " < offsets[", b, "] = ", off[b]);
+  }
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = off[b + 1] - off[b];
-    UNIREC_CHECK(L >= 0, "offsets must not decrease, but offsets[", b + 1, "] = ", off[b + 1], " < offsets[", b,
-                 "] = ", off[b]);
-    UNIREC_CHECK(L <= max_seqlen, "sequence ", b, " has ", L, " tokens, more than max_seqlen = ", max_seqlen);
+    UNIREC_CHECK(L <= max_seqlen, "offsets give sequence ", b, " ", L, " tokens, more than max_seqlen = ",
+                 max_seqlen);
     const int64_t n = nt ? nt[b] : 0;
     UNIREC_CHECK(n >= 0 && n <= L, "num_targets[", b, "] = ", n, " must be in [0, ", L,
                  "] (the length of sequence ", b, ")");
@@ -214,7 +218,9 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_fwd_cpu(const at::Tensor& q_
     std::function<void(Scratch&, int64_t, int64_t)> body = [&](Scratch& s, int64_t b, int64_t h) {
       if (s.Qs.empty()) {
         s.Qs.resize(Lmax * DP); s.Ktmp.resize(Lmax * DP); s.Ktb.resize(Lmax * DP); s.V.resize(Lmax * DP);
-        s.O.resize(Lmax * DP); s.lse.resize(Lmax); s.S.resize(kTile * kTile); s.rb.resize(std::max<int64_t>(max_seqlen, 1));
+        s.O.resize(Lmax * DP); s.lse.resize(Lmax); s.S.resize(kTile * kTile);
+        // Sized by max_seqlen only when a rel_bias that long exists: alone it may exceed any length by far.
+        if (rbp) s.rb.resize(max_seqlen);
       }
       const int64_t start = seqs.off[b], L = seqs.off[b + 1] - start, Lp = round_up(L, kTile);
       load_rows(qp, start, L, Lp, h, H, D, DP, static_cast<T>(scale), s.Qs.data());
@@ -242,6 +248,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
   const AttnShape sh = check_attention_args(q_, k_, v_, offsets, max_seqlen, num_targets, rel_bias);
   UNIREC_CHECK(grad_out_.sizes() == q_.sizes(), "grad_out must have q's shape ", q_.sizes(), ", got ",
                grad_out_.sizes());
+  if (!silu) {  // silu recomputes from q, k, v and reads neither
+    UNIREC_CHECK(out_.sizes() == q_.sizes(), "out must have q's shape ", q_.sizes(), ", got ", out_.sizes());
+    UNIREC_CHECK(out_.scalar_type() == q_.scalar_type(), "out must have q's dtype ", q_.scalar_type(), ", got ",
+                 out_.scalar_type());
+    check_same_device(out_, q_, "out", "q");
+    check_same_device(lse_, q_, "lse", "q");
+  }
+  check_same_device(grad_out_, q_, "grad_out", "q");
   const Seqs seqs = check_values(offsets, num_targets, sh.total, max_seqlen);
   const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const auto g = grad_out_.contiguous().to(q.scalar_type());
@@ -249,7 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
   at::Tensor o, lse;
   if (!silu) {
     o = out_.contiguous();
-    lse = lse_.contiguous().to(dbl ? at::kDouble : at::kFloat);
+    // The forward's: a rounded log-sum-exp would shift every probability.
+    check_dtype(lse_, dbl ? at::kDouble : at::kFloat, "lse");
+    lse = lse_.contiguous();
     UNIREC_CHECK(lse.dim() == 2 && lse.size(0) == sh.total && lse.size(1) == sh.H, "lse must be [total, H] = [",
                  sh.total, ", ", sh.H, "], got ", lse.sizes());
   }
@@ -283,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
         for (auto* vec : {&s.Qs, &s.K, &s.Ktb, &s.Vt, &s.Vtb, &s.dO, &s.dQ, &s.dK, &s.dV}) vec->resize(Lmax * DP);
         s.lse.resize(Lmax); s.delta.resize(Lmax);
         s.S.resize(kTile * kTile); s.dP.resize(kTile * kTile);
-        s.rb.resize(std::max<int64_t>(max_seqlen, 1));
+        if (rbp) s.rb.resize(max_seqlen);
       }
       const int64_t start = seqs.off[b], L = seqs.off[b + 1] - start, Lp = round_up(L, kTile);
       load_rows(qp, start, L, Lp, h, H, D, DP, static_cast<T>(scale), s.Qs.data());
@@ -332,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
       drb = acc.to(q.scalar_type());
     }
   });
-  if (!drb.defined()) drb = q.new_empty({0});
+  // An empty rel_bias ([H, 0]) has no data to read: its gradient is as empty, not missing.
+  if (!drb.defined()) drb = rel_bias.has_value() ? at::zeros_like(*rel_bias) : q.new_empty({0});
   return {dq, dk, dv, drb};
 }
 

@@ -204,6 +204,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_bwd_cpu(
   check_dim(lse_, 1, "lse");
   UNIREC_CHECK(grad_loss.size(0) == s.M && lse_.size(0) == s.M, "grad_loss and lse must have M = ", s.M,
                " entries, got ", grad_loss.size(0), " and ", lse_.size(0));
+  // lse is the forward's, in its accumulation dtype: a rounded one would shift every probability.
+  check_dtype(lse_, acc, "lse");
+  check_same_device(grad_loss, hidden_, "grad_loss", "hidden");
+  check_same_device(lse_, hidden_, "lse", "hidden");
+  if (logit_grad.has_value()) check_same_device(*logit_grad, hidden_, "logit_grad", "hidden");
   const at::Tensor targets = targets_.contiguous();
   check_targets(targets, s.N, ignore_index);
   if (logit_grad.has_value()) {

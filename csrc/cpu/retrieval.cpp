@@ -158,6 +158,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
   // guard is thread-local and does not reach the pool's threads).
   at::AutoDispatchBelowADInplaceOrView guard;
   const TopkShape s = check_topk_args(queries, items, k, item_bias, exclude_offsets, exclude_indices);
+  // A larger k than any catalogue can hold (N < 2^31) would only size [B, k] outputs past what can be allocated.
+  UNIREC_CHECK(k < (int64_t(1) << 31), "k must be < 2^31 (items has fewer than 2^31 rows), got ", k);
   std::vector<int64_t> xsorted;
   at::Tensor xoff;
   if (s.exclude) {

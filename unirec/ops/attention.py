@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import same_device
 from .reference.attention import jagged_attention_ref
 
 IMPLS = ("auto", "cpp", "triton", "reference")
@@ -23,12 +24,15 @@ def _lse_dtype(q):
 
 @torch.library.register_fake("unirec::jagged_attention_fwd")
 def _fwd_fake(q, k, v, offsets, max_seqlen, causal, num_targets, activation, rel_bias, scale):
+    same_device("q", q, k=k, v=v, offsets=offsets, num_targets=num_targets, rel_bias=rel_bias)
     lse_shape = (q.shape[0], q.shape[1]) if activation == "softmax" else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("unirec::jagged_attention_bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, offsets, max_seqlen, causal, num_targets, activation, rel_bias, scale):
+    same_device("q", q, grad_out=grad_out, k=k, v=v, out=out, lse=lse, offsets=offsets, num_targets=num_targets,
+                rel_bias=rel_bias)
     drb = torch.empty_like(rel_bias) if rel_bias is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drb
 
@@ -139,6 +143,8 @@ def jagged_attention(
         raise ValueError(f'activation must be "softmax" or "silu", got {activation!r}')
     if impl == "cpp" and q.device.type != "cpu":
         raise ValueError(f"impl='cpp' runs on CPU tensors, but q is on {q.device}")
+    if q.dim() != 3 or q.shape[2] < 1:
+        raise ValueError(f"q must be [total, H, Dh] with Dh >= 1, got shape {tuple(q.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     max_seqlen = int(max_seqlen)
     if impl == "reference":

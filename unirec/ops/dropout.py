@@ -49,6 +49,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, *, impl: str
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must have a floating dtype, got {x.dtype}")
     if impl == "cpp" and x.device.type != "cpu":
         raise ValueError(f"impl='cpp' runs on CPU tensors, but x is on {x.device}")
     if not training or p == 0.0:

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .._ext import _C
+from ._checks import same_device
 from .reference.embedding import tbe_forward_ref
 
 IMPLS = ("auto", "cpp", "cuda", "reference")
@@ -31,6 +32,8 @@ def empty_table(rows: int, dim: int, *, dtype: torch.dtype = torch.float32, devi
 
 @torch.library.register_fake("unirec::tbe_forward")
 def _tbe_forward_fake(weight, table_offsets, indices, offsets, per_sample_weights, pooling):
+    same_device("weight", weight, table_offsets=table_offsets, indices=indices, offsets=offsets,
+                per_sample_weights=per_sample_weights)
     T = table_offsets.shape[0] - 1
     B = (offsets.shape[0] - 1) // T
     return weight.new_empty(B, T, weight.shape[1])
@@ -38,6 +41,8 @@ def _tbe_forward_fake(weight, table_offsets, indices, offsets, per_sample_weight
 
 @torch.library.register_fake("unirec::tbe_backward")
 def _tbe_backward_fake(grad_output, weight, table_offsets, indices, offsets, per_sample_weights, pooling):
+    same_device("weight", weight, grad_output=grad_output, table_offsets=table_offsets, indices=indices,
+                offsets=offsets, per_sample_weights=per_sample_weights)
     n = indices.shape[0] if per_sample_weights is not None else 0
     return torch.empty_like(weight), weight.new_empty(n)
 
@@ -45,6 +50,9 @@ def _tbe_backward_fake(grad_output, weight, table_offsets, indices, offsets, per
 @torch.library.register_fake("unirec::tbe_backward_update_")
 def _tbe_backward_update_fake(weight, state, grad_output, table_offsets, indices, offsets, per_sample_weights,
                               pooling, optimizer, lr, eps):
+    same_device("weight", weight, grad_output=grad_output, table_offsets=table_offsets, indices=indices,
+                offsets=offsets, per_sample_weights=per_sample_weights,
+                optimizer_state=state if optimizer == "rowwise_adagrad" else None)
     n = indices.shape[0] if per_sample_weights is not None else 0
     return weight.new_empty(n)
 
@@ -139,6 +147,8 @@ def embedding_bag(
     ``F.embedding_bag(..., include_last_offset=True)``), optional
     per_sample_weights [nnz]; mode "sum" or "mean". Returns [B, D].
     """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     table_offsets = torch.tensor([0, weight.shape[0]], dtype=torch.long, device=weight.device)
     out = table_batched_embedding(weight, table_offsets, indices, offsets, per_sample_weights, mode, impl=impl)
     return out[:, 0]

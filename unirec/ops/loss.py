@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import same_device
 from .reference.loss import softmax_cross_entropy_ref
 
 IMPLS = ("auto", "cpp", "triton", "reference")
@@ -27,6 +28,7 @@ KEEP_LOGIT_GRAD_MAX = 1 << 25
 
 @torch.library.register_fake("unirec::softmax_ce_fwd")
 def _fwd_fake(hidden, items, targets, item_bias, ignore_index, label_smoothing, keep_logit_grad):
+    same_device("hidden", hidden, items=items, targets=targets, item_bias=item_bias)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     M, N = hidden.shape[0], items.shape[0]
     return (hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc),
@@ -35,6 +37,8 @@ def _fwd_fake(hidden, items, targets, item_bias, ignore_index, label_smoothing, 
 
 @torch.library.register_fake("unirec::softmax_ce_bwd")
 def _bwd_fake(grad_loss, hidden, items, targets, item_bias, lse, logit_grad, ignore_index, label_smoothing):
+    same_device("hidden", hidden, grad_loss=grad_loss, items=items, targets=targets, item_bias=item_bias, lse=lse,
+                logit_grad=logit_grad)
     return torch.empty_like(hidden), torch.empty_like(items), items.new_empty(items.shape[0])
 
 
@@ -186,7 +190,7 @@ def softmax_cross_entropy(
     on_cpp = impl == "cpp" or (impl == "auto" and hidden.device.type == "cpu")
     if keep_logit_grad and not on_cpp:
         raise ValueError(f"keep_logit_grad=True needs the C++ kernel (CPU tensors, impl 'auto' or 'cpp'), "
-                         f"got impl={impl!r} on {hidden.device}")
+                         f"got impl={impl!r} with hidden on {hidden.device}")
     if impl == "reference":
         return softmax_cross_entropy_ref(hidden, items, targets, item_bias, ignore_index, reduction, label_smoothing)
     if impl == "cpp" and hidden.device.type != "cpu":

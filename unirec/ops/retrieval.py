@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._checks import same_device
 from .reference.retrieval import topk_scores_ref
 
 IMPLS = ("auto", "cpp", "cuda", "reference")
@@ -14,6 +15,8 @@ IMPLS = ("auto", "cpp", "cuda", "reference")
 
 @torch.library.register_fake("unirec::topk_scores")
 def _topk_fake(queries, items, k, item_bias, exclude_offsets, exclude_indices):
+    same_device("queries", queries, items=items, item_bias=item_bias, exclude_offsets=exclude_offsets,
+                exclude_indices=exclude_indices)
     B = queries.shape[0]
     return queries.new_empty(B, k), queries.new_empty(B, k, dtype=torch.long)
 
