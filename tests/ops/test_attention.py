@@ -139,13 +139,29 @@ def test_empty(device, lengths):
         assert leaves[0].grad.shape == (0, 2, 16)
 
 
+@pytest.fixture
+def poison_empty():
+    """torch.empty and friends (in Python and in C++ kernels alike) return NaN-filled memory."""
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_poisoned_outputs_fully_written(device):
-    """Outputs are fresh tensors; NaN in padding of inputs of other sequences must not leak."""
-    q, k, v, off, nt, _ = make([7, 9], 2, 16, 9, device=device, targets=[2, 1])
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_poisoned_outputs_fully_written(device, activation, poison_empty):
+    """Every element of the output and of the gradients is written: none keeps the NaN of its allocation."""
+    assert torch.empty(4).isnan().all()
+    q, k, v, off, nt, rb = make([7, 0, 33, 1], 2, 16, 33, device=device, targets=[2, 0, 1, 1], bias=True)
+    g = torch.randn_like(q)
     for impl in impls_for(device):
-        out = jagged_attention(q, k, v, off, 9, num_targets=nt, impl=impl)
-        assert torch.isfinite(out).all(), impl
+        got = run(impl, q, k, v, off, 33, nt, rb, g, activation=activation)
+        for name, t in zip(["out", "dq", "dk", "dv", "drel_bias"], got):
+            assert not t.isnan().any(), f"{impl} {name}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -226,3 +242,72 @@ def test_default_scale_and_impl_errors():
         jagged_attention(q, k, v, off, 5, impl="cuda")
     with pytest.raises(ValueError, match="activation"):
         jagged_attention_ref(q, k, v, off, 5, activation="tanh")  # noqa
+
+
+def _triton_attention():
+    pytest.importorskip("triton")
+    from unirec.ops.triton import attention
+
+    return attention
+
+
+def test_launch_grid_within_cuda_limits():
+    """B * H is not bound by CUDA's 65535 limit of grid axes 1 and 2: one 1-D axis holds all programs."""
+    ta = _triton_attention()
+    B, H, max_seqlen = 200_000, 16, 1000  # B * H = 3.2M
+    for dtype, D in [(torch.bfloat16, 64), (torch.float32, 128)]:
+        for kernel in ta.KERNELS:
+            bm, bn, _, _ = ta.gpu_blocks(kernel, D, dtype)
+            block = bn if kernel == "dkdv" else bm
+            g = ta.grid(max_seqlen, block, B, H)
+            assert len(g) == 1 and g[0] < 2**31, (kernel, g)
+            assert g[0] == math.ceil(max_seqlen / block) * B * H
+    with pytest.raises(ValueError, match="2\\^31"):
+        ta.grid(2**20, 16, 2**20, 16)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+@pytest.mark.parametrize("dtype,D,activation,causal", [
+    (torch.bfloat16, 64, "softmax", True),   # the 16-bit tiles: fwd 128x64, dk/dv 32x128, dq 128x32
+    (torch.bfloat16, 64, "silu", False),
+    (torch.float32, 40, "softmax", False),  # the others: 64x32, 32x64, 64x32
+    (torch.float32, 40, "silu", True),
+], ids=["bf16-64-softmax-causal", "bf16-64-silu", "f32-40-softmax", "f32-40-silu-causal"])
+def test_gpu_tiles_in_interpreter(monkeypatch, dtype, D, activation, causal):
+    """The tile sizes the GPU selects, on sequences of several tiles with odd remainders, against float64."""
+    ta = _triton_attention()
+    monkeypatch.setattr(ta, "GPU_TILES", True)
+    lengths, n = [300, 0, 129, 1, 77], 300
+    q, k, v, off, nt, rb = make(lengths, 2, D, n, targets=[7, 0, 1, 1, 0], bias=True)
+    q, k, v, rb = (t.to(dtype) for t in (q, k, v, rb))
+    assert [ta._blocks(q, kn) for kn in ta.KERNELS] == [ta.gpu_blocks(kn, D, dtype) for kn in ta.KERNELS]
+    g = torch.randn(q.shape)
+    kw = dict(causal=causal, activation=activation)
+    want = run("reference", q.double(), k.double(), v.double(), off, n, nt, rb.double(), g, **kw)
+    got = run("triton", q, k, v, off, n, nt, rb, g, **kw)
+    ref = run("reference", q, k, v, off, n, nt, rb, g, **kw) if dtype == torch.bfloat16 else None
+    for i, name in enumerate(["out", "dq", "dk", "dv", "drel_bias"]):
+        err = (got[i] - want[i]).abs().max().item()
+        scale = want[i].abs().max().item()
+        if ref is None:
+            assert err <= 2e-5 * scale + 1e-6, name
+        else:
+            # sequences of several GPU tiles sum hundreds of bfloat16-rounded terms per gradient element: allow
+            # one bfloat16 ulp of the largest element on top of the reference's own error
+            ref_err = (ref[i] - want[i]).abs().max().item()
+            assert err <= 3 * ref_err + 2**-7 * scale, f"{name}: {err} vs reference {ref_err}"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+def test_triton_limits():
+    """Head dims past the compiled-and-checked maximum, 32-bit offsets within a sequence and dtypes without
+    compiled kernels raise clearly."""
+    ta = _triton_attention()
+    q, k, v, off, _, _ = make([3], 1, ta.MAX_HEAD_DIM + 1, 3)
+    with pytest.raises(ValueError, match="head dims"):
+        jagged_attention(q, k, v, off, 3, impl="triton")
+    q, k, v, off, _, _ = make([3], 2, 16, 3)
+    with pytest.raises(ValueError, match="2\\^31"):
+        jagged_attention(q, k, v, off, 2**26, impl="triton")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        jagged_attention(q.half(), k.half(), v.half(), off, 3, impl="triton")

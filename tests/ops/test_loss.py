@@ -1,4 +1,8 @@
 """softmax_cross_entropy: every backend against F.cross_entropy on materialised logits."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,3 +226,108 @@ def test_torch_compile_aot(keep):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _triton_loss():
+    pytest.importorskip("triton")
+    from unirec.ops.triton import loss
+
+    return loss
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+@pytest.mark.parametrize("dtype,D", [
+    (torch.float32, 100),   # 64x128 tiles, D padded to 128
+    (torch.bfloat16, 100),
+    (torch.float32, 200),   # 64x64, D to 256
+    (torch.float32, 300),   # 32x32, D to 512
+], ids=["f32-100", "bf16-100", "f32-200", "f32-300"])
+def test_gpu_tiles_in_interpreter(monkeypatch, dtype, D):
+    """The tile sizes the GPU selects, on several row and item blocks with odd remainders, against float64."""
+    tl_loss = _triton_loss()
+    monkeypatch.setattr(tl_loss, "GPU_TILES", True)
+    bm, bn, _, _ = tl_loss.gpu_config(D)
+    M, N = 2 * bm + 3, 2 * bn + 45
+    h, e, b, t = _inputs(M, N, D, "cpu", dtype, bias=True)
+    assert tl_loss._config(h, D) == tl_loss.gpu_config(D)
+
+    def ours(h, e, t, b, reduction, eps):
+        return softmax_cross_entropy(h, e, t, item_bias=b, reduction=reduction, label_smoothing=eps, impl="triton")
+
+    def ref64(h, e, t, b, reduction, eps):
+        return softmax_cross_entropy_ref(h.double(), e.double(), t, b.double(), -100, reduction, eps)
+
+    got = _loss_and_grads(ours, h, e, b, t, "none", 0.1)
+    exact = _loss_and_grads(ref64, h, e, b, t, "none", 0.1)
+    low = _loss_and_grads(_lowprec_torch, h, e, b, t, "none", 0.1) if dtype == torch.bfloat16 else None
+    for i, (x, y) in enumerate(zip(got, exact)):
+        if low is None:
+            torch.testing.assert_close(x.double(), y.double(), atol=1e-5, rtol=1e-4)
+        else:
+            ref_err = (low[i].double() - y.double()).abs().max().item()
+            assert (x.double() - y.double()).abs().max().item() <= 2 * ref_err + 1e-4
+
+
+_OFFSETS_PAST_INT32 = """
+import torch
+from unirec.ops import softmax_cross_entropy
+M, N, D, step = 40, 40, 16, 2**26
+torch.manual_seed(0)
+h, e, b = torch.randn(M, D).bfloat16(), torch.randn(N, D).bfloat16(), torch.randn(N).bfloat16()
+t = torch.randint(0, N, (M,))
+
+def spread(x):
+    # virtual memory only: the pages of rows never written stay unallocated
+    big = torch.empty((x.shape[0] - 1) * step + D, dtype=x.dtype).as_strided(x.shape, (step, 1))
+    return big.copy_(x)
+
+def loss_and_grads(h, e):
+    h, e = h.detach().requires_grad_(), e.detach().requires_grad_()
+    loss = softmax_cross_entropy(h, e, t, item_bias=b, reduction="sum", label_smoothing=0.1, impl="triton")
+    return [loss, *torch.autograd.grad(loss, (h, e))]
+
+hs, es = spread(h), spread(e)
+assert hs.stride(0) * (M - 1) >= 2**31 and es.stride(0) * (N - 1) >= 2**31
+for x, y in zip(loss_and_grads(hs, es), loss_and_grads(h, e)):
+    torch.testing.assert_close(x, y, atol=0, rtol=0)
+"""
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+def test_offsets_past_int32():
+    """Rows 2^26 elements apart (row-strided views of large, mostly untouched buffers, which the kernels take
+    without a copy): element offsets pass 2^31 from row 32 on. Offsets computed in 32 bits would wrap and read
+    outside the buffers, which can crash the process: the check runs in a child process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _OFFSETS_PAST_INT32], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"exit status {r.returncode}: {r.stderr[-3000:]}"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the interpreter")
+def test_triton_limits_and_views():
+    """Rows wider than the compiled tiles allow, and float16, raise; views the compiled kernels do not cover
+    (row stride specialised unlike D, misaligned start) are copied and give the same result."""
+    tl_loss = _triton_loss()
+    t = torch.tensor([0, 1, 2])
+    assert tl_loss.MAX_D[torch.float32] == 512
+    with pytest.raises(ValueError, match="at most"):
+        softmax_cross_entropy(torch.randn(3, 513), torch.randn(5, 513), t, impl="triton")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        softmax_cross_entropy(torch.randn(3, 8).half(), torch.randn(5, 8).half(), t, impl="triton")
+    h, e = torch.randn(3, 16), torch.randn(5, 16)
+    want = softmax_cross_entropy(h, e, t, reduction="none", impl="triton")
+    wide = torch.randn(3, 24)  # row stride 24 (not a multiple of 16) under D = 16
+    wide[:, :16] = h
+    shifted = torch.randn(5 * 16 + 1)[1:].view(5, 16)  # 4 bytes past a 16-byte boundary
+    shifted.copy_(e)
+    for view, x in [(wide[:, :16], "h"), (shifted, "e")]:
+        assert tl_loss._rows(view).data_ptr() != view.data_ptr()
+        hh, ee = (view, e) if x == "h" else (h, view)
+        got = softmax_cross_entropy(hh, ee, t, reduction="none", impl="triton")
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    big = torch.randn(5, 32)
+    assert tl_loss._rows(big[:, :16]).data_ptr() == big.data_ptr()  # stride 32 and D 16: used in place

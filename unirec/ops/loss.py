@@ -46,8 +46,10 @@ def _check_args(hidden, items, targets, item_bias, ignore_index, label_smoothing
     """The C++ kernels' checks, for the Triton path (same messages)."""
     if hidden.dim() != 2 or items.dim() != 2:
         raise ValueError(f"hidden and items must be 2-D, got shapes {tuple(hidden.shape)} and {tuple(items.shape)}")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"hidden must be float32, bfloat16 or float16 for the Triton kernels, got {hidden.dtype}")
+    from .triton.loss import DTYPES
+
+    if hidden.dtype not in DTYPES:
+        raise ValueError(f"hidden must be float32 or bfloat16 for the Triton kernels, got {hidden.dtype}")
     if items.dtype != hidden.dtype:
         raise ValueError(f"items must have the dtype of hidden ({hidden.dtype}), got {items.dtype}")
     if hidden.shape[1] != items.shape[1]:

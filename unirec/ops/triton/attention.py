@@ -1,9 +1,10 @@
 """Triton kernels of jagged attention (flash-attention-2 style over packed sequences).
 
-Grid of the forward and the dq kernel: (query blocks of max_seqlen, B * H);
-the dk/dv kernel: (key blocks, B * H). A program whose block starts past its
-sequence's end exits at once. Token i of a sequence of length L with
-t0 = L - num_targets sees key j when
+One program per (block of max_seqlen, b, h) on a 1-D grid (``grid``; CUDA
+limits grid axes 1 and 2 to 65535, axis 0 to 2^31 - 1): query blocks for the
+forward and the dq kernel, key blocks for the dk/dv kernel. A program whose
+block starts past its sequence's end exits at once. Token i of a sequence of
+length L with t0 = L - num_targets sees key j when
 
     j < t0 and (j <= i or not causal or i >= t0)     (non-target keys)
     or j == i and i >= t0                            (a target sees itself)
@@ -35,6 +36,33 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _program(max_seqlen, H, BLOCK: tl.constexpr):
+    """(block of the sequence, b, h) of this program of the 1-D grid made by ``grid``.
+
+    The blocks of one (b, h) are adjacent, so programs running together share its keys in L2.
+    """
+    nblocks = tl.cdiv(max_seqlen, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // nblocks
+    return pid % nblocks, bh // H, bh % H
+
+
+# Integer arguments are not specialised: no recompilation per batch shape, and the kernels a GPU can need are
+# exactly the constexpr combinations (scripts/compile_triton.py compiles them all).
+_RUNTIME = ["H", "max_seqlen", "causal", "has_targets"]
+
+
+@triton.jit
+def _head(start, h, H, offs_d, BLOCK_D: tl.constexpr):
+    """(row stride, lane mask, offset of the sequence's first row) for head h of a sequence starting at start.
+
+    The launcher pads the head dim to BLOCK_D, so rows are aligned and every lane is real.
+    """
+    stride_t = H * BLOCK_D
+    return stride_t, offs_d[None, :] < BLOCK_D, start.to(tl.int64) * stride_t + h * BLOCK_D
 
 
 @triton.jit
@@ -86,18 +114,15 @@ def _fwd_block(acc, m_i, l_i, q, K, V, RelBias, base, stride_t, offs_m, offs_n, 
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["causal", "has_targets"])
+@triton.jit(do_not_specialize=_RUNTIME)
 def _jagged_attention_fwd_kernel(
     Q, K, V, O, LSE, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, max_seqlen, scale, inv_n, causal, has_targets,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, b, h = _program(max_seqlen, H, BLOCK_M)
     start = tl.load(Offsets + b)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     q0 = pid_m * BLOCK_M
@@ -109,8 +134,7 @@ def _jagged_attention_fwd_kernel(
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
-    base = start.to(tl.int64) * stride_t + h * HEAD_DIM
+    stride_t, dmask, base = _head(start, h, H, offs_d, BLOCK_D)
     q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=(offs_m[:, None] < L) & dmask,
                 other=0.0)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -138,18 +162,15 @@ def _jagged_attention_fwd_kernel(
              mask=rmask[:, None] & dmask)
 
 
-@triton.jit(do_not_specialize=["causal", "has_targets"])
+@triton.jit(do_not_specialize=_RUNTIME)
 def _jagged_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, DRB, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, max_seqlen, scale, inv_n, causal, has_targets,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_n, b, h = _program(max_seqlen, H, BLOCK_N)
     start = tl.load(Offsets + b)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     k0 = pid_n * BLOCK_N
@@ -161,8 +182,7 @@ def _jagged_attention_bwd_dkdv_kernel(
     offs_n = k0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
-    base = start.to(tl.int64) * stride_t + h * HEAD_DIM
+    stride_t, dmask, base = _head(start, h, H, offs_d, BLOCK_D)
     kmask = (offs_n[:, None] < L) & dmask
     k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kmask, other=0.0)
@@ -232,18 +252,15 @@ def _dq_block(dq, q, do, lse, delta, K, V, RelBias, base, stride_t, offs_m, offs
     return dq
 
 
-@triton.jit(do_not_specialize=["causal", "has_targets"])
+@triton.jit(do_not_specialize=_RUNTIME)
 def _jagged_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, Offsets, NumTargets, RelBias,
-    stride_t, H, max_seqlen, scale, inv_n, causal, has_targets,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, max_seqlen, scale, inv_n, causal, has_targets,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, b, h = _program(max_seqlen, H, BLOCK_M)
     start = tl.load(Offsets + b)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     q0 = pid_m * BLOCK_M
@@ -255,8 +272,7 @@ def _jagged_attention_bwd_dq_kernel(
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
-    base = start.to(tl.int64) * stride_t + h * HEAD_DIM
+    stride_t, dmask, base = _head(start, h, H, offs_d, BLOCK_D)
     qmask = (offs_m[:, None] < L) & dmask
     q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
     do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=qmask, other=0.0)
@@ -284,21 +300,23 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 BLOCK_OVERRIDE = {}  # {"fwd"|"dkdv"|"dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)}, for tuning
+# Tests set this to run the GPU's tiles under the interpreter.
+GPU_TILES = False
+KERNELS = ("fwd", "dkdv", "dq")
+DTYPES = (torch.float32, torch.bfloat16)
+ACTIVATIONS = ("softmax", "silu")
+# Dh = 256 in float32 needs more than sm_90's 227 KB of shared memory with these tiles.
+MAX_HEAD_DIM = 128
 
 
-def _blocks(q, kernel):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq".
+def gpu_blocks(kernel, head_dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq" on the GPU.
 
-    GPU defaults follow the flash-attention-2 Triton recipe for Hopper at
-    Dh <= 64 in 16-bit (forward 128x64; backward 32x128 tiles for dk/dv, 128x32
-    for dq); larger heads or float32 take smaller tiles. Under the interpreter
-    small tiles keep numpy fast.
+    Defaults follow the flash-attention-2 Triton recipe for Hopper at Dh <= 64
+    in 16-bit (forward 128x64; backward 32x128 tiles for dk/dv, 128x32 for
+    dq); larger heads or float32 take smaller tiles.
     """
-    if kernel in BLOCK_OVERRIDE:
-        return BLOCK_OVERRIDE[kernel]
-    if _interpreting(q):
-        return 32, 32, 4, 1
-    small = q.shape[-1] <= 64 and q.element_size() <= 2
+    small = head_dim <= 64 and dtype.itemsize <= 2
     if kernel == "fwd":
         return (128, 64, 4, 3) if small else (64, 32, 4, 2)
     if kernel == "dkdv":
@@ -306,17 +324,72 @@ def _blocks(q, kernel):
     return (128, 32, 4, 3) if small else (64, 32, 4, 2)
 
 
-def _precision(q):
-    if q.dtype != torch.float32:
+def _blocks(q, kernel):
+    if kernel in BLOCK_OVERRIDE:
+        return BLOCK_OVERRIDE[kernel]
+    if _interpreting(q) and not GPU_TILES:
+        return 32, 32, 4, 1  # small tiles keep numpy fast
+    return gpu_blocks(kernel, q.shape[-1], q.dtype)
+
+
+def grid(max_seqlen, block, B, H):
+    """Launch grid of ``block``-long blocks over B sequences of at most max_seqlen, H heads."""
+    n = triton.cdiv(max_seqlen, block) * B * H
+    if n >= 2**31:
+        raise ValueError(f"jagged attention needs {n} programs (B={B}, H={H}, max_seqlen={max_seqlen}); "
+                         f"a CUDA grid holds fewer than 2^31")
+    return (n,)
+
+
+def constexprs(head_dim, dtype, activation, has_bias, precision, interpreting):
+    """The kernels' compile-time arguments other than the block sizes.
+
+    The kernels see head dims padded to BLOCK_D (``_pad``): a GPU needs one
+    kernel per power of two, not one per head dim.
+    """
+    return dict(BLOCK_D=padded_head_dim(head_dim), SILU=activation == "silu", HAS_BIAS=has_bias, PRECISION=precision,
+                UPCAST=interpreting and dtype.itemsize < 4)
+
+
+def padded_head_dim(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _pad(t, width):
+    """[T, H, D] zero-padded to [T, H, width]: zero lanes add nothing to q.k and give zero output lanes."""
+    return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
+# tl.dot's input precision for float32, chosen by UNIREC_TRITON_F32_PRECISION (the first is the default).
+F32_PRECISIONS = ("ieee", "tf32")
+
+
+def precision(dtype):
+    if dtype != torch.float32:
         return "ieee"
-    return os.environ.get("UNIREC_TRITON_F32_PRECISION", "ieee")
+    p = os.environ.get("UNIREC_TRITON_F32_PRECISION", F32_PRECISIONS[0])
+    if p not in F32_PRECISIONS:
+        raise ValueError(f"UNIREC_TRITON_F32_PRECISION must be one of {F32_PRECISIONS}, got {p!r}")
+    return p
+
+
+def _precision(q):
+    return precision(q.dtype)
 
 
 def _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias):
-    if activation not in ("softmax", "silu"):
+    if activation not in ACTIVATIONS:
         raise ValueError(f'activation must be "softmax" or "silu", got {activation!r}')
+    if q.dtype not in DTYPES:
+        raise ValueError(f"the Triton kernels take q of dtype float32 or bfloat16, got {q.dtype}")
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [total, H, Dh], got shape {tuple(q.shape)}")
+    if q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {q.shape[2]}")
+    # Offsets within a sequence are 32-bit: rows (rounded up to the largest tile) x H x Dh (padded).
+    if triton.cdiv(max_seqlen, 128) * 128 * q.shape[1] * padded_head_dim(q.shape[2]) >= 2**31:
+        raise ValueError(f"max_seqlen * H * Dh = {max_seqlen} * {q.shape[1]} * {q.shape[2]} must stay below 2^31 "
+                         f"for the Triton kernels")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
@@ -345,66 +418,71 @@ def _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias):
             raise ValueError(msg)
 
 
-def _common(q, max_seqlen, num_targets, rel_bias, activation, offsets):
-    H, D = q.shape[1], q.shape[2]
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    nt = num_targets if num_targets is not None else offsets
-    rb = rel_bias.contiguous() if rel_bias is not None else q
-    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, SILU=activation == "silu", HAS_BIAS=rel_bias is not None, PRECISION=_precision(q),
-                UPCAST=_interpreting(q) and q.element_size() < 4), nt, rb
+def _dense(t):
+    """t contiguous and 16-byte aligned, as every compiled kernel assumes (copies only unusual views)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _common(q, num_targets, rel_bias, activation, offsets):
+    meta = constexprs(q.shape[2], q.dtype, activation, rel_bias is not None, _precision(q), _interpreting(q))
+    offsets = _dense(offsets)
+    nt = _dense(num_targets) if num_targets is not None else offsets
+    rb = _dense(rel_bias) if rel_bias is not None else q
+    return meta, offsets, nt, rb
 
 
 def jagged_attention_fwd_triton(q, k, v, offsets, max_seqlen, causal, num_targets, activation, rel_bias, scale):
     """Forward: (out [total, H, Dh], lse [total, H] float32, [0] for silu)."""
     _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     T, H, D = q.shape
     B = offsets.numel() - 1
-    out = torch.empty_like(q)
     silu = activation == "silu"
     lse = q.new_empty((0,) if silu else (T, H), dtype=torch.float32)
     if T == 0 or B == 0:
-        return out, lse
-    meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+    meta, offsets, nt, rb = _common(q, num_targets, rel_bias, activation, offsets)
+    q, k, v = (_dense(_pad(t, meta["BLOCK_D"])) for t in (q, k, v))
+    out = torch.empty_like(q)
     BM, BN, warps, stages = _blocks(q, "fwd")
-    grid = (triton.cdiv(max_seqlen, BM), B * H)
-    _jagged_attention_fwd_kernel[grid](
-        q, k, v, out, lse if not silu else out, offsets, nt, rb, H * D, H, max_seqlen, float(scale),
-        1.0 / max(max_seqlen, 1), int(bool(causal)), int(num_targets is not None), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
-    return out, lse
+    # silu saves no lse; a float32 stand-in keeps the argument types (and so the compiled kernel) fixed
+    lse_arg = lse if not silu else q.new_empty(1, dtype=torch.float32)
+    _jagged_attention_fwd_kernel[grid(max_seqlen, BM, B, H)](
+        q, k, v, out, lse_arg, offsets, nt, rb, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1),
+        int(bool(causal)), int(num_targets is not None), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+        **meta)
+    return out[..., :D].contiguous(), lse
 
 
 def jagged_attention_bwd_triton(grad_out, q, k, v, out, lse, offsets, max_seqlen, causal, num_targets, activation,
                                 rel_bias, scale):
     """Backward: (dq, dk, dv, drel_bias ([H, max_seqlen], [0] without rel_bias))."""
     _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    do = grad_out.contiguous().to(q.dtype)
     T, H, D = q.shape
     B = offsets.numel() - 1
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     silu = activation == "silu"
     drb = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device) if rel_bias is not None else None
-    if T > 0 and B > 0:
-        meta, nt, rb = _common(q, max_seqlen, num_targets, rel_bias, activation, offsets)
+    if T == 0 or B == 0:
+        dq, dk, dv = (torch.zeros(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    else:
+        meta, offsets, nt, rb = _common(q, num_targets, rel_bias, activation, offsets)
         if silu:
             lse_t = delta = q.new_empty(1, dtype=torch.float32)
         else:
-            lse_t = lse.contiguous().float()
-            delta = (do.float() * out.contiguous().float()).sum(-1)  # [T, H]
-        common = (H * D, H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1), int(bool(causal)),
+            lse_t = _dense(lse.float())
+            delta = (grad_out.to(q.dtype).float() * out.float()).sum(-1).contiguous()  # [T, H]
+        q, k, v, do = (_dense(_pad(t, meta["BLOCK_D"])) for t in (q, k, v, grad_out.to(q.dtype)))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = (H, max_seqlen, float(scale), 1.0 / max(max_seqlen, 1), int(bool(causal)),
                   int(num_targets is not None))
         BM, BN, warps, stages = _blocks(q, "dkdv")
-        _jagged_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), B * H)](
-            q, k, v, do, lse_t, delta, dk, dv, drb if drb is not None else dk, offsets, nt, rb, *common,
+        _jagged_attention_bwd_dkdv_kernel[grid(max_seqlen, BN, B, H)](
+            q, k, v, do, lse_t, delta, dk, dv, drb if drb is not None else delta, offsets, nt, rb, *common,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
         BM, BN, warps, stages = _blocks(q, "dq")
-        _jagged_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, BM), B * H)](
+        _jagged_attention_bwd_dq_kernel[grid(max_seqlen, BM, B, H)](
             q, k, v, do, lse_t, delta, dq, offsets, nt, rb, *common,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **meta)
-    else:
-        dq.zero_(); dk.zero_(); dv.zero_()
-        if drb is not None:
-            drb.zero_()
+        dq, dk, dv = (t[..., :D].contiguous() for t in (dq, dk, dv))
     drb = drb.to(q.dtype) if drb is not None else q.new_empty(0)
     return dq, dk, dv, drb

@@ -41,7 +41,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION: tl.constexpr):
-    e = tl.load(E + rn[:, None] * stride_e + rd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    e = tl.load(E + rn.to(tl.int64)[:, None] * stride_e + rd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
     z = _dot(h, tl.trans(e), tl.zeros((h.shape[0], e.shape[0]), tl.float32), PRECISION)
     z += tl.load(BIAS + rn, mask=nmask & ((rn * 0 + has_bias) > 0), other=0.0).to(tl.float32)[None, :]
     return z, e
@@ -61,7 +61,7 @@ def _softmax_ce_fwd_kernel(H, E, BIAS, T, PMAX, PSUM, PZT, PZS, M, N, D, stride_
     mmask = rm < M
     dmask = rd < D
     tgt = tl.load(T + rm, mask=mmask, other=ignore_index)
-    h = tl.load(H + rm[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    h = tl.load(H + rm.to(tl.int64)[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     zt = tl.zeros((BLOCK_M,), tl.float32)
@@ -78,7 +78,7 @@ def _softmax_ce_fwd_kernel(H, E, BIAS, T, PMAX, PSUM, PZT, PZS, M, N, D, stride_
         m_i = m_new
         zt += tl.sum(tl.where(rn[None, :] == tgt[:, None], z, 0.0), 1)
         zs += tl.sum(tl.where(nmask[None, :], z, 0.0), 1)
-    off = split * M + rm
+    off = split.to(tl.int64) * M + rm
     tl.store(PMAX + off, m_i, mask=mmask)
     tl.store(PSUM + off, s_i, mask=mmask)
     tl.store(PZT + off, zt, mask=mmask)
@@ -107,7 +107,7 @@ def _softmax_ce_bwd_dh_kernel(H, E, BIAS, T, G, LSE, DH, M, N, D, stride_h, stri
     tgt = tl.load(T + rm, mask=mmask, other=-1)
     g = tl.load(G + rm, mask=mmask, other=0.0)  # 0 on ignored rows (set by the caller)
     lse = tl.load(LSE + rm, mask=mmask, other=0.0)
-    h = tl.load(H + rm[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    h = tl.load(H + rm.to(tl.int64)[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     n_end = tl.minimum(N, (split + 1) * span)
     for n0 in range(split * span, n_end, BLOCK_N):
@@ -116,7 +116,7 @@ def _softmax_ce_bwd_dh_kernel(H, E, BIAS, T, G, LSE, DH, M, N, D, stride_h, stri
         z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION)
         dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps)
         acc = _dot(dz.to(e.dtype), e, acc, PRECISION)
-    tl.store(DH + split * M * D + rm[:, None] * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
+    tl.store(DH + (split.to(tl.int64) * M + rm)[:, None] * D + rd[None, :], acc, mask=mmask[:, None] & dmask[None, :])
 
 
 @triton.jit(do_not_specialize=_RUNTIME + ["eps"])
@@ -136,22 +136,34 @@ def _softmax_ce_bwd_de_kernel(H, E, BIAS, T, G, LSE, DE, DB, M, N, D, stride_h, 
         tgt = tl.load(T + rm, mask=mmask, other=-1)
         g = tl.load(G + rm, mask=mmask, other=0.0)
         lse = tl.load(LSE + rm, mask=mmask, other=0.0)
-        h = tl.load(H + rm[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        h = tl.load(H + rm.to(tl.int64)[:, None] * stride_h + rd[None, :], mask=mmask[:, None] & dmask[None, :],
+                    other=0.0)
         z, e = _logits_block(h, E, BIAS, rn, rd, nmask, dmask, stride_e, has_bias, PRECISION)
         dz = _dz_block(z, rn, nmask, lse, g, tgt, N, eps)
         dz = tl.where(mmask[:, None], dz, 0.0)
         acc = _dot(tl.trans(dz.to(h.dtype)), h, acc, PRECISION)
         dbias += tl.sum(dz, 0)
-    tl.store(DE + rn[:, None] * D + rd[None, :], acc.to(DE.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+    tl.store(DE + rn.to(tl.int64)[:, None] * D + rd[None, :], acc.to(DE.dtype.element_ty),
+             mask=nmask[:, None] & dmask[None, :])
     tl.store(DB + rn, dbias.to(DB.dtype.element_ty), mask=nmask & ((rn * 0 + has_bias) > 0))
 
 
-def _config(hidden: torch.Tensor, D: int):
+# Tests set this to run the GPU's tiles under the interpreter.
+GPU_TILES = False
+KERNELS = ("fwd", "bwd_dh", "bwd_de")
+DTYPES = (torch.float32, torch.bfloat16)
+# The whole of D is one block: wider rows would not fit the tiles in shared memory (float32 at D > 512 needs
+# 384 KB on sm_90, found by scripts/compile_triton.py).
+MAX_D = {torch.float32: 512, torch.bfloat16: 1024}
+
+
+def gpu_config(D: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) on the GPU for width D.
+
+    The whole of D sits in one block: keep (BLOCK_M + BLOCK_N) x BLOCK_D tiles
+    (pipelined) within shared memory (checked by scripts/compile_triton.py).
+    """
     block_d = max(16, triton.next_power_of_2(D))
-    if hidden.device.type == "cpu":  # the interpreter: few, large programs
-        return 32, 32, block_d, 4
-    # The whole of D sits in one block: keep (BLOCK_M + BLOCK_N) x BLOCK_D tiles
-    # (pipelined) within shared memory (checked by compiling for sm_90).
     if block_d >= 512:
         return 32, 32, block_d, 8
     if block_d >= 256:
@@ -159,11 +171,50 @@ def _config(hidden: torch.Tensor, D: int):
     return 64, 128, block_d, 4
 
 
-def _precision(t: torch.Tensor) -> str:
+def _config(hidden: torch.Tensor, D: int):
+    if hidden.device.type == "cpu" and not GPU_TILES:  # the interpreter: few, large programs
+        return 32, 32, max(16, triton.next_power_of_2(D)), 4
+    return gpu_config(D)
+
+
+def precision(dtype: torch.dtype, interpreting: bool) -> str:
     # float32 computes in full precision ("ieee"), never silently in tf32.
-    if t.device.type == "cpu" and t.dtype != torch.float32:
+    if interpreting and dtype != torch.float32:
         return "upcast"
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _precision(t: torch.Tensor) -> str:
+    return precision(t.dtype, t.device.type == "cpu")
+
+
+def int_class(x: int) -> str:
+    """How Triton specialises an integer argument: "1" (a constant), "16" (divisible by 16) or "" (neither)."""
+    return "1" if x == 1 else "16" if x % 16 == 0 else ""
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t, or a dense copy where the compiled kernels' assumptions fail.
+
+    A row-strided view (e.g. a slice of a larger table) is used in place when
+    its row stride specialises like D and it is 16-byte aligned: every kernel a
+    GPU can need is then one of those scripts/compile_triton.py compiles.
+    """
+    ok = (t.stride(-1) == 1 and int_class(t.stride(0)) == int_class(t.shape[1]) and t.stride(0) < 2**31
+          and t.data_ptr() % 16 == 0)
+    return t if ok else torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _rows1(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D t contiguous and 16-byte aligned."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _check_width(D: int, dtype: torch.dtype):
+    if D > MAX_D.get(dtype, 0):
+        raise ValueError(f"the Triton kernels take rows of at most {MAX_D.get(dtype, 0)} elements (D) in {dtype}, "
+                         f"got {D}")
 
 
 def _splits(hidden: torch.Tensor, M: int, N: int, bm: int, bn: int):
@@ -183,13 +234,14 @@ def _splits(hidden: torch.Tensor, M: int, N: int, bm: int, bn: int):
 def softmax_ce_fwd_triton(hidden, items, targets, item_bias, ignore_index: int, label_smoothing: float):
     M, D = hidden.shape
     N = items.shape[0]
-    hidden, items, targets = hidden.contiguous(), items.contiguous(), targets.contiguous()
+    _check_width(D, hidden.dtype)
+    hidden, items, targets = _rows(hidden), _rows(items), _rows1(targets)
     if M == 0:
         return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
     bm, bn, bd, warps = _config(hidden, D)
     S, span = _splits(hidden, M, N, bm, bn)
     part = torch.empty(4, S, M, dtype=torch.float32, device=hidden.device)
-    bias = item_bias.contiguous() if item_bias is not None else items
+    bias = _rows1(item_bias) if item_bias is not None else items
     _softmax_ce_fwd_kernel[(triton.cdiv(M, bm), S)](
         hidden, items, bias, targets, part[0], part[1], part[2], part[3], M, N, D, hidden.stride(0),
         items.stride(0), span, ignore_index, int(item_bias is not None),
@@ -208,9 +260,10 @@ def softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ign
                           label_smoothing: float):
     M, D = hidden.shape
     N = items.shape[0]
-    hidden, items, targets = hidden.contiguous(), items.contiguous(), targets.contiguous()
+    _check_width(D, hidden.dtype)
+    hidden, items, targets = _rows(hidden), _rows(items), _rows1(targets)
     g = torch.where(targets != ignore_index, grad_loss.float(), 0.0).contiguous()
-    lse = lse.float().contiguous()
+    lse = _rows1(lse.float())
     dh = torch.zeros(M, D, dtype=torch.float32, device=hidden.device)
     # Each ditems / dbias block has one owner, which on the GPU stores it in the
     # inputs' dtype directly (float32 accumulation in registers, round to
@@ -222,7 +275,7 @@ def softmax_ce_bwd_triton(grad_loss, hidden, items, targets, item_bias, lse, ign
     if M > 0 and N > 0:
         bm, bn, bd, warps = _config(hidden, D)
         S, span = _splits(hidden, M, N, bm, bn)
-        bias = item_bias.contiguous() if item_bias is not None else items
+        bias = _rows1(item_bias) if item_bias is not None else items
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(hidden), num_warps=warps)
         dh_part = torch.empty(S, M, D, dtype=torch.float32, device=hidden.device)
         _softmax_ce_bwd_dh_kernel[(triton.cdiv(M, bm), S)](
