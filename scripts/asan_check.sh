@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Builds unirec._C with AddressSanitizer in a copy of the source tree and runs the op fuzz test
-# (tests/test_fuzz_ops.py) against that build: an out-of-bounds read or write fails the script.
+# Builds unirec._C with AddressSanitizer (the CMake build, -DUNIREC_SANITIZE=address: -O1, -g1) in a
+# copy of the source tree and runs the op fuzz test (tests/test_fuzz_ops.py) against that build: an
+# out-of-bounds read or write fails the script. In CI this is also the check that CMakeLists.txt
+# builds the same sources as setup.py into a module that loads and runs.
 #
 # The checkout's own extension is never touched: the sources are copied into $UNIREC_ASAN_DIR/src
-# (default /tmp/unirec-asan) and built in place there, with the objects kept in $UNIREC_ASAN_DIR/build,
-# so a second run recompiles only the files that changed. setup.py is used as it is: the sanitizer
-# flags reach the compiler and the linker through CFLAGS and LDFLAGS.
+# (default /tmp/unirec-asan) and built in $UNIREC_ASAN_DIR/build, so a second run recompiles only the
+# files that changed; the module is copied into the copy's unirec/ folder.
 #
 #   scripts/asan_check.sh [extra pytest arguments]
 #
 # PYTHON (default .venv/bin/python, else python3) is the interpreter with torch; MAX_JOBS caps the
-# parallel compiles (default 2). UNIREC_FUZZ_OPS_CASES (default 400 per op), UNIREC_FUZZ_OPS_SECONDS (default 60
-# per op) and UNIREC_TEST_SEED pass through to the test.
+# parallel compiles (default 2). UNIREC_FUZZ_OPS_CASES and UNIREC_TEST_SEED pass through to the test.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,12 +30,13 @@ mkdir -p "$dir/src" "$dir/build"
     while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done |
     tar --null -T - -cf -) | tar -xf - -C "$dir/src"
 
-echo "asan_check: building unirec._C with -fsanitize=address in $dir"
-(cd "$dir/src" &&
-    CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g1" LDFLAGS="-fsanitize=address" \
-    MAX_JOBS=${MAX_JOBS:-2} UNIREC_CUDA=0 \
-    "$python" setup.py -q build_ext --inplace --build-temp "$dir/build" >"$dir/build.log" 2>&1) ||
+echo "asan_check: building unirec._C with -fsanitize=address in $dir (CMake)"
+prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+(cmake -S "$dir/src" -B "$dir/build" -DUNIREC_SANITIZE=address -DPython3_EXECUTABLE="$(command -v "$python")" \
+    -DCMAKE_PREFIX_PATH="$prefix" >"$dir/build.log" 2>&1 &&
+    cmake --build "$dir/build" -j"${MAX_JOBS:-2}" >>"$dir/build.log" 2>&1) ||
     { tail -n 40 "$dir/build.log" >&2; echo "asan_check: the build failed (log: $dir/build.log)" >&2; exit 2; }
+cp "$dir"/build/_C*.so "$dir/src/unirec/"
 ext=$(ls "$dir"/src/unirec/_C*.so)
 grep -q __asan_init "$ext" || { echo "asan_check: $ext is not instrumented" >&2; exit 2; }
 echo "asan_check: built in $(( $(date +%s) - start )) s"
