@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a machine with a CUDA GPU: build unirec in place with its CUDA
 # kernels, run the CUDA tests, run the benchmarks on CUDA, print a table last.
-# Logs and the benchmark JSON go to $OUT (default /tmp/unirec-gpu-check).
+# Logs, the benchmark JSON and the benchmark records (records.jsonl: append it to
+# benchmarks/results/ and run `python benchmarks/report.py tables --records ...`) go
+# to $OUT (default /tmp/unirec-gpu-check).
 # Needs torch (CUDA), triton, pytest and pytest-benchmark; where pytest-benchmark
 # is missing, carry its wheel (and py-cpuinfo's) and put them on PYTHONPATH.
 #
@@ -43,7 +45,7 @@ timeout "${SWEEP_TIMEOUT:-120}" "$PY" benchmarks/tune_attention_blocks.py > "$OU
 tail -20 "$OUT/sweep.log"
 
 stamp "benchmarks on CUDA"
-UNIREC_BENCH_DEVICE=cuda timeout "${BENCH_TIMEOUT:-300}" "$PY" -m pytest benchmarks/ --benchmark-only -q \
+UNIREC_BENCH_DEVICE=cuda UNIREC_BENCH_RECORDS="$OUT/records.jsonl" timeout "${BENCH_TIMEOUT:-300}" "$PY" -m pytest benchmarks/ --benchmark-only -q \
   -p no:cacheprovider ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$OUT/bench.json" \
   > "$OUT/bench.log" 2>&1
 bench_rc=$?
