@@ -43,7 +43,9 @@ echo "asan_check: built in $(( $(date +%s) - start )) s"
 
 # Python and torch are not instrumented and keep memory to the end: leaks are not what is checked here.
 # A huge allocation that the fuzz asks for must fail like it does without ASan (a null, torch's error).
-export LD_PRELOAD=$libasan
+# libstdc++ is preloaded too: python itself does not link it, and ASan must find the real
+# __cxa_throw when it starts (else "CHECK failed: ... real___cxa_throw") for C++ exceptions to work.
+export LD_PRELOAD="$libasan $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1:abort_on_error=1}
 export PYTHONPATH=$dir/src
 # A fixed count of cases, not the test's short time bound: the same inputs on a fast or a slow machine.
