@@ -210,6 +210,42 @@ def test_fused_optimizer_matches_reference_update(device, optimizer, pooling):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tables", [1, 2, 9])
+@pytest.mark.parametrize("psw", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.long, torch.int32])
+def test_fused_optimizer_any_table_count(device, tables, psw, index_dtype):
+    # One table, a few, and more tables than threads: tables are split into row ranges or not.
+    torch.manual_seed(tables)
+    weight, toff, idx, off, w = make_batch([40 + 7 * t for t in range(tables)], B=24, D=20, device=device, psw=psw,
+                                           index_dtype=index_dtype)
+    state = torch.rand(weight.shape[0], device=device)
+    expect_w, expect_state, grad_out = reference_update(weight, state, toff, idx, off, w, "sum", "rowwise_adagrad",
+                                                        0.3, 1e-6)
+    new_w, st = weight.clone(), state.clone()
+    grad_psw = unirec.ops.tbe_backward_update_(new_w, st, grad_out, toff, idx, off, w, "sum", "rowwise_adagrad",
+                                               0.3, 1e-6)
+    torch.testing.assert_close(new_w, expect_w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st, expect_state, atol=1e-5, rtol=1e-5)
+    if psw:
+        grad_out_flat = grad_out.transpose(0, 1).reshape(-1, weight.shape[1])  # bag t*B + b
+        bag = torch.repeat_interleave(torch.arange(off.numel() - 1, device=device), torch.diff(off.long()))
+        expect = (grad_out_flat[bag] * weight[linear_rows(toff, idx, off)]).sum(1)
+        torch.testing.assert_close(grad_psw, expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_optimizer_zero_dim_keeps_state(device, optimizer):
+    # With D = 0 there is no gradient to average: the state must not become NaN.
+    weight, toff, idx, off, _ = make_batch([6, 5], B=4, D=0, device=device, empty_fraction=0.0)
+    state = torch.rand(weight.shape[0], device=device)
+    st = state.clone()
+    unirec.ops.tbe_backward_update_(weight, st, torch.zeros(4, 2, 0, device=device), toff, idx, off, None, "sum",
+                                    optimizer, 0.1)
+    assert torch.equal(st, state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", [None, "sgd", "rowwise_adagrad"])
 def test_module_trains(device, optimizer):
     torch.manual_seed(0)
