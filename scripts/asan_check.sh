@@ -23,12 +23,17 @@ libasan=$(gcc -print-file-name=libasan.so)
 start=$(date +%s)
 
 # A fresh copy of the tracked and untracked (not ignored) files, so that sources deleted from the tree
-# do not linger; tar keeps their times, so ninja finds unchanged objects in $dir/build still current.
-rm -rf "$dir/src"
-mkdir -p "$dir/src" "$dir/build"
+# do not linger. Every file gets the copy's time, except one whose content equals the previous copy's:
+# it keeps that copy's time, so ninja recompiles exactly the files that changed.
+rm -rf "$dir/new"
+mkdir -p "$dir/new" "$dir/src" "$dir/build"
 (cd "$root" && git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done |
-    tar --null -T - -cf -) | tar -xf - -C "$dir/src"
+    tar --null -T - -cf -) | tar -xmf - -C "$dir/new"
+(cd "$dir/new" && find . -type f -print0 |
+    while IFS= read -r -d '' f; do cmp -s "$f" "../src/$f" && touch -r "../src/$f" "$f"; done) || true
+rm -rf "$dir/src"
+mv "$dir/new" "$dir/src"
 
 echo "asan_check: building unirec._C with -fsanitize=address in $dir (CMake)"
 prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
