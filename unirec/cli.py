@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-DATA_HELP = ('data set: "ml-100k" (fetched on first use into $UNIREC_HOME, default ~/.cache/unirec), '
+DATA_HELP = ('data set: "ml-100k" or "ml-1m" (fetched on first use into $UNIREC_HOME, default ~/.cache/unirec), '
              '"synthetic" (planted taste clusters; see --synthetic-*), or a path to RecBole atomic files, '
              'MovieLens files or a CSV/Parquet of user,item,timestamp[,rating] (default: %(default)s)')
 
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
+    t.add_argument("--windows", default=None, choices=["last", "all"],
+                   help="training sequences: each user's last --max-len events, or every --max-len window of "
+                        "longer histories too (default: last)")
     t.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate (default: the preset's tuned value, 2e-3 for a config file)")
     t.add_argument("--weight-decay", type=float, default=None,
@@ -263,7 +266,8 @@ def cmd_train(args) -> int:
     wd = args.weight_decay if args.weight_decay is not None else opt["weight_decay"]
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=wd,
                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
-                     seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None)
+                     seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None,
+                     windows=args.windows or "last")
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     arm = args.arm or Path(args.config).stem

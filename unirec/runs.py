@@ -60,6 +60,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     eval_every: int = 1
     time_budget_s: Optional[float] = None
+    # "last": each user's last max_len training events; "all": every max_len window of long histories
+    windows: str = "last"
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -4,9 +4,9 @@ from .batch import (History, TokenBatch, TokenBuilder, TrainBatches, event_gaps,
                     time_buckets)
 from .dataset import (AGE_BOUNDARIES, PAD, Dataset, Feature, FeatureSpec, FeatureTable, TBEBags,
                       default_feature_specs, encode)
-from .fetch import FetchError, fetch_movielens_100k, unirec_home
+from .fetch import FetchError, fetch_movielens_1m, fetch_movielens_100k, unirec_home
 from .readers import (DataFormatError, RawData, Table, read_atomic, read_atomic_file, read_movielens_100k,
-                      read_movielens_1m)
+                      read_movielens_1m, read_recbole_movielens, retype_columns)
 from .sources import DataConfig, load_dataset, strict_from_dict
 from .split import LeaveOneOutSplit, leave_one_out
 from .summary import describe
@@ -16,8 +16,8 @@ from .tabular import read_csv, read_parquet, read_path
 __all__ = [
     "History", "TokenBatch", "TokenBuilder", "TrainBatches", "event_gaps", "live_token_batch", "pack_streams",
     "time_buckets", "AGE_BOUNDARIES", "PAD", "Dataset", "Feature", "FeatureSpec", "FeatureTable", "TBEBags",
-    "default_feature_specs", "describe", "encode", "FetchError", "fetch_movielens_100k", "unirec_home",
+    "default_feature_specs", "describe", "encode", "FetchError", "fetch_movielens_1m", "fetch_movielens_100k", "unirec_home",
     "DataFormatError", "RawData", "Table", "read_atomic", "read_atomic_file", "read_csv", "read_movielens_100k",
-    "read_movielens_1m", "read_parquet", "read_path", "DataConfig", "load_dataset", "strict_from_dict",
+    "read_movielens_1m", "read_parquet", "read_recbole_movielens", "retype_columns", "read_path", "DataConfig", "load_dataset", "strict_from_dict",
     "LeaveOneOutSplit", "leave_one_out", "cluster_truth", "synthetic",
 ]

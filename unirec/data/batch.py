@@ -160,20 +160,29 @@ class TokenBuilder:
                             history)
 
     def train_batch(self, users, rng: Optional[np.random.Generator] = None, candidates: bool = True,
-                    device=None) -> TokenBatch:
+                    device=None, windows=None, shifts=None) -> TokenBatch:
         """Training streams of ``users`` (each with >= 2 training events).
 
-        Without candidates: the last ``max_len`` training events but one, each predicting the next.
-        With candidates: a cut c = m - K - s (s uniform in [0, rank_shift], from ``rng``) splits the
-        m training events into history e[:c] (predicting e[1:c+1]) and K candidates e[c:c+K].
+        Window 0 (the default) of a user with m training events: without candidates, the last
+        ``max_len`` training events but one, each predicting the next. With candidates: a cut
+        c = m - K - s splits them into history e[:c] (predicting e[1:c+1]) and K candidates e[c:c+K];
+        s in [0, rank_shift] is ``shifts[b]``, else drawn from ``rng``, else 0.
+        Window j >= 1 (``windows[b]``; see :meth:`TrainBatches.num_windows`): the ``max_len`` events
+        ending at m - 1 - j * max_len, each predicting the next, no candidates.
         """
         sp = self.split
         hist, cands = [], []
-        for u in users:
+        for b, u in enumerate(users):
             s0, m = int(sp.user_offsets[u]), int(sp.train_len[u])
-            if candidates:
+            j = 0 if windows is None else int(windows[b])
+            if j > 0:
+                c, k = m - 1 - j * self.max_len, 0
+            elif candidates:
                 k = min(self.num_rank_candidates, m - 1)
-                shift = int(rng.integers(0, self.rank_shift + 1)) if rng is not None else 0
+                if shifts is not None:
+                    shift = int(shifts[b])
+                else:
+                    shift = int(rng.integers(0, self.rank_shift + 1)) if rng is not None else 0
                 c = max(1, m - k - shift)
                 k = min(k, m - c)
             else:
@@ -203,26 +212,57 @@ class TokenBuilder:
 
 
 class TrainBatches:
-    """The trainer's batch source: each epoch, every user with >= 2 training events once, in batches.
+    """The trainer's batch source: each epoch, every training window once, in batches.
 
-    Epoch e orders the users with ``np.random.default_rng([seed, e])`` and draws the candidate cuts
-    from the same generator, so an epoch is the same whenever it runs (a resumed run repeats it).
+    A window is a (user, j) pair of a user with >= 2 training events (:meth:`TokenBuilder.train_batch`):
+    ``windows="last"`` trains on each user's last window only; ``"all"`` also on every earlier
+    ``max_len``-event window of longer histories (j = 1, 2, ...), so that no training event of a long
+    history is left out.
+
+    Epoch e orders the windows with ``np.random.default_rng([seed, e])``; the candidate cut of user u
+    in epoch e is keyed by (seed, e, u), not drawn in batch order, so an epoch is the same whenever it
+    runs (a resumed run repeats it) and however its batches are split across processes:
+    ``epoch(e, rank=r, world=n)`` yields, of each global batch of ``batch_size`` windows, the windows
+    r, r + n, r + 2n, ... (so n processes see the same global batches as one).
     """
 
-    def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0):
+    WINDOWS = ("last", "all")
+
+    def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0,
+                 windows: str = "last"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if windows not in self.WINDOWS:
+            raise ValueError(f"windows must be one of {self.WINDOWS}, got {windows!r}")
         self.builder, self.batch_size, self.candidates, self.seed = builder, batch_size, candidates, seed
         self.users = np.nonzero(builder.split.train_len >= 2)[0]
+        counts = self.num_windows(builder.split.train_len[self.users], builder.max_len) if windows == "all" \
+            else np.ones(len(self.users), dtype=np.int64)
+        self.unit_users = np.repeat(self.users, counts)
+        # j = 0, 1, ..., count - 1 within each user
+        self.unit_windows = np.arange(len(self.unit_users)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+    @staticmethod
+    def num_windows(train_len: np.ndarray, max_len: int) -> np.ndarray:
+        """Windows of users with ``train_len`` training events: the last one plus one per earlier
+        ``max_len`` events that still have a next event (window j ends at m - 1 - j * max_len >= 1)."""
+        m = np.asarray(train_len, dtype=np.int64)
+        return 1 + np.maximum(m - 2, 0) // max_len
 
     def __len__(self) -> int:
-        return -(-len(self.users) // self.batch_size)
+        return -(-len(self.unit_users) // self.batch_size)
 
-    def epoch(self, epoch: int, device=None) -> Iterator[TokenBatch]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.users)
+    def epoch(self, epoch: int, device=None, rank: int = 0, world: int = 1) -> Iterator[TokenBatch]:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world={world}), got {rank}")
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.unit_users))
+        num_users = len(self.builder.split.train_len)
+        shifts = np.random.default_rng([self.seed, epoch, 1]).integers(0, self.builder.rank_shift + 1, num_users)
         for i in range(0, len(order), self.batch_size):
-            yield self.builder.train_batch(order[i:i + self.batch_size], rng, self.candidates, device)
+            part = order[i:i + self.batch_size][rank::world]
+            users = self.unit_users[part]
+            yield self.builder.train_batch(users, None, self.candidates, device, windows=self.unit_windows[part],
+                                           shifts=shifts[users])
 
 
 # --------------------------------------------------------------------------- live histories

