@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--impl", default="auto", choices=IMPLS,
                    help="kernel backend for every op; reference = pure PyTorch; not saved with the run "
                         "(default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=20, help="maximum epochs (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=64, help="users per step (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 20; ml-1m: 40)")
+    t.add_argument("--batch-size", type=int, default=None, help="users per step (default: 64; ml-1m: 128)")
     t.add_argument("--windows", default=None, choices=["last", "all"],
                    help="training sequences: each user's last --max-len events, or every --max-len window of "
                         "longer histories too (default: last)")
@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
     t.add_argument("--patience", type=int, default=5,
                    help="stop after this many epochs without a better validation NDCG@10 (default: %(default)s)")
-    t.add_argument("--time-budget", type=float, default=480.0, metavar="SECONDS",
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop training after the epoch that passes this many seconds, so that `unirec train` "
-                        "ends within 10 minutes on a small CPU; 0 = no limit (default: %(default)s)")
+                        "ends within 10 minutes (ml-1m: 45) on a small CPU; 0 = no limit (default: 480; ml-1m: 2400)")
     t.add_argument("--seed", type=int, default=0, help="seed; CPU runs with the same seed repeat exactly "
                                                        "(default: %(default)s)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -248,7 +248,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = _model_config(args.config).to_dict()
+    d = _model_config(args.config, args.data).to_dict()
     over = {"dim": args.dim, "num_blocks": args.blocks, "num_heads": args.heads, "max_len": args.max_len,
             "dropout": args.dropout, "attention": args.attention}
     d.update({k: v for k, v in over.items() if v is not None})
@@ -261,13 +261,14 @@ def cmd_train(args) -> int:
         cfg = ModelConfig.from_dict(d)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"--config / --set: {exc}") from None
-    opt = preset_training(args.config)
-    lr = args.lr if args.lr is not None else opt["lr"]
-    wd = args.weight_decay if args.weight_decay is not None else opt["weight_decay"]
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=wd,
-                     warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
-                     seed=args.seed, device=device, bf16=not args.no_bf16, time_budget_s=args.time_budget or None,
-                     windows=args.windows or "last")
+    # The data set's defaults (preset_training) where the command line leaves a setting out.
+    opt = {"epochs": 20, "batch_size": 64, "time_budget_s": 480.0, **preset_training(args.config, args.data)}
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+             "time_budget_s": args.time_budget, "windows": args.windows}
+    opt.update({k: v for k, v in given.items() if v is not None})
+    opt["time_budget_s"] = opt["time_budget_s"] or None
+    tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
+                     seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     arm = args.arm or Path(args.config).stem
@@ -283,12 +284,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _model_config(name: str):
-    """A preset by name or a ModelConfig JSON file."""
+def _model_config(name: str, data: Optional[str] = None):
+    """A preset by name (with ``data``'s overrides, see :data:`unirec.models.config.DATA_PRESETS`) or a
+    ModelConfig JSON file."""
     from .models import ModelConfig, preset
     from .models.config import PRESETS
     if name in PRESETS:
-        return preset(name)
+        return preset(name, data)
     path = Path(name)
     if not path.exists():
         raise SystemExit(f"--config {name!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
@@ -314,8 +316,9 @@ def cmd_tune(args) -> int:
             space[k] = v
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tc = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, device=device,
-                     **preset_training(args.config))
-    result = tune(_data_config(args), _model_config(args.config), tc, space, args.trials, args.out, seed=args.seed)
+                     **{k: v for k, v in preset_training(args.config, args.data).items()
+                        if k in ("lr", "weight_decay", "batch_size")})
+    result = tune(_data_config(args), _model_config(args.config, args.data), tc, space, args.trials, args.out, seed=args.seed)
     print(format_trials(result))
     t = result["train"]
     print(f"\nbest: trial {result['trial']}, validation NDCG@10 {result['valid_ndcg@10']:.4f}\n"
