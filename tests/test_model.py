@@ -22,6 +22,21 @@ def tiny(name="unified", **kw):
     return preset(name, **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 20, "dropout": 0.0, **kw})
 
 
+def test_presets_per_data_set():
+    from unirec.models.config import preset_training
+    for name in ("unified", "sasrec", "hstu"):
+        base, ml1m = preset(name), preset(name, "ml-1m")
+        assert ml1m.max_len == 200 and base.max_len < 200  # ML-1M's long histories
+        # only width, depth and window change: what each preset models stays the same
+        assert (ml1m.use_item_features, ml1m.use_profile, ml1m.attention, ml1m.objectives) == \
+            (base.use_item_features, base.use_profile, base.attention, base.objectives)
+        assert preset(name, "ml-1m", max_len=64).max_len == 64  # explicit overrides win
+        assert preset(name, "ml-100k") == base and preset(name, "some/path.csv") == base
+    assert preset_training("unified")["lr"] == pytest.approx(2.38e-3)
+    t = preset_training("unified", "ml-1m")
+    assert t["batch_size"] == 128 and t["time_budget_s"] <= 45 * 60
+
+
 def test_config_json_roundtrip_and_presets():
     c = preset("hstu", dim=32)
     assert ModelConfig.from_json(c.to_json()) == c
