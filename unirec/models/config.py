@@ -46,6 +46,10 @@ class ModelConfig:
     "rowwise_adagrad" updates them inside the backward with ``item_lr`` (the fused
     ``unirec.nn.TableBatchedEmbedding`` path: no dense gradient of the tables).
 
+    ``augment``: operator -> rate of the views that the self-supervised objectives ("contrastive")
+    build (:func:`unirec.data.augment.augment`: one operator per view, drawn among these);
+    ``ssl_temperature``: their InfoNCE temperature over cosine similarities.
+
     ``shard_items``: under torch.distributed, split the item id table by rows across the processes
     (:class:`~unirec.models.items.ShardedItemEncoder`); the retrieval loss and top-k run on the shards
     (:mod:`unirec.distributed`), so the catalogue is bounded by the processes' memory together. The
@@ -75,6 +79,9 @@ class ModelConfig:
     num_rank_candidates: int = 4
     rank_shift: int = 4
     like_threshold: float = 4.0
+    # self-supervised objectives (unirec.models.ssl): the views' operators and rates, the InfoNCE temperature
+    augment: Dict[str, float] = field(default_factory=lambda: {"crop": 0.6, "mask": 0.3, "reorder": 0.6})
+    ssl_temperature: float = 0.2
     # scoring
     repeat_bias: bool = False
     num_repeat_buckets: int = 8
@@ -98,6 +105,16 @@ class ModelConfig:
                 raise ValueError(f"objectives: unknown objective {name!r}; have {sorted(OBJECTIVES)}")
             if not isinstance(w, (int, float)) or w < 0:
                 raise ValueError(f"objectives: the weight of {name!r} must be a number >= 0, got {w!r}")
+        from ..data.augment import OPERATORS
+        bad = [k for k, v in dict(self.augment).items() if k not in OPERATORS or not 0.0 <= float(v) <= 1.0]
+        if bad:
+            raise ValueError(f"augment: {bad[0]!r} must be one of {OPERATORS} with a rate in [0, 1], "
+                             f"got {self.augment!r}")
+        if {"substitute", "insert"} & set(self.augment):
+            raise ValueError("augment: substitute and insert are data augmentation (unirec.data.augment), "
+                             "not yet views of the contrastive objectives")
+        if self.ssl_temperature <= 0:
+            raise ValueError(f"ssl_temperature must be > 0, got {self.ssl_temperature}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.max_len < 1 or self.num_blocks < 0 or self.num_rank_candidates < 1 or self.num_repeat_buckets < 1:

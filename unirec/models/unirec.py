@@ -93,7 +93,9 @@ class UniRec(nn.Module):
         enc = self.encode(batch)
         total, parts = None, {}
         for name, objective in self.objectives.items():
-            loss, p = objective.loss(enc, batch)
+            # self-supervised objectives encode further views with the model itself
+            loss, p = objective.loss(enc, batch, self) if getattr(objective, "needs_model", False) \
+                else objective.loss(enc, batch)
             parts.update(p)
             if loss is None:
                 continue

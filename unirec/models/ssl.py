@@ -1,0 +1,128 @@
+"""Self-supervised objectives: more signal from the same behaviour.
+
+Each is an objective like those of :mod:`unirec.models.objectives` (listed in
+``ModelConfig.objectives`` with its weight), but it encodes further views of the batch, so it is
+given the model: ``loss(encoded, batch, model)`` (``needs_model = True``).
+
+- ``contrastive`` (CL4SRec): two augmented views of each training window
+  (:func:`unirec.data.augment.augment` with ``ModelConfig.augment``'s operators and rates), the
+  state after each view's last event, InfoNCE between the two views of a user against the other
+  users of the batch (in-batch negatives), both directions.
+- ``duorec`` (DuoRec): the window encoded twice (two dropout masks) as positives, and as a second
+  positive the other view of a window in the batch with the same next item (supervised positive).
+
+Similarities are cosines over ``ModelConfig.ssl_temperature``; the B x B softmax runs on
+``unirec.ops.softmax_cross_entropy`` (queries = one view's states, "catalogue" = the other's).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..data import TokenBatch
+from ..data.augment import augment, sequence_keys
+from .config import DataSchema, ModelConfig, register_objective
+from .objectives import Loss
+from .stream import Encoded, take_rows
+
+
+def history_only(batch: TokenBatch, items: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor) -> TokenBatch:
+    """The batch's users with new history tokens (``items`` / ``offsets``; ratings and gaps taken at
+    the input positions ``src``), no candidates and no next-item targets: a view to encode."""
+    B, dev = batch.batch_size, items.device
+    zeros_b = torch.zeros(B, dtype=torch.int64, device=dev)
+    return TokenBatch(
+        users=batch.users, items=items, ratings=None if batch.ratings is None else batch.ratings[src],
+        gaps=batch.gaps[src], offsets=offsets, next_items=torch.zeros_like(items), first_items=zeros_b,
+        cand_items=items.new_zeros(0), cand_gaps=items.new_zeros(0),
+        cand_offsets=torch.zeros(B + 1, dtype=torch.int64, device=dev),
+        cand_ratings=None if batch.ratings is None else batch.ratings.new_zeros(0))
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, targets=None, impl: str = "auto") -> torch.Tensor:
+    """Mean of CE(cos(a_i, b_j) / t over j, target_i) for the rows of ``a`` [B, D] against ``b`` [B, D];
+    ``targets`` [B] default: i (the other view of the same row)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    if targets is None:
+        targets = torch.arange(a.shape[0], device=a.device)
+    return ops.softmax_cross_entropy(a / temperature, b, targets, impl=ops.resolve_impl(impl, "loss"))
+
+
+def last_states(enc: Encoded) -> torch.Tensor:
+    """[B, D] each stream's state after its last history event."""
+    return take_rows(enc.hidden, enc.last_pos)
+
+
+def _step_seed() -> int:
+    # Drawn from torch's generator, which the trainer seeds per epoch and every process walks alike:
+    # the views then depend on (seed, epoch, step, user), not on how users are split across processes.
+    return int(torch.randint(0, 2 ** 62, (1,)))
+
+
+@register_objective("contrastive")
+class SequenceContrastive(nn.Module):
+    """CL4SRec's sequence-level contrastive objective (module docstring)."""
+
+    needs_model = True
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        self.rates, self.temperature = dict(config.augment), config.ssl_temperature
+        # the item vector of a masked event (row N + 1 of the views' item table)
+        self.mask_token = nn.Parameter(torch.zeros(config.dim))
+
+    def views(self, batch: TokenBatch, item_rep: torch.Tensor, seed: int):
+        """The two augmented views of ``batch``'s histories and the item table they index."""
+        mask_id = item_rep.shape[0]
+        table = torch.cat([item_rep, self.mask_token.to(item_rep.dtype).unsqueeze(0)])
+        out = []
+        for view in (1, 2):
+            keys = sequence_keys(seed, 0, batch.users, view)
+            items, offsets, src = augment(batch.items, batch.offsets, keys, self.rates, mask_id=mask_id)
+            out.append(history_only(batch, items, offsets, src))
+        return out, table
+
+    def loss(self, enc: Encoded, batch: TokenBatch, model) -> Loss:
+        if batch.batch_size < 2:
+            return None, {}
+        (v1, v2), table = self.views(batch, enc.item_rep, _step_seed())
+        z1, z2 = last_states(model.encode(v1, table)), last_states(model.encode(v2, table))
+        loss = 0.5 * (info_nce(z1, z2, self.temperature) + info_nce(z2, z1, self.temperature))
+        return loss, {"contrastive": float(loss.detach())}
+
+
+@register_objective("duorec")
+class ModelContrastive(nn.Module):
+    """DuoRec's model-level contrastive objective (module docstring)."""
+
+    needs_model = True
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        self.temperature = config.ssl_temperature
+
+    def loss(self, enc: Encoded, batch: TokenBatch, model) -> Loss:
+        if batch.batch_size < 2:
+            return None, {}
+        z1 = last_states(enc)
+        z2 = last_states(model.encode(batch, enc.item_rep))  # another dropout mask
+        loss = 0.5 * (info_nce(z1, z2, self.temperature) + info_nce(z2, z1, self.temperature))
+        # Supervised positive: a window of the batch with the same next item (the nearest such row
+        # after i, cyclically); rows without one keep only the dropout positive.
+        # (the next item of the last history event; with candidates, the first candidate)
+        tgt = batch.next_items[batch.offsets[1:] - 1]
+        B = batch.batch_size
+        idx = torch.arange(B, device=z1.device)
+        same = (tgt.view(-1, 1) == tgt.view(1, -1)) & (idx.view(-1, 1) != idx.view(1, -1)) & (tgt.view(-1, 1) > 0)
+        has_pos = same.any(1)
+        if has_pos.any():
+            dist = torch.where(same, (idx.view(1, -1) - idx.view(-1, 1)) % B, B)
+            partner = dist.argmin(1)
+            sup = info_nce(z1[has_pos], z2, self.temperature, partner[has_pos])
+            loss = loss + sup
+        return loss, {"duorec": float(loss.detach())}
+
+
+__all__ = ["SequenceContrastive", "ModelContrastive", "info_nce", "history_only", "last_states"]
