@@ -107,3 +107,32 @@ def test_contrastive_trains_end_to_end_and_config_checks():
         preset("unified", augment={"crop": 1.5})
     with pytest.raises(ValueError, match="ssl_temperature"):
         preset("unified", ssl_temperature=0.0)
+
+
+def test_cloze_equals_cross_entropy_over_the_catalogue_at_masked_positions(monkeypatch):
+    m, b = setup({"retrieval": 1.0, "cloze": 0.5}, cloze_rate=0.3)
+    monkeypatch.setattr(ssl, "_step_seed", lambda: 77)
+    obj = m.objectives["cloze"]
+    with torch.no_grad():
+        obj.mask_token.normal_()
+    enc = m.encode(b)
+    loss, parts = obj.loss(enc, b, m)
+    rep = enc.item_rep
+    items, hit = obj.masked(b, rep.shape[0], 77)
+    lens = torch.diff(b.offsets).tolist()
+    for s, n in zip(b.offsets[:-1].tolist(), lens):  # every stream has a masked event
+        k = int(hit[s:s + n].sum())
+        assert k == max(1, int(0.3 * n))
+    assert torch.equal(items[~hit], b.items[~hit]) and torch.all(items[hit] == rep.shape[0])
+    table = torch.cat([rep, obj.mask_token.unsqueeze(0)])
+    e = m.encode(ssl.history_only(b, items, b.offsets, torch.arange(items.numel())), table, causal=False)
+    h = e.hidden[e.hist_pos[hit]]
+    ref = F.cross_entropy(h @ rep[1:].T, b.items[hit] - 1)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    g1 = torch.autograd.grad(loss, obj.mask_token, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, obj.mask_token)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    # the pass is not causal: the first event's state depends on the last event of its stream
+    e_causal = m.encode(ssl.history_only(b, items, b.offsets, torch.arange(items.numel())), table)
+    first = e.hist_pos[b.offsets[:-1]]
+    assert not torch.allclose(e.hidden[first], e_causal.hidden[first])

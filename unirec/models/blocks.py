@@ -12,7 +12,8 @@ from ..nn import Dropout
 
 
 class JaggedSelfAttention(nn.Module):
-    """Multi-head causal self-attention within each packed sequence.
+    """Multi-head self-attention within each packed sequence, causal unless ``causal=False`` (which
+    lets every token see its whole sequence, as a masked-item objective needs).
 
     ``activation="softmax"``: standard attention, out = W_o(attn(q, k, v)).
     ``activation="silu"``: HSTU-style pointwise attention with a gate u and an
@@ -20,7 +21,7 @@ class JaggedSelfAttention(nn.Module):
     ``impl``: the backend choice (see :func:`unirec.ops.resolve_impl`), set at run time by
     :func:`unirec.nn.set_impl`.
 
-    forward(x [T, D], offsets [B + 1], num_targets [B] or None) -> [T, D].
+    forward(x [T, D], offsets [B + 1], num_targets [B] or None, causal=True) -> [T, D].
     """
 
     def __init__(self, dim: int, num_heads: int, max_seqlen: int, activation: str = "softmax",
@@ -34,12 +35,13 @@ class JaggedSelfAttention(nn.Module):
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, max_seqlen)) if rel_bias else None
         self.dropout = Dropout(dropout, impl)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None,
+                causal: bool = True):
         T = x.shape[0]
         parts = self.qkv(x).view(T, -1, self.num_heads, self.head_dim).unbind(1)
         q, k, v = (p.contiguous() for p in parts[:3])
         rel = None if self.rel_bias is None else self.rel_bias.to(q.dtype)
-        a = ops.jagged_attention(q, k, v, offsets, self.max_seqlen, causal=True, num_targets=num_targets,
+        a = ops.jagged_attention(q, k, v, offsets, self.max_seqlen, causal=causal, num_targets=num_targets,
                                  activation=self.activation, rel_bias=rel, impl=ops.resolve_impl(self.impl, "attention")).reshape(T, self.dim)
         if self.activation == "silu":
             a = self.attn_norm(a) * F.silu(parts[3].reshape(T, self.dim))
@@ -58,6 +60,6 @@ class Block(nn.Module):
                                  nn.Linear(ffn_mult * dim, dim))
         self.drop = Dropout(dropout, impl)
 
-    def forward(self, x, offsets, num_targets=None):
-        x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets))
+    def forward(self, x, offsets, num_targets=None, causal: bool = True):
+        x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets, causal))
         return x + self.drop(self.ffn(self.norm2(x)))

@@ -48,7 +48,8 @@ class ModelConfig:
 
     ``augment``: operator -> rate of the views that the self-supervised objectives ("contrastive")
     build (:func:`unirec.data.augment.augment`: one operator per view, drawn among these);
-    ``ssl_temperature``: their InfoNCE temperature over cosine similarities.
+    ``ssl_temperature``: their InfoNCE temperature over cosine similarities. ``cloze_rate``: the share
+    of history events the masked-item objective ("cloze") hides (at least one per stream).
 
     ``shard_items``: under torch.distributed, split the item id table by rows across the processes
     (:class:`~unirec.models.items.ShardedItemEncoder`); the retrieval loss and top-k run on the shards
@@ -82,6 +83,7 @@ class ModelConfig:
     # self-supervised objectives (unirec.models.ssl): the views' operators and rates, the InfoNCE temperature
     augment: Dict[str, float] = field(default_factory=lambda: {"crop": 0.6, "mask": 0.3, "reorder": 0.6})
     ssl_temperature: float = 0.2
+    cloze_rate: float = 0.2
     # scoring
     repeat_bias: bool = False
     num_repeat_buckets: int = 8
@@ -113,6 +115,8 @@ class ModelConfig:
         if {"substitute", "insert"} & set(self.augment):
             raise ValueError("augment: substitute and insert are data augmentation (unirec.data.augment), "
                              "not yet views of the contrastive objectives")
+        if not 0.0 < self.cloze_rate <= 1.0:
+            raise ValueError(f"cloze_rate must lie in (0, 1], got {self.cloze_rate}")
         if self.ssl_temperature <= 0:
             raise ValueError(f"ssl_temperature must be > 0, got {self.ssl_temperature}")
         if self.dim % self.num_heads:

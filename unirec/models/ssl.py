@@ -8,6 +8,8 @@ given the model: ``loss(encoded, batch, model)`` (``needs_model = True``).
   (:func:`unirec.data.augment.augment` with ``ModelConfig.augment``'s operators and rates), the
   state after each view's last event, InfoNCE between the two views of a user against the other
   users of the batch (in-batch negatives), both directions.
+- ``cloze`` (BERT4Rec): masked-item prediction over the whole catalogue in a second, non-causal
+  pass over the masked history.
 - ``duorec`` (DuoRec): the window encoded twice (two dropout masks) as positives, and as a second
   positive the other view of a window in the batch with the same next item (supervised positive).
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..data import TokenBatch
-from ..data.augment import augment, sequence_keys
+from ..data.augment import augment, mask, sequence_keys
 from .config import DataSchema, ModelConfig, register_objective
 from .objectives import Loss
 from .stream import Encoded, take_rows
@@ -125,4 +127,43 @@ class ModelContrastive(nn.Module):
         return loss, {"duorec": float(loss.detach())}
 
 
-__all__ = ["SequenceContrastive", "ModelContrastive", "info_nce", "history_only", "last_states"]
+@register_objective("cloze")
+class MaskedItem(nn.Module):
+    """BERT4Rec's Cloze objective: ``cloze_rate`` of each history's events (at least one, the last
+    when the rate gives none) replaced by a learned mask token, the stream run once more with
+    ``causal=False`` (a masked event needs both sides), and each masked position's state predicting
+    the hidden item over the whole catalogue with ``unirec.ops.softmax_cross_entropy``."""
+
+    needs_model = True
+
+    def __init__(self, config: ModelConfig, schema: DataSchema, impl: str = "auto"):
+        super().__init__()
+        self.rate, self.impl = config.cloze_rate, impl
+        self.mask_token = nn.Parameter(torch.zeros(config.dim))
+
+    def masked(self, batch: TokenBatch, mask_id: int, seed: int):
+        """(masked items [L], which positions are masked [L] bool)."""
+        items, _, _ = mask(batch.items, batch.offsets, sequence_keys(seed, 0, batch.users, 3), self.rate, mask_id)
+        hit = items == mask_id
+        lens = torch.diff(batch.offsets)
+        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=items.device), lens)
+        count = torch.zeros_like(lens).index_add_(0, seg, hit.to(torch.int64))
+        last = batch.offsets[1:][(count == 0) & (lens > 0)] - 1  # streams the rate left unmasked
+        hit[last] = True
+        return torch.where(hit, torch.full_like(items, mask_id), batch.items), hit
+
+    def loss(self, enc: Encoded, batch: TokenBatch, model) -> Loss:
+        if not batch.items.numel():
+            return None, {}
+        rep = enc.item_rep
+        items, hit = self.masked(batch, rep.shape[0], _step_seed())
+        table = torch.cat([rep, self.mask_token.to(rep.dtype).unsqueeze(0)])
+        view = history_only(batch, items, batch.offsets, torch.arange(items.numel(), device=items.device))
+        e = model.encode(view, table, causal=False)
+        h = take_rows(e.hidden, e.hist_pos[hit])
+        loss = ops.softmax_cross_entropy(h, rep[1:].to(h.dtype), batch.items[hit] - 1,
+                                         impl=ops.resolve_impl(self.impl, "loss"))
+        return loss, {"cloze": float(loss.detach())}
+
+
+__all__ = ["SequenceContrastive", "ModelContrastive", "MaskedItem", "info_nce", "history_only", "last_states"]

@@ -61,7 +61,8 @@ class TokenTypes(nn.Module):
 class TokenStream(nn.Module):
     """Builds the packed token streams of a batch and runs the blocks (see the module docstring).
 
-    forward(batch, item_rep [N + 1, D], types, profile [B, D] or None) -> :class:`Encoded`.
+    forward(batch, item_rep [N + 1, D], types, profile [B, D] or None, causal) -> :class:`Encoded`
+    (``causal=False``: every token sees its whole stream, for the masked-item objective's pass).
     """
 
     no_weight_decay = ()
@@ -98,7 +99,7 @@ class TokenStream(nn.Module):
         return torch.where(torch.isnan(ratings.float()), torch.zeros_like(lv), lv + 1).to(torch.int64)
 
     def forward(self, batch: TokenBatch, item_rep: torch.Tensor, types: TokenTypes,
-                profile: Optional[torch.Tensor] = None) -> Encoded:
+                profile: Optional[torch.Tensor] = None, causal: bool = True) -> Encoded:
         c, dev = self.config, batch.items.device
         B = batch.batch_size
         P = int(self.with_profile)
@@ -137,7 +138,7 @@ class TokenStream(nn.Module):
         x = self.emb_drop(self.emb_norm(take_rows(tokens, perm)))
         num_targets = cl if C else None
         for blk in self.blocks:
-            x = blk(x, offsets, num_targets)
+            x = blk(x, offsets, num_targets, causal)
         x = self.final_norm(x)
         return Encoded(item_rep=item_rep, hidden=x, offsets=offsets, hist_pos=hist_pos, cand_pos=cand_pos,
                        profile_pos=profile_pos, last_pos=offsets[:-1] + P + hl - 1)

@@ -78,12 +78,13 @@ class UniRec(nn.Module):
         """[N + 1, D] every catalogue item's representation (row 0 = padding = 0)."""
         return self.items()
 
-    def encode(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None) -> Encoded:
-        """Runs the Transformer over the batch's streams (see :class:`~unirec.models.stream.Encoded`)."""
+    def encode(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None, causal: bool = True) -> Encoded:
+        """Runs the Transformer over the batch's streams (see :class:`~unirec.models.stream.Encoded`);
+        ``causal=False`` lets each token see its whole stream."""
         if item_rep is None:
             item_rep = self.item_representations()
         profile = self.profile(batch.users) if self.profile is not None else None
-        enc = self.stream(batch, item_rep, self.token_types, profile)
+        enc = self.stream(batch, item_rep, self.token_types, profile, causal)
         enc.repeat_offsets = self.scorer.repeat_offsets()
         return enc
 
