@@ -10,6 +10,7 @@ given the model: ``loss(encoded, batch, model)`` (``needs_model = True``).
   users of the batch (in-batch negatives), both directions.
 - ``cloze`` (BERT4Rec): masked-item prediction over the whole catalogue in a second, non-causal
   pass over the masked history.
+- ``attributes`` (after S3Rec): each event's state predicts the next item's attribute values.
 - ``duorec`` (DuoRec): the window encoded twice (two dropout masks) as positives, and as a second
   positive the other view of a window in the batch with the same next item (supervised positive).
 
@@ -27,6 +28,7 @@ from ..data import TokenBatch
 from ..data.augment import augment, mask, sequence_keys
 from .config import DataSchema, ModelConfig, register_objective
 from .objectives import Loss
+from .items import gather_bags
 from .stream import Encoded, take_rows
 
 
@@ -166,4 +168,44 @@ class MaskedItem(nn.Module):
         return loss, {"cloze": float(loss.detach())}
 
 
-__all__ = ["SequenceContrastive", "ModelContrastive", "MaskedItem", "info_nce", "history_only", "last_states"]
+@register_objective("attributes")
+class AttributePrediction(nn.Module):
+    """Associated-attribute prediction (after S3Rec): each history event's state h predicts the
+    attributes of the item that comes next (its genres, release-year bucket, ...) as independent
+    labels over every attribute value a: BCE(sigmoid(<W h, e_a>)), e_a the model's own attribute
+    embeddings (this loss trains them too). A coarse next-item signal that shares the attribute
+    tables with the item representations; no loss without item attributes."""
+
+    needs_model = True
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        self.proj = nn.Linear(config.dim, config.dim)
+
+    def loss(self, enc: Encoded, batch: TokenBatch, model) -> Loss:
+        src = model.items.sources[0]
+        T = src.num_tables
+        keep = batch.next_items > 0
+        if T < 2 or not keep.any():
+            return None, {}
+        tables = src.tables
+        start, end = int(tables.table_offsets[1]), int(tables.table_offsets[T])
+        attr = tables.weight[start:end]                                          # [V, D] every attribute value
+        h = take_rows(enc.hidden, enc.hist_pos[keep])                            # [M, D]
+        nxt = batch.next_items[keep]
+        ind, off = gather_bags(src.bag_indices, src.bag_offsets, T, src.num_entities, nxt)
+        M = nxt.numel()
+        # feature-major bags: skip table 0 (the id), make each value a row of `attr`
+        lens = torch.diff(off)
+        table_of = torch.repeat_interleave(torch.arange(T, device=nxt.device).repeat_interleave(M), lens)
+        row_of = torch.repeat_interleave(torch.arange(M, device=nxt.device).repeat(T), lens)
+        ok = table_of > 0
+        cols = tables.table_offsets[table_of[ok]] + ind[ok] - start
+        labels = torch.zeros(M, end - start, device=h.device)
+        labels[row_of[ok], cols] = 1.0
+        logits = self.proj(h).float() @ attr.float().T
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        return loss, {"attributes": float(loss.detach())}
+
+
+__all__ = ["SequenceContrastive", "ModelContrastive", "MaskedItem", "AttributePrediction", "info_nce", "history_only", "last_states"]
