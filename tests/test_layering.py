@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional
 PKG = "unirec"
 SRC = Path(__file__).resolve().parents[1] / PKG
 LAYERS = {"_ext": 0, "ops": 0, "nn": 1, "data": 2, "models": 3, "evaluation": 4, "runs": 4,
-          "training": 5, "serving": 6, "cli": 7, "__main__": 7}
+          "training": 5, "serving": 6, "cli": 7, "__main__": 7,
+          "distributed": 1}
 ROOT_MAY_IMPORT = ("_ext", "ops", "nn")
 
 

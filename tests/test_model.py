@@ -49,8 +49,8 @@ def test_config_json_roundtrip_and_presets():
         ModelConfig.from_dict({"nope": 1})
     with pytest.raises(ValueError, match="unknown key 'num_itemz'"):
         DataSchema.from_dict({"num_itemz": 1})
-    with pytest.raises(ValueError, match="unknown objective 'cloze'"):
-        ModelConfig(objectives={"retrieval": 1.0, "cloze": 0.5})
+    with pytest.raises(ValueError, match="unknown objective 'bogus'"):
+        ModelConfig(objectives={"retrieval": 1.0, "bogus": 0.5})
     with pytest.raises(ValueError, match="weight of 'ranking'"):
         ModelConfig(objectives={"ranking": -1})
 

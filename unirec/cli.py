@@ -239,6 +239,7 @@ def _print_top(split, u, last5, top, out=None) -> None:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .evaluation import format_metrics
     from .models import ModelConfig
     from .models.config import preset_training
@@ -248,6 +249,9 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Under torchrun: join the process group (gloo on CPU, nccl on CUDA); rank 0 alone prints.
+    distributed.init_from_env(device)
+    device = distributed.local_device(device)
     d = _model_config(args.config, args.data).to_dict()
     over = {"dim": args.dim, "num_blocks": args.blocks, "num_heads": args.heads, "max_len": args.max_len,
             "dropout": args.dropout, "attention": args.attention}
@@ -272,8 +276,13 @@ def cmd_train(args) -> int:
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     arm = args.arm or Path(args.config).stem
-    metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress, impl=args.impl,
-                        arm=arm, results_file=args.results)
+    try:
+        metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress,
+                            impl=args.impl, arm=arm, results_file=args.results)
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main_env():
+        return 0
     print()
     print(format_metrics(metrics))
     print(f"\nbest epoch {metrics['best_epoch']} of {metrics['epochs_run']}; "

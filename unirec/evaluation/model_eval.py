@@ -6,6 +6,9 @@ history items (with the model's repeat offsets), with ties pessimistic as in
 :mod:`unirec.evaluation.metrics`. Ranks beyond ``kmax`` are reported as ``kmax + 1``, which leaves
 NDCG/HR/MRR@K exact for every K <= kmax. No B x N score matrix is stored. Every evaluation keeps
 the per-user ranks, so that two runs can be compared user by user (:mod:`unirec.evaluation.compare`).
+
+Under torch.distributed every process evaluates a contiguous part of the users and the parts are
+gathered, so each user is ranked exactly once and every process gets the same metrics.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data import TokenBuilder
+from ..distributed import all_gather_rows, rank, world_size
 from .metrics import DEFAULT_KS, auc, gauc, mae, ranking_metrics, rmse
 
 
@@ -44,13 +48,20 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
     model.eval()
     device = device or next(model.parameters()).device
     users = builder.split.eval_users
+    world = world_size()
+    # This process's contiguous part of the users, in batches; every process runs as many batches
+    # (a sharded model makes collectives in each), so the parts are cut into the same count.
+    part = np.array_split(users, world)[rank()]
+    num_batches = -(-len(np.array_split(users, world)[0]) // batch_size)
     item_rep = model.item_representations().float()
     ranks, preds = [], {}
     gauc_stages = tuple(gauc_stages or ((stage,) if stage == "valid" else ("valid", "test")))
     for st in dict.fromkeys((stage,) + gauc_stages):
         rows = []
-        for i in range(0, len(users), batch_size):
-            b = builder.eval_batch(st, users[i:i + batch_size])
+        for chunk in np.array_split(part, num_batches) if num_batches else []:
+            if len(chunk) == 0:
+                continue
+            b = builder.eval_batch(st, chunk)
             b = b.to(device)
             p = model.predict(b, item_rep)
             if st == stage:
@@ -61,7 +72,12 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
                 rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings.cpu(), b.users.cpu()))
         if rows:
             preds[st] = [torch.cat(x) for x in zip(*rows)]
+        if world > 1 and "ranking" in model.objectives and builder.split.ratings is not None:
+            cols = preds.get(st) or [torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64)]
+            preds[st] = [all_gather_rows(x)[0] for x in cols]
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    if world > 1:
+        all_ranks = all_gather_rows(all_ranks)[0]
     out: Dict[str, object] = dict(ranking_metrics(all_ranks, ks))
     out.update(num_users=int(len(users)), mask_history=bool(mask_history), stage=stage)
     if stage in preds:

@@ -18,7 +18,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import distributed
 from ..nn import TableBatchedEmbedding
+from ..nn.sharded import ShardedRows
 from .config import DataSchema, ModelConfig
 
 
@@ -116,6 +118,78 @@ class ItemEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         pooled = [s() for s in self.sources]
         return self.fusion(pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1))
+
+
+class ShardedItemEncoder(nn.Module):
+    """The item representations with the id table split by rows across the processes
+    (``ModelConfig.shard_items``, row-wise as TorchRec shards a table): rank r of n holds the id rows
+    [b_r, b_{r+1}) of the N + 1 (:func:`unirec.distributed.shard_bounds`) and makes only those items'
+    representations; the attribute tables (a few rows each) are replicated like the rest of the model.
+
+    forward() -> the [N + 1, D] tensor in one process, else a :class:`unirec.nn.sharded.ShardedRows`
+    of this rank's rows. The state dict holds the whole id table (:meth:`full_state`), so a checkpoint
+    loads with any number of processes, one included; each process keeps its rows on load.
+    """
+
+    SHARDED = "ids."  # the parameters and buffers that differ between processes (left out by DDP)
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        with_attrs = config.use_item_features and bool(schema.item_feature_sizes)
+        rows, world = schema.num_items + 1, distributed.world_size()
+        self.rank, self.bounds = distributed.rank(), distributed.shard_bounds(rows, world)
+        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self.with_attributes = with_attrs
+        self.ids = AttributeTables([hi - lo], hi - lo, hi - lo - (lo == 0), config.dim, config.item_optimizer,
+                                   config.item_lr)
+        self.ids.set_bags(*self._id_bags(lo, hi))
+        self.attrs = AttributeTables(schema.item_feature_sizes, rows, schema.item_bag_nnz - schema.num_items,
+                                     config.dim) if with_attrs else None
+        self.fusion = TableMix(1 + (len(schema.item_feature_sizes) if with_attrs else 0),
+                               learned=config.feature_mix == "mix")
+        self._register_load_state_dict_pre_hook(self._keep_own_rows)
+
+    @staticmethod
+    def _id_bags(lo: int, hi: int):
+        """Each local row's id bag: [row] (local ids), empty for the padding row 0."""
+        ids = torch.arange(max(lo, 1), hi) - lo
+        lens = torch.ones(hi - lo, dtype=torch.int64)
+        if lo == 0 and hi > 0:
+            lens[0] = 0
+        return ids, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+
+    def set_bags(self, item_features) -> None:
+        """Fills the attribute bags from a :class:`unirec.data.FeatureTable` (the id bags are fixed)."""
+        if item_features is not None and self.attrs is not None:
+            b = item_features.bags(torch.arange(self.attrs.num_entities), include_id=False)
+            self.attrs.set_bags(b.indices, b.offsets)
+
+    def forward(self):
+        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        pooled = [self.ids()]
+        if self.attrs is not None:
+            pooled.append(self.attrs(torch.arange(lo, hi, device=self.ids.bag_offsets.device)))
+        rep = self.fusion(torch.cat(pooled, 1))
+        return rep if len(self.bounds) == 2 else ShardedRows(rep, self.bounds, self.rank)
+
+    def full_state(self, state: dict, prefix: str) -> dict:
+        """``state`` (this module's entries under ``prefix``) with the whole id table gathered from every
+        process and the id bags of one process: what a checkpoint holds. Every process must call it."""
+        if len(self.bounds) == 2:
+            return state
+        state[prefix + "ids.tables.weight"] = distributed.all_gather_rows(self.ids.tables.weight.detach())[0]
+        state[prefix + "ids.tables.table_offsets"] = torch.tensor([0, self.bounds[-1]])
+        ind, off = self._id_bags(0, self.bounds[-1])
+        state[prefix + "ids.bag_indices"], state[prefix + "ids.bag_offsets"] = ind, off
+        return state
+
+    def _keep_own_rows(self, state, prefix, *args):
+        key = prefix + "ids.tables.weight"
+        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        if key in state and state[key].shape[0] == self.bounds[-1] and hi - lo != self.bounds[-1]:
+            state[key] = state[key][lo:hi]
+            state[prefix + "ids.tables.table_offsets"] = self.ids.tables.table_offsets
+            state[prefix + "ids.bag_indices"], state[prefix + "ids.bag_offsets"] = self.ids.bag_indices, self.ids.bag_offsets
 
 
 class ProfileEncoder(nn.Module):

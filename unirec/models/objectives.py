@@ -9,6 +9,12 @@ is sum_o weight_o * loss_o. A new objective is a class here, registered under it
   scorer's repeat offsets the softmax includes them exactly (:meth:`Retrieval.repeat_correction`).
 - ``sampled_retrieval``: the same over the batch's distinct targets only (in-batch negatives).
 - ``ranking``: each candidate's hidden state -> MLP -> (rating, like logit); MSE + BCE.
+
+Every mean is over the targets of the whole global batch: under data parallelism each process
+returns its share, sum over its own terms / the count over all processes
+(:func:`unirec.distributed.mean_share`), so that n processes with batch B / n train as one process
+with batch B; in one process it is the plain mean. Every process makes the same collectives in the
+same order, whatever its batch holds.
 """
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ from torch import nn
 
 from .. import ops
 from ..data import TokenBatch
+from ..distributed import all_gather_rows, gather_rows, global_count, mean_share, rank, sum_grad
+from ..distributed import sharded_softmax_cross_entropy
+from ..nn.sharded import ShardedRows, item_rows
 from .config import OBJECTIVES, DataSchema, ModelConfig, register_objective
 from .scorer import recency_bucket
 from .stream import Encoded, take_rows
@@ -49,16 +58,37 @@ class Retrieval(nn.Module):
 
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
         q, tgt, n_hist = next_item_queries(enc, batch)
-        items = enc.item_rep[1:].to(q.dtype)
         impl = ops.resolve_impl(self.impl, "loss")
-        if enc.repeat_offsets is None:
-            ret = ops.softmax_cross_entropy(q, items, tgt - 1, impl=impl)
+        items = None if isinstance(enc.item_rep, ShardedRows) else enc.item_rep[1:].to(q.dtype)
+        count = global_count(tgt.numel(), q.device)
+        if isinstance(enc.item_rep, ShardedRows):
+            per_row = self.sharded_loss(q, tgt, enc.item_rep)
+            if enc.repeat_offsets is not None:
+                per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
+                                     per_row[n_hist:]])
+            ret = mean_share(per_row.sum(), count)
+        elif enc.repeat_offsets is None:
+            ret = mean_share(ops.softmax_cross_entropy(q, items, tgt - 1, reduction="sum", impl=impl), count)
         else:
             per_row = ops.softmax_cross_entropy(q, items, tgt - 1, reduction="none", impl=impl).float()
             per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
                                  per_row[n_hist:]])
-            ret = per_row.sum() / max(per_row.numel(), 1)
+            ret = mean_share(per_row.sum(), count)
         return ret, {"retrieval": float(ret.detach())}
+
+    @staticmethod
+    def sharded_loss(q: torch.Tensor, tgt: torch.Tensor, table: ShardedRows) -> torch.Tensor:
+        """[M_r] loss of this process's rows against a sharded catalogue: every process's rows are
+        gathered, the sharded loss (:func:`unirec.distributed.sharded_softmax_cross_entropy`) runs on
+        them, each process keeps its own rows. ``sum_grad`` makes their gradients one again before the
+        sharded backward (which needs the same gradient on every process)."""
+        rows, offset = table.without_first_row()
+        all_q = gather_rows(q)
+        all_t, sizes = all_gather_rows(tgt)
+        per_row = sum_grad(sharded_softmax_cross_entropy(all_q, rows.to(q.dtype), all_t - 1, offset=offset,
+                                                         num_items=table.shape[0] - 1, reduction="none"))
+        start = sum(sizes[:rank()])
+        return per_row[start:start + q.shape[0]].float()
 
     def repeat_correction(self, enc: Encoded, batch: TokenBatch, loss0: torch.Tensor) -> torch.Tensor:
         """Exact change of each history token's softmax loss when seen items get beta[bucket].
@@ -80,7 +110,7 @@ class Retrieval(nn.Module):
         nxt = torch.where(valid, batch.next_items[idx], 0)
         h = take_rows(enc.hidden, enc.hist_pos[idx]).float()                    # [B, L, D]
         rep = enc.item_rep.float()
-        z = torch.bmm(h, take_rows(rep, it).transpose(1, 2))                    # z[b, i, j] = <h_bi, e_it[b, j]>
+        z = torch.bmm(h, item_rows(rep, it).transpose(1, 2))                    # z[b, i, j] = <h_bi, e_it[b, j]>
         # (i, j) counts when j <= i and the item at j does not occur again in (j, i].
         same = (it.unsqueeze(2) == it.unsqueeze(1)) & (ar.view(1, 1, -1) > ar.view(1, -1, 1))  # [b, j, k]: k > j
         next_occ = torch.where(same, ar.view(1, 1, -1), Lm).amin(2)             # [B, L] next position of it[b, j]
@@ -89,7 +119,7 @@ class Retrieval(nn.Module):
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
         beta = enc.repeat_offsets[recency_bucket(i_ - j_, self.num_buckets, self.max_len)]
         rows = valid & (nxt > 0)                                                 # tokens with a target
-        z_t = (h * take_rows(rep, nxt)).sum(-1)                                 # [B, L]
+        z_t = (h * item_rows(rep, nxt)).sum(-1)                                 # [B, L]
         lse = torch.zeros_like(z_t).masked_scatter(rows, loss0 + z_t[rows])
         p = torch.exp((z - lse.unsqueeze(2)).clamp(max=0.0)) * pair
         mass = (p * torch.expm1(beta)).sum(2)                                   # sum_j p_ij (e^beta - 1)
@@ -108,7 +138,9 @@ class SampledRetrieval(nn.Module):
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
         q, tgt, _ = next_item_queries(enc, batch)
         uniq, inv = torch.unique(tgt, return_inverse=True)
-        ret = F.cross_entropy((q @ enc.item_rep[uniq].to(q.dtype).T).float(), inv)
+        # The negatives are this process's batch's targets (a process sees only its own batch).
+        total = F.cross_entropy((q @ item_rows(enc.item_rep, uniq).to(q.dtype).T).float(), inv, reduction="sum")
+        ret = mean_share(total, global_count(tgt.numel(), q.device))
         return ret, {"sampled_retrieval": float(ret.detach())}
 
 
@@ -127,7 +159,7 @@ class Ranking(nn.Module):
     def outputs(self, enc: Encoded, cand_items: torch.Tensor):
         """(rating [C], like logit [C]) of the candidates."""
         hc = take_rows(enc.hidden, enc.cand_pos)
-        ic = take_rows(enc.item_rep, cand_items).to(hc.dtype)
+        ic = item_rows(enc.item_rep, cand_items).to(hc.dtype)
         out = self.mlp(torch.cat([hc, hc * ic], 1)).float()
         return 0.5 * (self.rating_min + self.rating_max) + out[:, 0], out[:, 1]
 
@@ -137,15 +169,18 @@ class Ranking(nn.Module):
         return {"rating": rating.clamp(self.rating_min, self.rating_max), "like": torch.sigmoid(like)}
 
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
-        rating, like_logit = self.outputs(enc, batch.cand_items)
-        if batch.cand_ratings is None or not batch.cand_items.numel():
+        if batch.cand_ratings is None:
             return None, {}
+        rating, like_logit = self.outputs(enc, batch.cand_items)
         y = batch.cand_ratings.float()
         ok = ~torch.isnan(y)
-        if not ok.any():
+        # Decided on the count over all processes, so that every process takes the same branch.
+        count = global_count(ok.sum(), y.device)
+        if not count > 0:
             return None, {}
-        mse = F.mse_loss(rating[ok], y[ok])
-        bce = F.binary_cross_entropy_with_logits(like_logit[ok], (y[ok] >= self.like_threshold).float())
+        mse = mean_share(F.mse_loss(rating[ok], y[ok], reduction="sum"), count)
+        bce = mean_share(F.binary_cross_entropy_with_logits(like_logit[ok], (y[ok] >= self.like_threshold).float(),
+                                                            reduction="sum"), count)
         return mse + bce, {"rating": float(mse.detach()), "like": float(bce.detach())}
 
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..distributed import all_gather_rows, rank, sharded_topk_scores
+from ..nn.sharded import ShardedRows, item_rows
 
 
 def recency_bucket(distance: torch.Tensor, num_buckets: int, max_len: int) -> torch.Tensor:
@@ -66,6 +68,29 @@ class Scorer(nn.Module):
     def _topk(self, queries, items, k, **exclude):
         return ops.topk_scores(queries, items, k, impl=ops.resolve_impl(self.impl, "retrieval"), **exclude)
 
+    def _catalogue_topk(self, queries, item_rep, k, exclude_offsets=None, exclude_indices=None):
+        """Top-k of item_rep[1:] for each query (exclusions 0-based). A sharded table: every process's
+        queries and exclusions are gathered, :func:`unirec.distributed.sharded_topk_scores` ranks them
+        on the shards, each process keeps its own rows."""
+        if not isinstance(item_rep, ShardedRows):
+            ex = {} if exclude_offsets is None else dict(exclude_offsets=exclude_offsets,
+                                                         exclude_indices=exclude_indices)
+            return self._topk(queries, item_rep[1:].float(), k, **ex)
+        B = queries.shape[0]
+        if exclude_offsets is None:
+            exclude_offsets = torch.zeros(B + 1, dtype=torch.int64, device=queries.device)
+            exclude_indices = torch.zeros(0, dtype=torch.int64, device=queries.device)
+        all_q, sizes = all_gather_rows(queries)
+        lens, _ = all_gather_rows(torch.diff(exclude_offsets))
+        ex_idx, _ = all_gather_rows(exclude_indices)
+        ex_off = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=queries.device)
+        torch.cumsum(lens, 0, out=ex_off[1:])
+        rows, offset = item_rep.without_first_row()
+        v, i = sharded_topk_scores(all_q, rows.float(), k, offset=offset, exclude_offsets=ex_off,
+                                   exclude_indices=ex_idx)
+        start = sum(sizes[:rank()])
+        return v[start:start + B], i[start:start + B]
+
     def history_scores(self, queries: torch.Tensor, item_rep: torch.Tensor, history_items: torch.Tensor,
                        history_offsets: torch.Tensor):
         """Scores of each row's distinct history items, repeat offsets included.
@@ -74,7 +99,7 @@ class Scorer(nn.Module):
         Returns (rows [U], items [U] 1-based, scores [U] float32), sorted by (row, item).
         """
         r, it, d = distinct_history(history_items, history_offsets)
-        s = (queries[r].float() * item_rep[it].float()).sum(1)
+        s = (queries[r].float() * item_rows(item_rep, it).float()).sum(1)
         if self.repeat_raw is not None:
             s = s + self.repeat_offsets().float()[recency_bucket(d, self.num_buckets, self.max_len)]
         return r, it, s
@@ -85,15 +110,17 @@ class Scorer(nn.Module):
                     history_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """score[b, c] = <queries[b], item_rep[items[b, c]]> (+ the repeat offset when items[b, c] is in row
         b's history). queries [B, D], items [B, C] 1-based; returns [B, C] float32."""
-        s = torch.einsum("bd,bcd->bc", queries.float(), item_rep.float()[items])
-        if self.repeat_raw is not None and history_items is not None and history_items.numel():
+        s = torch.einsum("bd,bcd->bc", queries.float(), item_rows(item_rep, items).float())
+        sharded = isinstance(item_rep, ShardedRows)  # every process must make the same lookups
+        if self.repeat_raw is not None and history_items is not None and (history_items.numel() or sharded):
             r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
-            span = max(int(it.max()), int(items.max()) if items.numel() else 0) + 1
-            keys = r * span + it                                           # sorted
-            want = torch.arange(items.shape[0], device=items.device).view(-1, 1) * span + items
-            at = torch.searchsorted(keys, want).clamp(max=keys.numel() - 1)
-            seen = keys[at] == want
-            s = torch.where(seen, hs[at], s)
+            if it.numel():
+                span = max(int(it.max()), int(items.max()) if items.numel() else 0) + 1
+                keys = r * span + it                                           # sorted
+                want = torch.arange(items.shape[0], device=items.device).view(-1, 1) * span + items
+                at = torch.searchsorted(keys, want).clamp(max=keys.numel() - 1)
+                seen = keys[at] == want
+                s = torch.where(seen, hs[at], s)
         return s
 
     @torch.no_grad()
@@ -107,11 +134,11 @@ class Scorer(nn.Module):
         (the best unseen k and every seen item, merged).
         Returns (scores [B, k] float32, items [B, k] int64 1-based; -inf / -1 past the catalogue).
         """
-        has_hist = history_items is not None and history_items.numel() > 0
+        has_hist = history_items is not None and (history_items.numel() > 0 or isinstance(item_rep, ShardedRows))
         merge = has_hist and not exclude_history and self.repeat_raw is not None
         ex = dict(exclude_offsets=history_offsets, exclude_indices=history_items - 1) \
             if has_hist and (exclude_history or merge) else {}
-        vals, idx = self._topk(queries.float(), item_rep[1:].float(), k, **ex)
+        vals, idx = self._catalogue_topk(queries.float(), item_rep, k, **ex)
         if not merge:
             return vals, torch.where(idx >= 0, idx + 1, idx)
         r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
@@ -148,11 +175,11 @@ class Scorer(nn.Module):
         is_target[ex_off[1:] - 1] = True
         ex_idx[is_target] = targets
         ex_idx[~is_target] = history_items
-        items = item_rep[1:].float()
-        k = min(kmax + 1, items.shape[0])
-        vals, idx = self._topk(queries.float(), items, k, exclude_offsets=ex_off, exclude_indices=ex_idx - 1)
+        k = min(kmax + 1, item_rep.shape[0] - 1)
+        vals, idx = self._catalogue_topk(queries.float(), item_rep, k, exclude_offsets=ex_off,
+                                         exclude_indices=ex_idx - 1)
         ahead = ((vals >= t_score.view(-1, 1)) & (idx >= 0)).sum(1)
-        if not mask_history and history_items.numel():
+        if not mask_history and (history_items.numel() or isinstance(item_rep, ShardedRows)):
             r, it, hs = self.history_scores(queries, item_rep, history_items, history_offsets)
             other = it != targets[r]
             ahead = ahead.index_add(0, r[other], (hs[other] >= t_score[r[other]]).long())

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import TokenBatch
 from ..nn import Dropout
+from ..nn.sharded import item_rows
 from .blocks import Block
 from .config import DataSchema, ModelConfig
 
@@ -115,8 +116,9 @@ class TokenStream(nn.Module):
         hist_pos = offsets[user_of_h] + P + j_h
         cand_pos = offsets[user_of_c] + P + hl[user_of_c] + j_c
 
-        h = take_rows(item_rep, batch.items)
-        ct = take_rows(item_rep, batch.cand_items) + types.candidate
+        # one lookup for both (with a sharded table: one all-to-all fetch)
+        hc = item_rows(item_rep, torch.cat([batch.items, batch.cand_items]))
+        h, ct = hc[:L], hc[L:] + types.candidate
         if self.rating_emb is not None:
             h = h + self.rating_emb(self.rating_levels(batch.ratings, L, dev))
             ct = ct + self.rating_emb.weight[c.rating_levels + 1]

@@ -24,7 +24,7 @@ from torch import nn
 from ..data import TokenBatch
 from ..nn import set_impl, weight_decay_groups
 from .config import DataSchema, ModelConfig, upgrade_flat_config
-from .items import ItemEncoder, ProfileEncoder
+from .items import ItemEncoder, ProfileEncoder, ShardedItemEncoder
 from .objectives import OBJECTIVES
 from .scorer import Scorer
 from .stream import Encoded, TokenStream, TokenTypes
@@ -39,7 +39,7 @@ class UniRec(nn.Module):
         self.config, self.schema = config, schema
         with_profile = config.use_profile and len(schema.user_feature_sizes) > 0
         # The order of the parts is the order of the parameters (and of the random initialisation).
-        self.items = ItemEncoder(config, schema)
+        self.items = ShardedItemEncoder(config, schema) if config.shard_items else ItemEncoder(config, schema)
         self.profile = ProfileEncoder(config, schema) if with_profile else None
         self.token_types = TokenTypes(config.dim, with_profile)
         self.scorer = Scorer(config.repeat_bias, config.num_repeat_buckets, config.max_len)
@@ -61,6 +61,24 @@ class UniRec(nn.Module):
         """Runs every op of the model on backend ``impl`` ("auto", "cpp", "cuda", "triton", "reference";
         each op family takes it when it has it, see :func:`unirec.ops.resolve_impl`)."""
         return set_impl(self, impl)
+
+    def sharded_parameters(self):
+        """Names of the parameters and buffers that differ between processes (the item id table's rows
+        and bags with ``shard_items``): data parallelism leaves them out."""
+        prefix = getattr(self.items, "SHARDED", None)
+        if prefix is None:
+            return []
+        names = [n for n, _ in self.items.named_parameters()] + [n for n, _ in self.items.named_buffers()]
+        return [f"items.{n}" for n in names if n.startswith(prefix)]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The state dict of a checkpoint: ``state_dict()`` with a sharded item table gathered whole
+        (every process must call it), so that it loads with any number of processes."""
+        state = self.state_dict()
+        if isinstance(self.items, ShardedItemEncoder):
+            sub = {k: v for k, v in state.items() if k.startswith("items.")}
+            state.update(self.items.full_state(sub, "items."))
+        return state
 
     @property
     def needs_candidates(self) -> bool:

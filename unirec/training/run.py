@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import distributed
 from ..data import DataConfig, TokenBuilder, TrainBatches, leave_one_out, load_dataset
 from ..evaluation import evaluate_model, evaluate_split
 from ..models import ModelConfig, UniRec
@@ -54,18 +55,29 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     ``final_test=False`` evaluates the best model on validation only (hyper-parameter search) and
     appends no result line. ``impl``: the kernel backend of every op (not saved with the run).
     ``arm``: the name of the run in the results file (default: the folder's name).
+
+    Under torch.distributed (:func:`unirec.distributed.init_from_env`) every process calls it: they
+    train data-parallel (:class:`Trainer`), evaluate their parts of the users, and rank 0 alone
+    fetches the data first, writes the run folder and logs; every process returns the same metrics.
     """
     t0 = time.perf_counter()
+    main = distributed.is_main()
+    if not main:
+        log = lambda msg: None  # noqa: E731
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(data)
     torch.manual_seed(train_cfg.seed)
+    if not main:
+        distributed.barrier()  # rank 0 fetches the data set into the cache first
     ds = load_dataset(data)
+    if main:
+        distributed.barrier()
     split = leave_one_out(ds)
     if resume:
         run = Run.open(run_dir)
         model = run.load_model(impl)
     else:
         model = UniRec.from_dataset(ds, model_cfg, impl)
-        run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or ""))
+        run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or "")) if main else None
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
         f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
     builder = TokenBuilder.for_config(split, model.config)
@@ -77,6 +89,9 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     trainer = Trainer(model, batches, train_cfg, run, validate, progress=progress, log=log)
     history = trainer.fit(resume=resume, on_validation=on_validation)
     metrics, ranks = evaluate_split(model, split, train_cfg.eval_batch_size, train_cfg.device, test=final_test)
+    if not main:
+        distributed.barrier()
+        return metrics
     protocol = dict(PROTOCOL, like=f"rating >= {model.config.like_threshold}")
     if not final_test:
         protocol.update(test_mask_history=None, test_unmasked_mask_history=None)
@@ -89,4 +104,5 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     if final_test:
         run.append_result(metrics, metrics["total_seconds"], results_file)
     plot_history(history, run_dir / "training.png")
+    distributed.barrier()  # the other processes return once the folder is complete
     return metrics

@@ -9,6 +9,15 @@ Repeatability: the batch source orders epoch e's users with ``np.random.default_
 (:class:`unirec.data.TrainBatches`) and torch (dropout) is seeded with ``seed * 1_000_003 + e`` at
 the epoch's start, so a run resumed from the checkpoint of epoch e continues exactly as the
 uninterrupted run (on CPU).
+
+Data parallelism (under torchrun, :mod:`unirec.distributed`): the model is wrapped in
+DistributedDataParallel; process r of n trains on the windows r, r + n, ... of each global batch
+(``batches.epoch(e, rank=r, world=n)``); each process's loss is its share of the mean over the
+global batch and the gradients are summed across processes, so n processes with batch B / n take
+the steps of one process with batch B. Only rank 0 prints, shows progress and writes the run
+folder; the validation metrics are the same on every rank (the evaluation gathers) and rank 0's
+early-stopping state is broadcast, so the processes stop together. Dropout masks are drawn per
+process (torch seeded with (seed, epoch, rank)).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .. import distributed
 from ..data import TrainBatches
 from ..runs import Run, TrainConfig
 from .progress import Progress
@@ -50,13 +60,54 @@ class Trainer:
                  validate: Optional[Callable[[], dict]] = None, progress: bool = True,
                  log: Callable[[str], None] = print):
         self.model, self.batches, self.tc = model.to(tc.device), batches, tc
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
         self.run, self._validate = run, validate
-        self.progress, self.log = progress, log
+        self.progress, self.log = progress and self.main, log if self.main else (lambda msg: None)
         self.optimizer = make_optimizer(model, tc)
+        self.forward = self._wrap(model)
+        # rank 0's run folder decides whether checkpoints are made (every process takes part in one)
+        self.saves = bool(distributed.broadcast_object(run is not None))
         self.steps_per_epoch = len(batches)
         self.total_steps = self.steps_per_epoch * tc.epochs
         self.state = dict(epoch=0, step=0, best_ndcg=-1.0, best_epoch=0, bad_epochs=0, history=[], stopped=None)
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
+
+    def _wrap(self, model):
+        """The module the steps call: the model itself, or under torch.distributed the model in
+        DistributedDataParallel with gradients summed (the losses are shares of the global mean)."""
+        if self.world == 1:
+            return model
+        if getattr(model.config, "item_optimizer", None) is not None:
+            raise ValueError("item_optimizer updates the item tables inside each process's backward, which "
+                             "data parallelism cannot synchronise; train with item_optimizer=None")
+        from torch.nn.parallel import DistributedDataParallel
+        sharded = model.sharded_parameters() if hasattr(model, "sharded_parameters") else []
+        if sharded:
+            # each process's own rows of the item table: neither broadcast from rank 0 nor averaged
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
+        dev = torch.device(self.tc.device)
+        ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None,
+                                      find_unused_parameters=True)
+        ddp.register_comm_hook(None, distributed.sum_gradients_hook)
+        return ddp
+
+    def _checkpoint(self):
+        """(model, optimizer) as a checkpoint holds them: with a sharded item table, a stand-in whose
+        state is the whole table gathered from every process (all processes call this) and the
+        optimizer's state without that table's moments (they restart on resume)."""
+        m = self.model
+        if self.world == 1 or not getattr(m, "sharded_parameters", lambda: [])():
+            return m, self.optimizer
+        from types import SimpleNamespace
+        state = m.full_state_dict()
+        names = {id(p): n for n, p in m.named_parameters()}
+        sharded = set(m.sharded_parameters())
+        opt = self.optimizer.state_dict()
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        opt["state"] = {i: v for i, v in opt["state"].items() if names.get(id(order[i])) not in sharded}
+        return (SimpleNamespace(state_dict=lambda: state, config=m.config, schema=m.schema),
+                SimpleNamespace(state_dict=lambda: opt))
 
     def _autocast(self):
         if self.tc.device.startswith("cuda") and self.tc.bf16:
@@ -67,16 +118,16 @@ class Trainer:
         """One pass over the training users; returns {"loss", "retrieval", ..., "tokens_per_s", "seconds"}."""
         m, tc = self.model, self.tc
         m.train()
-        torch.manual_seed(tc.seed * 1_000_003 + epoch)
+        torch.manual_seed((tc.seed * 1_000_003 + epoch) * self.world + self.rank)
         sums: Dict[str, float] = {}
-        n = tokens = 0
+        n = tokens = users = 0
         bar = Progress(self.steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", enabled=self.progress)
-        for batch in self.batches.epoch(epoch):
+        for batch in self.batches.epoch(epoch, rank=self.rank, world=self.world):
             batch = batch.to(tc.device)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(self.state["step"], self.total_steps, tc)
             with self._autocast():
-                loss, parts = m(batch)
+                loss, parts = self.forward(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
@@ -85,14 +136,22 @@ class Trainer:
             self.state["step"] += 1
             ntok = batch.num_tokens
             tokens += ntok
+            users += batch.batch_size
             n += 1
             parts["loss"] = float(loss.detach())
+            if self.world > 1:
+                # the shares of the processes add up to the global batch's values
+                keys = sorted(parts)
+                parts = dict(zip(keys, distributed.all_reduce_sum(torch.tensor([parts[k] for k in keys],
+                                                                                dtype=torch.float64)).tolist()))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(ntok, parts["loss"])
         secs = bar.elapsed
         out = {k: v / max(n, 1) for k, v in sums.items()}
-        out.update(tokens_per_s=tokens / max(secs, 1e-9), seconds=secs)
+        if self.world > 1:
+            tokens, users = (int(x) for x in distributed.all_reduce_sum(torch.tensor([tokens, users])).tolist())
+        out.update(tokens_per_s=tokens / max(secs, 1e-9), users_per_s=users / max(secs, 1e-9), seconds=secs)
         bar.close(f"epoch mean loss {out.get('loss', float('nan')):.4f}, {secs:.1f}s")
         return out
 
@@ -113,13 +172,15 @@ class Trainer:
             e = st["epoch"]
             rec = {"epoch": e + 1, **self.train_epoch(e)}
             if self._validate is not None and ((e + 1) % tc.eval_every == 0 or e + 1 == tc.epochs):
-                val = self._validate()
+                val = distributed.broadcast_object(self._validate())
                 rec["val_ndcg@10"], rec["val_hr@10"] = val["ndcg@10"], val["hr@10"]
                 if val["ndcg@10"] > st["best_ndcg"]:
                     st.update(best_ndcg=val["ndcg@10"], best_epoch=e + 1, bad_epochs=0)
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                    if self.run is not None:
-                        self.run.save_model(self.model)
+                    if self.saves:
+                        model, _ = self._checkpoint()
+                        if self.main:
+                            self.run.save_model(model)
                 else:
                     st["bad_epochs"] += 1
                 self.log(f"epoch {e + 1}: val NDCG@10 {val['ndcg@10']:.4f} HR@10 {val['hr@10']:.4f} "
@@ -132,8 +193,13 @@ class Trainer:
                 st["stopped"] = f"early stop: no better validation NDCG@10 for {tc.patience} epochs"
             elif tc.time_budget_s is not None and time.perf_counter() - t0 > tc.time_budget_s:
                 st["stopped"] = f"time budget of {tc.time_budget_s:.0f}s reached"
-            if self.run is not None:
-                self.run.save_training_state(self.model, self.optimizer, st)
+            # Rank 0 decides (its clock for the time budget): every process continues or stops with it.
+            st.update(distributed.broadcast_object({k: st[k] for k in ("stopped", "bad_epochs", "best_ndcg",
+                                                                      "best_epoch")}))
+            if self.saves:
+                model, optimizer = self._checkpoint()
+                if self.main:
+                    self.run.save_training_state(model, optimizer, st)
         if st["stopped"]:
             self.log(st["stopped"])
         if self.best_state is not None:
