@@ -126,8 +126,8 @@ def test_data_info(capsys):
     assert "users 60" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cmd", [["train"], ["evaluate"], ["compare"], ["recommend"], ["tune"], ["data", "info"],
-                                 []])
+@pytest.mark.parametrize("cmd", [["train"], ["pretrain"], ["evaluate"], ["compare"], ["recommend"], ["tune"],
+                                 ["data", "info"], []])
 def test_help_explains_every_option(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
@@ -191,6 +191,11 @@ def test_command_reports_mistakes_in_one_line_and_debug_shows_the_traceback(tmp_
     (["data", "info", "--data", "{tmp}/missing/"], r"^unirec: error: data path not found: .*missing$"),
     (["data", "info", "--data", "{tmp}"], r"^unirec: error: .*no \*\.inter"),
     (["train", "--config", "no-such-preset", *SYNTHETIC], r"^unirec: error: --config 'no-such-preset': neither a preset"),
+    (["train", "--objective", "contrastive=lots", *SYNTHETIC], r"^unirec: error: --objective expects NAME=NUMBER"),
+    (["train", "--objective", "shuffle=0.1", *SYNTHETIC], r"^unirec: error: --config / --set: objectives: unknown objective 'shuffle'"),
+    (["train", "--augment", "crop=2", *SYNTHETIC], r"^unirec: error: --config / --set: augment: 'crop' must be one of"),
+    (["train", "--init", "{tmp}/nothing", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--out", "{tmp}/r"],
+     r"^unirec: error: .*nothing"),
 ])
 def test_mistakes_end_in_one_line_system_exit(tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match) as e:
@@ -222,3 +227,27 @@ def test_fetch_error_is_one_line_and_bugs_keep_their_traceback(monkeypatch, caps
     monkeypatch.setitem(cli.COMMANDS, "data", lambda args: {}["bug"])  # a KeyError that is no unknown id
     with pytest.raises(KeyError):
         main(["data", "info"])
+
+
+def test_pretrain_then_train_from_it(tmp_path, capsys):
+    """unirec pretrain (self-supervised objectives only) -> unirec train --init, with --objective / --augment."""
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["pretrain", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--max-len", "16", "--out", str(pre)]) == 0
+    cfg = json.loads((pre / "config.json").read_text())
+    assert cfg["model"]["objectives"] == {"contrastive": 1.0, "cloze": 1.0} and cfg["arm"] == "pretrain-unified"
+    assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--max-len", "16", "--out", str(ft),
+                 "--init", str(pre), "--objective", "contrastive=0.1", "--objective", "ranking=0",
+                 "--augment", "crop=0.5,reorder=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "initialised" in out and f"from {pre}" in out
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["model"]["objectives"] == {"retrieval": 1.0, "contrastive": 0.1}
+    assert cfg["model"]["augment"] == {"crop": 0.5, "reorder": 0.3} and cfg["train"]["init_from"] == str(pre)
+    # the pretrained blocks were the starting point: at --init the weights equal the pretrained ones
+    from unirec.runs import Run
+    from unirec.training.run import init_from_run
+    fresh = Run.open(ft).load_model()
+    n, total = init_from_run(fresh, pre)
+    pre_state = Run.open(pre).load_state()
+    assert n == total  # blocks, tables and the contrastive objective's mask token all come from the pretrained run
+    assert torch.equal(fresh.state_dict()["stream.blocks.0.attn.qkv.weight"], pre_state["stream.blocks.0.attn.qkv.weight"])

@@ -56,19 +56,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .models.config import PRESETS
-    from .training.tune import DEFAULT_SPACE
-    p = _Parser(prog="unirec", description="A unified Transformer recommender on fused kernels.",
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--debug", action="store_true", help="on an error, show its Python traceback too")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
-
-    t = sub.add_parser("train", help="train a model, evaluate it on test, print metrics and a user's top 10",
-                       description="Train on a leave-one-out split (early stopping on validation NDCG@10), "
-                                   "evaluate the best model on test with history masked and unmasked, write the "
-                                   "run folder (config, metrics.json, checkpoint, training.png) and show one "
-                                   "user's top 10 with that user's last five items.")
+def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
+    """The options of `unirec train` and `unirec pretrain`."""
     _add_data_args(t)
     t.add_argument("--config", default="unified",
                    help=f"model preset ({', '.join(sorted(PRESETS))}; sasrec = the SASRec-equivalent baseline) "
@@ -114,6 +103,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results file the evaluation's line is appended to (default: results.jsonl beside the "
                         "run folder)")
     t.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    t.add_argument("--objective", action="append", default=[], metavar="NAME=WEIGHT",
+                   help="set one training objective's weight in the preset's list, 0 removes it (repeatable): "
+                        "retrieval, sampled_retrieval, ranking, contrastive (CL4SRec: two augmented views, "
+                        "InfoNCE), duorec (dropout views + same-target positives), cloze (masked items, "
+                        "BERT4Rec), attributes (the next item's attributes, after S3Rec); "
+                        "e.g. --objective contrastive=0.1")
+    t.add_argument("--augment", default=None, metavar="OP=RATE,...",
+                   help="the contrastive views' operators and rates, one operator drawn per view: crop (keep "
+                        "a RATE share, contiguous), mask (RATE of the events to a mask token), reorder (shuffle "
+                        "a window of RATE of the events); e.g. crop=0.6,mask=0.3,reorder=0.2 "
+                        "(default: crop=0.6,mask=0.3,reorder=0.6)")
+    t.add_argument("--init", default=None, metavar="RUN",
+                   help="start from the weights of a run folder (e.g. written by `unirec pretrain`): every "
+                        "parameter whose name and shape match is copied, the others start fresh")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.config import PRESETS
+    from .training.tune import DEFAULT_SPACE
+    p = _Parser(prog="unirec", description="A unified Transformer recommender on fused kernels.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--debug", action="store_true", help="on an error, show its Python traceback too")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+
+    t = sub.add_parser("train", help="train a model, evaluate it on test, print metrics and a user's top 10",
+                       description="Train on a leave-one-out split (early stopping on validation NDCG@10), "
+                                   "evaluate the best model on test with history masked and unmasked, write the "
+                                   "run folder (config, metrics.json, checkpoint, training.png) and show one "
+                                   "user's top 10 with that user's last five items.")
+    _add_train_args(t, PRESETS)
+    pt = sub.add_parser("pretrain", help="train with self-supervised objectives only, for `train --init`",
+                        description="Train the model with self-supervised objectives only (by default the "
+                                    "sequence-level contrastive and masked-item objectives; --objective "
+                                    "changes them), write a run folder like `unirec train` (its test metrics say "
+                                    "how the pretrained model ranks on its own), and start later runs from it "
+                                    "with `unirec train --init RUN`.")
+    _add_train_args(pt, PRESETS)
 
     e = sub.add_parser("evaluate", help="evaluate a run's best model on validation and test",
                        description="Recompute a run's metrics (full ranking, history masked and unmasked, "
@@ -261,6 +287,11 @@ def cmd_train(args) -> int:
             raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         d[k] = _parse_value(v)
+    if args.command == "pretrain":  # self-supervised objectives only, unless --objective says otherwise
+        d["objectives"] = dict(PRETRAIN_OBJECTIVES)
+    d["objectives"] = _objective_weights(d["objectives"], args.objective)
+    if args.augment is not None:
+        d["augment"] = _named_rates(args.augment, "--augment")
     try:
         cfg = ModelConfig.from_dict(d)
     except (TypeError, ValueError) as exc:
@@ -270,12 +301,14 @@ def cmd_train(args) -> int:
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
              "time_budget_s": args.time_budget, "windows": args.windows}
     opt.update({k: v for k, v in given.items() if v is not None})
+    if args.init is not None:
+        opt["init_from"] = str(args.init)
     opt["time_budget_s"] = opt["time_budget_s"] or None
     tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
                      seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
-    arm = args.arm or Path(args.config).stem
+    arm = args.arm or (args.command == "pretrain") * "pretrain-" + Path(args.config).stem
     try:
         metrics = train_run(data, cfg, tc, run_dir, resume=args.resume, progress=not args.no_progress,
                             impl=args.impl, arm=arm, results_file=args.results)
@@ -291,6 +324,33 @@ def cmd_train(args) -> int:
     model, split = run.load_model(args.impl), run.load_split()
     _print_top(split, *_top_for_user(model, split, args.user, 10))
     return 0
+
+
+PRETRAIN_OBJECTIVES = {"contrastive": 1.0, "cloze": 1.0}
+
+
+def _named_rates(text: str, flag: str) -> dict:
+    """"a=0.6,b=0.3" -> {"a": 0.6, "b": 0.3} (SystemExit naming ``flag`` when malformed)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise SystemExit(f"{flag} expects NAME=NUMBER[,NAME=NUMBER...], got {part!r}") from None
+    return out
+
+
+def _objective_weights(objectives: dict, settings: List[str]) -> dict:
+    """The preset's objectives with each --objective NAME=WEIGHT applied (weight 0 removes NAME)."""
+    out = dict(objectives)
+    for kv in settings:
+        for k, w in _named_rates(kv, "--objective").items():
+            if w == 0:
+                out.pop(k, None)
+            else:
+                out[k] = w
+    return out
 
 
 def _model_config(name: str, data: Optional[str] = None):
@@ -400,7 +460,7 @@ def cmd_data_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "recommend": cmd_recommend,
+COMMANDS = {"train": cmd_train, "pretrain": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "recommend": cmd_recommend,
             "tune": cmd_tune, "serve": cmd_serve, "data": cmd_data_info}
 
 

@@ -62,6 +62,8 @@ class TrainConfig:
     time_budget_s: Optional[float] = None
     # "last": each user's last max_len training events; "all": every max_len window of long histories
     windows: str = "last"
+    # a run folder whose weights the model starts from (matching names and shapes), e.g. a pretrained one
+    init_from: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

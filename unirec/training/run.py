@@ -45,6 +45,19 @@ def plot_history(history, path: Path) -> Optional[Path]:
     return path
 
 
+def init_from_run(model: UniRec, run_dir) -> tuple:
+    """Copies into ``model`` every parameter and buffer of ``run_dir``'s best weights (model.pt) whose
+    name and shape match; returns (copied, the model's count). ValueError when nothing matches (a
+    folder of another model kind, or of another data set whose tables all differ)."""
+    state = Run.open(run_dir).load_state("model.pt")
+    own = model.state_dict()
+    match = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not match:
+        raise ValueError(f"--init {run_dir}: none of its {len(state)} weights matches this model's names and shapes")
+    model.load_state_dict(match, strict=False)
+    return len(match), len(own)
+
+
 def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Optional[Path] = None,
               resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
               on_validation: Optional[Callable[[int, float], None]] = None, final_test: bool = True,
@@ -77,6 +90,9 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         model = run.load_model(impl)
     else:
         model = UniRec.from_dataset(ds, model_cfg, impl)
+        if train_cfg.init_from:
+            n, total = init_from_run(model, train_cfg.init_from)
+            log(f"initialised {n} of {total} parameter tensors from {train_cfg.init_from}")
         run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or "")) if main else None
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
         f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
