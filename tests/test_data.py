@@ -757,3 +757,12 @@ def test_encoded_cache_equals_parsing_and_follows_the_files(tmp_path, monkeypatc
         f.write(b"1m_1\tToy Story (1995)\t4\t978309999\r\n")
     again = sources._encoded_once(d, "ml-1m", read_recbole_movielens)
     assert again.num_interactions == 6 and len(list(d.glob(".encoded-*.npz"))) == 1
+
+
+def test_training_batches_carry_a_key_per_step_the_same_in_every_process():
+    sp = leave_one_out(synthetic(num_users=40, num_items=30, mean_length=10, seed=6))
+    src = TrainBatches(TokenBuilder(sp, max_len=6), 8, candidates=True, seed=4)
+    one = [b.seed for b in src.epoch(2)]
+    assert len(set(one)) == len(one) and all(isinstance(s, int) and s >= 0 for s in one)
+    assert [b.seed for b in src.epoch(2, rank=1, world=2)] == one
+    assert [b.seed for b in src.epoch(3)] != one

@@ -42,7 +42,7 @@ def test_info_nce_matches_the_materialised_matrix_value_and_gradient():
 
 def test_contrastive_equals_its_definition(monkeypatch):
     m, b = setup({"retrieval": 1.0, "contrastive": 0.5}, augment={"crop": 0.5, "mask": 0.4})
-    monkeypatch.setattr(ssl, "_step_seed", lambda: 1234)
+    monkeypatch.setattr(ssl, "_step_seed", lambda batch: 1234)
     obj = m.objectives["contrastive"]
     with torch.no_grad():
         obj.mask_token.normal_()
@@ -111,7 +111,7 @@ def test_contrastive_trains_end_to_end_and_config_checks():
 
 def test_cloze_equals_cross_entropy_over_the_catalogue_at_masked_positions(monkeypatch):
     m, b = setup({"retrieval": 1.0, "cloze": 0.5}, cloze_rate=0.3)
-    monkeypatch.setattr(ssl, "_step_seed", lambda: 77)
+    monkeypatch.setattr(ssl, "_step_seed", lambda batch: 77)
     obj = m.objectives["cloze"]
     with torch.no_grad():
         obj.mask_token.normal_()

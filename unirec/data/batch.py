@@ -41,6 +41,8 @@ class TokenBatch:
     targets: [B] int64 held-out item per user (evaluation batches only, else None).
     history_items / history_offsets: CSR of each user's full history before the target (evaluation
     and serving; the items to exclude from a ranking and the repeat offsets' input).
+    seed: the training batch's random key (from the run's seed, the epoch and the step, the same in
+    every process), which augmented views combine with each user; None outside training.
     """
 
     users: torch.Tensor
@@ -57,6 +59,7 @@ class TokenBatch:
     targets: Optional[torch.Tensor] = None
     history_items: Optional[torch.Tensor] = None
     history_offsets: Optional[torch.Tensor] = None
+    seed: Optional[int] = None
 
     @property
     def batch_size(self) -> int:
@@ -258,11 +261,13 @@ class TrainBatches:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.unit_users))
         num_users = len(self.builder.split.train_len)
         shifts = np.random.default_rng([self.seed, epoch, 1]).integers(0, self.builder.rank_shift + 1, num_users)
-        for i in range(0, len(order), self.batch_size):
+        for step, i in enumerate(range(0, len(order), self.batch_size)):
             part = order[i:i + self.batch_size][rank::world]
             users = self.unit_users[part]
-            yield self.builder.train_batch(users, None, self.candidates, device, windows=self.unit_windows[part],
-                                           shifts=shifts[users])
+            batch = self.builder.train_batch(users, None, self.candidates, device, windows=self.unit_windows[part],
+                                             shifts=shifts[users])
+            batch.seed = int(np.random.SeedSequence([self.seed, epoch, step]).generate_state(1, np.uint64)[0] >> 2)
+            yield batch
 
 
 # --------------------------------------------------------------------------- live histories

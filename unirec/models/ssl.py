@@ -59,10 +59,11 @@ def last_states(enc: Encoded) -> torch.Tensor:
     return take_rows(enc.hidden, enc.last_pos)
 
 
-def _step_seed() -> int:
-    # Drawn from torch's generator, which the trainer seeds per epoch and every process walks alike:
-    # the views then depend on (seed, epoch, step, user), not on how users are split across processes.
-    return int(torch.randint(0, 2 ** 62, (1,)))
+def _step_seed(batch: TokenBatch) -> int:
+    """The batch's key (:class:`unirec.data.TrainBatches` sets it from (seed, epoch, step), the same in
+    every process, so a user's views do not depend on how users are split across processes); else a
+    draw from torch's generator."""
+    return batch.seed if batch.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
 
 
 @register_objective("contrastive")
@@ -91,7 +92,7 @@ class SequenceContrastive(nn.Module):
     def loss(self, enc: Encoded, batch: TokenBatch, model) -> Loss:
         if batch.batch_size < 2:
             return None, {}
-        (v1, v2), table = self.views(batch, enc.item_rep, _step_seed())
+        (v1, v2), table = self.views(batch, enc.item_rep, _step_seed(batch))
         z1, z2 = last_states(model.encode(v1, table)), last_states(model.encode(v2, table))
         loss = 0.5 * (info_nce(z1, z2, self.temperature) + info_nce(z2, z1, self.temperature))
         return loss, {"contrastive": float(loss.detach())}
@@ -158,7 +159,7 @@ class MaskedItem(nn.Module):
         if not batch.items.numel():
             return None, {}
         rep = enc.item_rep
-        items, hit = self.masked(batch, rep.shape[0], _step_seed())
+        items, hit = self.masked(batch, rep.shape[0], _step_seed(batch))
         table = torch.cat([rep, self.mask_token.to(rep.dtype).unsqueeze(0)])
         view = history_only(batch, items, batch.offsets, torch.arange(items.numel(), device=items.device))
         e = model.encode(view, table, causal=False)
