@@ -766,3 +766,45 @@ def test_training_batches_carry_a_key_per_step_the_same_in_every_process():
     assert len(set(one)) == len(one) and all(isinstance(s, int) and s >= 0 for s in one)
     assert [b.seed for b in src.epoch(2, rank=1, world=2)] == one
     assert [b.seed for b in src.epoch(3)] != one
+
+
+@pytest.mark.parametrize("rates", [{"crop": 0.5}, {"reorder": 0.5}, {"mask": 0.4}, {"substitute": 0.5, "insert": 0.3}])
+def test_augmented_copies_follow_their_originals(rates):
+    sp = leave_one_out(synthetic(num_users=30, num_items=25, mean_length=12, seed=7))
+    src = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1, augment=rates)
+    plain = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1)
+    for b, p in zip(src.epoch(0), plain.epoch(0)):
+        B = p.batch_size
+        assert b.batch_size == 2 * B and torch.equal(b.users[:B], p.users) and torch.equal(b.users[B:], p.users)
+        # the originals unchanged, candidates only on them
+        L = p.items.numel()
+        assert torch.equal(b.items[:L], p.items) and torch.equal(b.next_items[:L], p.next_items)
+        assert torch.equal(b.cand_items, p.cand_items) and torch.all(torch.diff(b.cand_offsets)[B:] == 0)
+        for j in range(B):
+            o = b.items[b.offsets[B + j]:b.offsets[B + j + 1]]
+            n = b.next_items[b.offsets[B + j]:b.offsets[B + j + 1]]
+            orig = p.items[p.offsets[j]:p.offsets[j + 1]]
+            assert o.numel() >= 1
+            assert n[:-1].tolist() == o[1:].tolist()  # each copied event predicts the copy's next one
+            assert int(n[-1]) == int(p.next_items[p.offsets[j + 1] - 1])  # the last keeps the original target
+            if set(rates) == {"reorder"}:
+                assert sorted(o.tolist()) == sorted(orig.tolist())
+            if set(rates) == {"crop"}:
+                assert o.numel() == max(1, int(np.ceil(0.5 * orig.numel())))
+        if "substitute" in rates:
+            assert src.similar is not None and src.similar.numel() == sp.items.max() + 1
+    again = [b.items for b in TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1,
+                                           augment=rates).epoch(0)]
+    assert all(torch.equal(x, y.items) for x, y in zip(again, src.epoch(0)))  # seeded: repeats
+    with pytest.raises(ValueError, match="augment"):
+        TrainBatches(src.builder, 8, candidates=True, augment={"shuffle": 0.3})
+
+
+def test_item_correlation_counts_training_events_only():
+    sp = leave_one_out(synthetic(num_users=30, num_items=25, mean_length=12, seed=7))
+    src = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=False, augment={"substitute": 0.5})
+    from unirec.data.augment import item_correlation
+    train = [sp.items[s:s + n] for s, n in zip(sp.user_offsets[:-1], sp.train_len)]
+    off = torch.tensor(np.concatenate([[0], np.cumsum([len(t) for t in train])]))
+    ref = item_correlation(torch.tensor(np.concatenate(train)), off, int(sp.items.max()))
+    assert torch.equal(src.similar, ref)

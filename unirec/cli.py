@@ -114,6 +114,11 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
                         "a RATE share, contiguous), mask (RATE of the events to a mask token), reorder (shuffle "
                         "a window of RATE of the events); e.g. crop=0.6,mask=0.3,reorder=0.2 "
                         "(default: crop=0.6,mask=0.3,reorder=0.6)")
+    t.add_argument("--augment-data", default=None, metavar="OP=RATE,...",
+                   help="data augmentation: every training stream also trains as an augmented copy, one "
+                        "operator drawn per copy among crop, mask, reorder, substitute (RATE of the events "
+                        "replaced by their most co-occurring item) and insert (that item inserted after RATE "
+                        "of the events); e.g. crop=0.6,substitute=0.2 (default: none)")
     t.add_argument("--init", default=None, metavar="RUN",
                    help="start from the weights of a run folder (e.g. written by `unirec pretrain`): every "
                         "parameter whose name and shape match is copied, the others start fresh")
@@ -303,6 +308,8 @@ def cmd_train(args) -> int:
     opt.update({k: v for k, v in given.items() if v is not None})
     if args.init is not None:
         opt["init_from"] = str(args.init)
+    if args.augment_data is not None:
+        opt["augment_data"] = _named_rates(args.augment_data, "--augment-data")
     opt["time_budget_s"] = opt["time_budget_s"] or None
     tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
                      seed=args.seed, device=device, bf16=not args.no_bf16, **opt)

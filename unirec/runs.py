@@ -64,6 +64,8 @@ class TrainConfig:
     windows: str = "last"
     # a run folder whose weights the model starts from (matching names and shapes), e.g. a pretrained one
     init_from: Optional[str] = None
+    # data augmentation: operator -> rate; every training stream also trains as an augmented copy
+    augment_data: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -19,7 +19,7 @@ and the same time-gap buckets (:func:`event_gaps`, :func:`time_buckets`).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -227,16 +227,32 @@ class TrainBatches:
     runs (a resumed run repeats it) and however its batches are split across processes:
     ``epoch(e, rank=r, world=n)`` yields, of each global batch of ``batch_size`` windows, the windows
     r, r + n, r + 2n, ... (so n processes see the same global batches as one).
+
+    ``augment`` (operator -> rate, :mod:`unirec.data.augment`): data augmentation, each batch followed
+    by an augmented copy of every stream (:meth:`with_augmented_copies`); substitute and insert use
+    item correlations counted over the training events only.
     """
 
     WINDOWS = ("last", "all")
 
     def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0,
-                 windows: str = "last"):
+                 windows: str = "last", augment: Optional[Dict[str, float]] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if windows not in self.WINDOWS:
             raise ValueError(f"windows must be one of {self.WINDOWS}, got {windows!r}")
+        self.augment, self.similar = dict(augment or {}), None
+        if self.augment:
+            from .augment import OPERATORS, item_correlation
+            bad = [k for k, v in self.augment.items() if k not in OPERATORS or not 0.0 <= float(v) <= 1.0]
+            if bad:
+                raise ValueError(f"augment: {bad[0]!r} must be one of {OPERATORS} with a rate in [0, 1]")
+            if {"substitute", "insert"} & set(self.augment):  # correlations of training events only
+                sp = builder.split
+                train = np.concatenate([np.arange(s, s + n) for s, n in zip(sp.user_offsets[:-1], sp.train_len)])
+                off = np.concatenate([[0], np.cumsum(sp.train_len)]).astype(np.int64)
+                self.similar = item_correlation(torch.from_numpy(sp.items[train].astype(np.int64)),
+                                                torch.from_numpy(off), int(sp.items.max(initial=0)))
         self.builder, self.batch_size, self.candidates, self.seed = builder, batch_size, candidates, seed
         self.users = np.nonzero(builder.split.train_len >= 2)[0]
         counts = self.num_windows(builder.split.train_len[self.users], builder.max_len) if windows == "all" \
@@ -267,7 +283,31 @@ class TrainBatches:
             batch = self.builder.train_batch(users, None, self.candidates, device, windows=self.unit_windows[part],
                                              shifts=shifts[users])
             batch.seed = int(np.random.SeedSequence([self.seed, epoch, step]).generate_state(1, np.uint64)[0] >> 2)
-            yield batch
+            yield self.with_augmented_copies(batch) if self.augment else batch
+
+    def with_augmented_copies(self, batch: TokenBatch) -> TokenBatch:
+        """The batch followed by one augmented copy of each stream's history (an operator of ``augment``
+        drawn per stream, keyed by the batch's key and the user; a masked event becomes item 0): each
+        copied event predicts the copy's next event, the last one the original's last target; the
+        copies have no candidates and no profile target."""
+        from .augment import augment, sequence_keys
+        keys = sequence_keys(batch.seed or 0, 0, batch.users, 9)
+        items, off, src = augment(batch.items, batch.offsets, keys, self.augment, mask_id=0, similar=self.similar)
+        lens = off[1:] - off[:-1]
+        nxt = torch.zeros_like(items)
+        nxt[:-1] = items[1:]
+        has = lens > 0
+        nxt[off[1:][has] - 1] = batch.next_items[batch.offsets[1:][has] - 1]
+        B = batch.batch_size
+        cat = torch.cat
+        return TokenBatch(
+            users=cat([batch.users, batch.users]), items=cat([batch.items, items]),
+            ratings=None if batch.ratings is None else cat([batch.ratings, batch.ratings[src]]),
+            gaps=cat([batch.gaps, batch.gaps[src]]), offsets=cat([batch.offsets, batch.offsets[-1] + off[1:]]),
+            next_items=cat([batch.next_items, nxt]), first_items=cat([batch.first_items, torch.zeros_like(batch.first_items)]),
+            cand_items=batch.cand_items, cand_gaps=batch.cand_gaps,
+            cand_offsets=cat([batch.cand_offsets, batch.cand_offsets[-1].repeat(B)]),
+            cand_ratings=batch.cand_ratings, seed=batch.seed)
 
 
 # --------------------------------------------------------------------------- live histories

@@ -97,7 +97,8 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
         f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
     builder = TokenBuilder.for_config(split, model.config)
-    batches = TrainBatches(builder, train_cfg.batch_size, model.needs_candidates, train_cfg.seed, train_cfg.windows)
+    batches = TrainBatches(builder, train_cfg.batch_size, model.needs_candidates, train_cfg.seed, train_cfg.windows,
+                           train_cfg.augment_data)
 
     def validate():
         return evaluate_model(model, builder, "valid", batch_size=train_cfg.eval_batch_size, device=train_cfg.device)
