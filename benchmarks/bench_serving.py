@@ -1,7 +1,24 @@
-"""Load test of `unirec serve` on loopback: throughput and latency with and without batching, and a soak.
+"""Load test of `unirec serve` on loopback: lone-request latency, throughput with and without batching,
+overload with a reload, a soak, and the effect of a dismissal on the recommendations.
 
-    python benchmarks/bench_serving.py RUN                       # both modes over the default rates + soak
-    python benchmarks/bench_serving.py RUN --rates 200,400 --duration 5 --soak 0
+    python benchmarks/bench_serving.py RUN                       # everything, with the default settings
+    python benchmarks/bench_serving.py RUN --rates 200,400 --duration 5 --soak 0 --overload 0
+    python benchmarks/bench_serving.py RUN --modes none --soak 0 --overload 20 --capacity 1200
+
+Lone: N requests one after another (nothing else in flight) on one keep-alive connection, cache
+off, against GET /healthz and against the same computation in this process
+(`Recommender.run_batch` of one job): the medians show what the HTTP path adds.
+
+Overload: the server with its defaults but the cache off (every request runs the model) and an
+API key, at twice the capacity (--capacity, else the batched sweep's highest sustained rate, else
+a short saturating probe) for --overload seconds: 5xx, unanswered, the 429 share, p50/p99 of the
+accepted requests, the server's RSS every second, and a POST /v1/admin/reload halfway (the run
+folder again: a full load and swap) whose requests in flight must all be answered.
+
+Dismiss: in process, for --dismiss-users random users: the top 10, dismiss one of them at random,
+the top 10 again at each demotion; the share of the dismissed item's 5 nearest neighbours (by
+cosine, as GET /v1/items/{id}/similar) that were in the top 10 and left it, and how many other
+items left it.
 
 Starts the real server (`python -m unirec serve RUN`) as a subprocess per mode on 127.0.0.1,
 drives it with a bounded open-loop load generator (Poisson arrivals at each offered rate, a raw
@@ -16,8 +33,8 @@ a repeated user costs only the ranking. Per offered rate: achieved req/s, p50/p9
 mean model batch size (from /metrics), non-2xx answers; a rate is sustained when p99 < 50 ms,
 every answer is 2xx and the achieved rate is within 5% of the offered one.
 
-Soak: N mixed requests (recommend by user / history / candidates, events, similar items, history,
-health, and malformed inputs of each kind) against a server with its defaults (cache on): every
+Soak: N mixed requests (recommend by user / history / candidates, events of every kind, similar
+items, history, health, and malformed inputs of each kind) against a server with its defaults (cache on): every
 bad input must get a 4xx, nothing a 5xx; the server's RSS is read from /proc before and after.
 
 Not a pytest benchmark (no test functions): `pytest benchmarks/ --benchmark-only` skips it.
@@ -147,10 +164,12 @@ def post_json(path: str, obj) -> bytes:
 
 
 async def open_loop(port: int, make: Callable[[int], bytes], rate: float, n: int, seed: int = 0,
-                    max_conns: int = 512, timeout_s: float = 30.0) -> dict:
+                    max_conns: int = 512, timeout_s: float = 30.0, side=None) -> dict:
     """Sends n requests at Poisson times of mean rate ``rate``; latency from the scheduled time.
+    ``side``: a coroutine run beside the load (its result is returned as "side").
     Returns {"latency": [n] s (NaN = failed / timed out), "status": [n], "seconds": wall time}."""
     loop = asyncio.get_running_loop()
+    side_task = None if side is None else loop.create_task(side)
     pool = Pool(port, max_conns)
     await pool.warm(min(64, max_conns))
     # Poisson arrivals, rescaled so that the n-th falls at n / rate: the offered rate is exact
@@ -182,7 +201,10 @@ async def open_loop(port: int, make: Callable[[int], bytes], rate: float, n: int
         t.cancel()
     seconds = loop.time() - t0
     pool.close()
-    return {"latency": lat, "status": status, "seconds": seconds}
+    out = {"latency": lat, "status": status, "seconds": seconds}
+    if side_task is not None:
+        out["side"] = await side_task
+    return out
 
 
 # --------------------------------------------------------------------------- the server under test
@@ -325,8 +347,9 @@ def soak_requests(users: List[str], items: List[str], n: int, seed: int) -> Tupl
             reqs.append(post_json("/v1/recommend", {"user_id": u, "k": 5, "candidates": rng.sample(items, 20)}))
             kinds.append("ok")
         elif x < 0.75:
-            ev = {"user_id": u, "item_id": rng.choice(items)}
-            if rng.random() < 0.5:
+            ev = {"user_id": u, "item_id": rng.choice(items),
+                  "kind": rng.choice(["view", "view", "view", "like", "dislike", "dismiss", "skip"])}
+            if ev["kind"] == "view" and rng.random() < 0.5:
                 ev["rating"] = rng.randint(1, 5)
             reqs.append(post_json("/v1/events", ev))
             kinds.append("ok")
@@ -351,6 +374,8 @@ def soak_requests(users: List[str], items: List[str], n: int, seed: int) -> Tupl
                 post_json("/v1/events", {"user_id": u, "item_id": "no-such-item"}),
                 post_json("/v1/events", {"user_id": u, "item_id": items[0], "rating": "high"}),
                 post_json("/v1/events", {"user_id": [u], "item_id": items[0]}),
+                post_json("/v1/events", {"user_id": u, "item_id": items[0], "kind": "love"}),          # unknown kind
+                post_json("/v1/events", {"user_id": u, "item_id": items[0], "kind": "skip", "rating": 3}),
                 http_bytes("POST", "/v1/events", b"not json at all"),
                 http_bytes("GET", "/v1/items/no-such-item/similar"),
                 http_bytes("GET", "/v1/items/1/similar?k=-3"),
@@ -378,7 +403,8 @@ def soak(run: str, users, items, n: int, rate: float, seed: int) -> dict:
         kinds = np.asarray(kinds)
         ok = kinds == "ok"
         return {"n": n, "rate": rate, "5xx": int((st >= 500).sum()), "failed": int((st < 0).sum()),
-                "ok_not_2xx": int((ok & ((st < 200) | (st >= 300))).sum()),
+                "ok_not_2xx": int((ok & ((st < 200) | (st >= 300)) & (st != 429)).sum()),
+                "refused_429": int((st == 429).sum()),
                 "bad_not_4xx": int((~ok & ((st < 400) | (st >= 500))).sum()), "bad": int((~ok).sum()),
                 "p99": float(np.nanpercentile(lat, 99) * 1000), "rss_start": rss0, "rss_mid": rss_mid,
                 "rss_end": rss1, "events_stored": _metric(srv, "unirec_events_stored_total")}
@@ -387,8 +413,173 @@ def soak(run: str, users, items, n: int, rate: float, seed: int) -> dict:
 
 
 def _metric(srv: Server, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)", srv.get("/metrics")[1], re.M)
-    return float(m.group(1)) if m else float("nan")
+    """A metric's value, summed over its labels."""
+    vals = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)", srv.get("/metrics")[1], re.M)
+    return sum(float(v) for v in vals) if vals else float("nan")
+
+
+# --------------------------------------------------------------------------- lone requests
+
+
+def _sync_request(sock: socket.socket, data: bytes) -> int:
+    sock.sendall(data)
+    buf = b""
+    def more() -> bytes:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    while b"\r\n\r\n" not in buf:
+        buf += more()
+    head, _, body = buf.partition(b"\r\n\r\n")
+    n = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    while len(body) < n:
+        body += more()
+    return int(head[9:12])
+
+
+def lone(run: str, users: List[str], n: int, server_args: List[str], seed: int) -> dict:
+    """Medians (ms) of n lone requests over HTTP (recommend, healthz) and of the same jobs in process,
+    interleaved (in process, then over HTTP, then healthz, for each user), so that a shared machine's
+    changing load falls on all three alike."""
+    import torch
+    from unirec.serving import EventStore, RecommendJob, Recommender, load_run
+    rng = random.Random(seed)
+    picks = [rng.choice(users) for _ in range(n + 50)]   # the first 50: warm-up
+    torch.set_num_threads(1)
+    model, split, version = load_run(run)
+    state = tempfile.mkdtemp(prefix="unirec-bench-lone-")
+    store = EventStore(Path(state) / "e.sqlite3")
+    rec = Recommender(model, split, store, version, cache_size=0)
+    srv = Server(run, "--cache-size", "0", *server_args)
+    times = {"in_process": [], "recommend": [], "healthz": []}
+    try:
+        with socket.create_connection((HOST, srv.port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            health = http_bytes("GET", "/healthz")
+            for u in picks:
+                t = time.perf_counter()
+                rec.run_batch([RecommendJob(k=10, user_id=u)])
+                times["in_process"].append(time.perf_counter() - t)
+                for name, req in (("recommend", post_json("/v1/recommend", {"user_id": u, "k": 10})),
+                                  ("healthz", health)):
+                    time.sleep(0.002)  # lone: the server is idle when the request arrives
+                    t = time.perf_counter()
+                    assert _sync_request(s, req) == 200
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        srv.stop()
+        store.close()
+        shutil.rmtree(state, ignore_errors=True)
+    out = {k: float(np.median(v[50:]) * 1000) for k, v in times.items()}
+    out["overhead"] = out["recommend"] - out["in_process"]
+    # the lower decile: on a machine shared with other work, the closest to an unloaded figure
+    out.update({f"{k}_p10": float(np.percentile(v[50:], 10) * 1000) for k, v in times.items()})
+    out["overhead_p10"] = out["recommend_p10"] - out["in_process_p10"]
+    return out
+
+
+# --------------------------------------------------------------------------- overload with a reload
+
+
+def probe_capacity(run: str, users: List[str], rate: float, seconds: float, seed: int) -> float:
+    """2xx answers per second of a server (cache off) offered ``rate`` for ``seconds``."""
+    srv = Server(run, "--cache-size", "0")
+    try:
+        bodies = [post_json("/v1/recommend", {"user_id": u, "k": 10}) for u in users]
+        rng = random.Random(seed)
+        _run(open_loop(srv.port, lambda i: bodies[rng.randrange(len(bodies))], 100, 200, seed))
+        res = _run(open_loop(srv.port, lambda i: bodies[rng.randrange(len(bodies))], rate, int(rate * seconds), seed))
+        return float(((res["status"] >= 200) & (res["status"] < 300)).sum() / res["seconds"])
+    finally:
+        srv.stop()
+
+
+def overload(run: str, users: List[str], rate: float, seconds: float, seed: int) -> dict:
+    """``rate`` req/s for ``seconds`` against the server (cache off, API key), a reload halfway."""
+    key = "bench-key"
+    srv = Server(run, "--cache-size", "0", "--api-key", key)
+    try:
+        bodies = [post_json("/v1/recommend", {"user_id": u, "k": 10}) for u in users]
+        rng = random.Random(seed)
+        _run(open_loop(srv.port, lambda i: bodies[rng.randrange(len(bodies))], 100, 200, seed))  # warm-up
+        v0 = json.loads(srv.get("/healthz")[1])["model_version"]
+
+        async def beside():
+            rss, reload = [], None
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                rss.append(srv.rss_mb())
+                if reload is None and time.perf_counter() - t0 >= seconds / 2:
+                    conn = await Conn.connect(srv.port)
+                    t = time.perf_counter()
+                    st, body = await conn.request(http_bytes("POST", "/v1/admin/reload", b"{}", {"X-API-Key": key}))
+                    conn.close()
+                    reload = {"status": st, "seconds": time.perf_counter() - t, "answer": json.loads(body)}
+                await asyncio.sleep(1.0)
+            return {"rss": rss, "reload": reload}
+
+        res = _run(open_loop(srv.port, lambda i: bodies[rng.randrange(len(bodies))], rate, int(rate * seconds),
+                             seed, side=beside()))
+        st, lat = res["status"], res["latency"]
+        ok = (st >= 200) & (st < 300)
+        acc = lat[ok] * 1000
+        q = np.percentile(acc, [50, 99]) if len(acc) else [np.nan, np.nan]
+        rss = res["side"]["rss"]
+        warm = rss[min(5, len(rss) - 1):]
+        return {"offered": rate, "seconds": seconds, "n": len(st), "2xx": int(ok.sum()),
+                "429": int((st == 429).sum()), "share_429": float((st == 429).mean()), "5xx": int((st >= 500).sum()),
+                "unanswered": int((st <= 0).sum()), "other": int((~ok & (st != 429) & (st > 0) & (st < 500)).sum()),
+                "accepted_per_s": float(ok.sum() / res["seconds"]), "p50": float(q[0]), "p99": float(q[1]),
+                "rss_first": rss[0], "rss_after_5s_min": min(warm), "rss_after_5s_max": max(warm),
+                "rss_last": rss[-1], "rss": rss, "reload": res["side"]["reload"], "version_before": v0,
+                "version_after": json.loads(srv.get("/healthz")[1])["model_version"],
+                "reloads_metric": _metric(srv, "unirec_model_reloads_total")}
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- dismissals
+
+
+def dismiss_effect(run: str, n_users: int, demotions: List[float], seed: int) -> List[dict]:
+    """Per demotion: the share of the dismissed item's 5 nearest neighbours that were in a user's top 10
+    and left it, and the mean number of other items that left it (see the module docstring)."""
+    import torch
+    from unirec.serving import EventStore, RecommendJob, Recommender, load_run
+    torch.set_num_threads(1)
+    model, split, version = load_run(run)
+    rng = np.random.default_rng(seed)
+    users = [str(u) for u in rng.choice(split.dataset.user_vocab[1:], n_users, replace=False)]
+    state = tempfile.mkdtemp(prefix="unirec-bench-dismiss-")
+    store = EventStore(Path(state) / "e.sqlite3")
+    try:
+        base = Recommender(model, split, store, version, cache_size=0, dismiss_demotion=0)
+        before = base.run_batch([RecommendJob(k=10, user_id=u) for u in users])
+        picks = []
+        for u, b in zip(users, before):
+            d = b.items[int(rng.integers(len(b.items)))]
+            picks.append((d, set(base.similar(d, 5)[0]) & set(b.items)))
+            store.append(u, base.item_ids[d], kind="dismiss")
+        rows = []
+        for dem in demotions:
+            rec = Recommender(model, split, store, version, cache_size=0, dismiss_demotion=dem)
+            after = rec.run_batch([RecommendJob(k=10, user_id=u) for u in users])
+            near = left = others = users_with = users_half = 0
+            for (d, nn), a, b in zip(picks, after, before):
+                gone = nn - set(a.items)
+                near, left = near + len(nn), left + len(gone)
+                others += len(set(b.items) - set(a.items) - {d} - nn)
+                users_with += bool(nn)
+                users_half += bool(nn) and 2 * len(gone) >= len(nn)
+            rows.append({"demotion": dem, "users": n_users, "users_with_neighbours_in_top10": users_with,
+                         "neighbours_in_top10": near, "left": left, "share_left": left / max(near, 1),
+                         "users_half_left": users_half, "others_left_per_user": others / n_users})
+        return rows
+    finally:
+        store.close()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -417,9 +608,23 @@ def main(argv=None) -> int:
     p.add_argument("--p99-ms", type=float, default=50.0, help="latency bound for 'sustained' (default: %(default)s)")
     p.add_argument("--modes", default="batched,single,cached",
                    help="batched (--max-batch 64, no user-state cache), single (--max-batch 1, no cache), cached "
-                        "(batched with the cache on, its default) (default: %(default)s)")
+                        "(batched with the cache on, its default); none = no sweep (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="the batched mode's --max-batch (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="the batched mode's --max-wait-ms (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="the batched mode's --max-wait-ms (default: %(default)s)")
+    p.add_argument("--lone", type=int, default=300,
+                   help="lone requests timed one by one, 0 = none (default: %(default)s)")
+    p.add_argument("--server-args", default="", help="extra `unirec serve` arguments of the lone and sweep servers, "
+                                                    "space-separated (default: none)")
+    p.add_argument("--overload", type=float, default=60.0,
+                   help="seconds of the overload run at twice the capacity, 0 = none (default: %(default)s)")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="capacity (req/s) to double for the overload run (default: the batched sweep's highest "
+                        "sustained rate, else a 5 s probe at --probe-rate)")
+    p.add_argument("--probe-rate", type=float, default=2500.0, help="offered rate of the capacity probe "
+                                                                    "(default: %(default)s)")
+    p.add_argument("--dismiss-users", type=int, default=200, help="users of the dismissal measurement, 0 = none "
+                                                                  "(default: %(default)s)")
+    p.add_argument("--demotions", default="0,0.5,1,1.5,2,3", help="demotions it tries (default: %(default)s)")
     p.add_argument("--soak", type=int, default=10000, help="soak requests, 0 = no soak (default: %(default)s)")
     p.add_argument("--soak-rate", type=float, default=300.0, help="soak offered rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and request mix (default: %(default)s)")
@@ -429,13 +634,23 @@ def main(argv=None) -> int:
     users, items = data_ids(args.run)
     out = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; {len(users)} users, {len(items)} items")
-    batched = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    modes = {"batched": batched + ["--cache-size", "0"], "single": ["--max-batch", "1", "--cache-size", "0"],
+    extra = args.server_args.split()
+    if args.lone:
+        lo = lone(args.run, users, args.lone, extra, args.seed)
+        out["lone"] = lo
+        print(f"lone requests ({args.lone}, medians): recommend over HTTP {lo['recommend']:.2f} ms, the same in "
+              f"process {lo['in_process']:.2f} ms (HTTP adds {lo['overhead']:.2f} ms), /healthz {lo['healthz']:.2f} ms; "
+              f"lower deciles {lo['recommend_p10']:.2f} / {lo['in_process_p10']:.2f} (adds {lo['overhead_p10']:.2f}) / "
+              f"{lo['healthz_p10']:.2f} ms")
+    batched = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *extra]
+    modes = {"batched": batched + ["--cache-size", "0"], "single": ["--max-batch", "1", "--cache-size", "0", *extra],
              "cached": batched}
     best = {}
-    print("| mode | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | mean batch | non-2xx | sustained |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for mode in args.modes.split(","):
+    sweeps = [m for m in args.modes.split(",") if m in modes]
+    if sweeps:
+        print("| mode | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | mean batch | non-2xx | sustained |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    for mode in sweeps:
         rows = sweep(args.run, users, mode, modes[mode], rates, args.duration, args.p99_ms, args.seed)
         out[mode] = rows
         ok = [r["achieved"] for r in rows if r["sustained"]]
@@ -449,8 +664,30 @@ def main(argv=None) -> int:
         s = soak(args.run, users, items, args.soak, args.soak_rate, args.seed)
         out["soak"] = s
         print(f"soak: {s['n']} mixed requests at {s['rate']:.0f}/s ({s['bad']} bad inputs): {s['5xx']} 5xx, "
-              f"{s['failed']} failed, {s['ok_not_2xx']} valid not 2xx, {s['bad_not_4xx']} bad not 4xx; p99 "
+              f"{s['failed']} failed, {s['refused_429']} refused (429), {s['ok_not_2xx']} other valid not 2xx, "
+              f"{s['bad_not_4xx']} bad not 4xx; p99 "
               f"{s['p99']:.1f} ms; server RSS {s['rss_start']:.0f} -> {s['rss_mid']:.0f} -> {s['rss_end']:.0f} MB")
+    if args.overload:
+        cap = args.capacity or best.get("batched") or probe_capacity(args.run, users, args.probe_rate, 5.0, args.seed)
+        o = overload(args.run, users, 2 * cap, args.overload, args.seed)
+        out["overload"] = dict(o, capacity=cap)
+        print(f"overload: {o['offered']:.0f} req/s (2 x {cap:.0f}) for {o['seconds']:.0f} s, {o['n']} requests: "
+              f"{o['5xx']} 5xx, {o['unanswered']} unanswered, {o['other']} other non-2xx, 429 share "
+              f"{o['share_429']:.3f}; accepted {o['accepted_per_s']:.0f}/s, p50 {o['p50']:.1f} ms, "
+              f"p99 {o['p99']:.1f} ms; "
+              f"RSS {o['rss_first']:.0f} MB at the start, {o['rss_after_5s_min']:.0f}-{o['rss_after_5s_max']:.0f} MB "
+              f"after 5 s, {o['rss_last']:.0f} MB at the end; reload halfway: {o['reload']}; version "
+              f"{o['version_before']} -> {o['version_after']}, reloads {o['reloads_metric']:.0f}")
+    if args.dismiss_users:
+        rows = dismiss_effect(args.run, args.dismiss_users, [float(x) for x in args.demotions.split(",")], args.seed)
+        out["dismiss"] = rows
+        print("| demotion | users with a neighbour in the top 10 | neighbours in the top 10 | left | share left | "
+              "users with >= half left | other items out per user |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['demotion']:g} | {r['users_with_neighbours_in_top10']} / {r['users']} | "
+                  f"{r['neighbours_in_top10']} | {r['left']} | {r['share_left']:.2f} | {r['users_half_left']} | "
+                  f"{r['others_left_per_user']:.2f} |")
     out["load_average_end"] = os.getloadavg()
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:

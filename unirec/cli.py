@@ -203,18 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output folder (the study, trial runs, best config)")
     sv = sub.add_parser("serve", help="HTTP recommendation service with live user events",
                        description="Serve a run's model over HTTP (FastAPI + uvicorn): POST /v1/recommend, "
-                                   "POST /v1/events, GET /v1/items/ID/similar, GET /v1/users/ID/history, /healthz, "
-                                   "/metrics, /docs. Events are stored in SQLite and survive restarts.")
+                                   "POST /v1/events, GET /v1/items/ID/similar, GET /v1/items?q=, "
+                                   "GET /v1/users/ID/history, POST /v1/admin/reload, /healthz, /metrics, /docs, "
+                                   "and a page to try it at /. Events are stored in SQLite and survive restarts; "
+                                   "SIGHUP reloads the run folder.")
     sv.add_argument("run", help="run folder written by `unirec train`")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     sv.add_argument("--state-dir", default=None, help="folder of the event store (default: RUN/serving)")
     sv.add_argument("--api-key", default=None,
-                   help="require this key in the X-API-Key header of writes (default: $UNIREC_API_KEY, else none)")
+                   help="require this key in the X-API-Key header of writes, history reads and reloads "
+                        "(default: $UNIREC_API_KEY, else none, and POST /v1/admin/reload is off)")
     sv.add_argument("--max-batch", type=int, default=64,
                    help="most recommend requests per model batch; 1 = no batching (default: %(default)s)")
-    sv.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="longest wait for more requests to fill a batch (default: %(default)s)")
+    sv.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="longest wait for more requests to fill a batch that starts with an idle model; batches "
+                        "form without it under load (default: %(default)s)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                   help="most recommend requests waiting for the model; more get 429 with Retry-After "
+                        "(default: %(default)s)")
+    sv.add_argument("--max-queue-ms", type=float, default=25.0,
+                   help="new recommend requests get 429 while the oldest waiting one has waited this long "
+                        "(default: %(default)s)")
+    sv.add_argument("--timeout-ms", type=float, default=1000.0,
+                   help="deadline of a recommend request; 503 with Retry-After past it (default: %(default)s)")
+    sv.add_argument("--dismiss-demotion", type=float, default=1.5,
+                   help="how far items close to a dismissed one fall for that user: this x cosine^2 x the spread "
+                        "of the user's scores; 0 = only the dismissed item goes (default: %(default)s)")
     sv.add_argument("--cache-size", type=int, default=10000,
                    help="user states cached, invalidated by the user's events; 0 = none (default: %(default)s)")
     sv.add_argument("--max-body-bytes", type=int, default=256 * 1024,
@@ -450,14 +465,25 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import importlib
     import os
+    missing = []
+    for name in ("fastapi", "uvicorn", "prometheus_client", "pydantic"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(f"unirec serve needs the serving extra (missing: {', '.join(missing)}): "
+                         'pip install -e ".[serve]" in the source tree, or pip install "unirec[serve]"')
     from .serving import serve
     if not (Path(args.run) / "config.json").exists():
         raise SystemExit(f"{args.run}: no config.json; pass a folder written by `unirec train`")
     serve(args.run, args.host, args.port, threads=args.threads, log_level=args.log_level, state_dir=args.state_dir,
           api_key=args.api_key or os.environ.get("UNIREC_API_KEY") or None, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, cache_size=args.cache_size, max_body_bytes=args.max_body_bytes,
-          impl=args.impl)
+          impl=args.impl, max_queue=args.max_queue, max_queue_ms=args.max_queue_ms, timeout_ms=args.timeout_ms,
+          dismiss_demotion=args.dismiss_demotion)
     return 0
 
 

@@ -4,9 +4,9 @@
 another ASGI server). See :mod:`unirec.serving.app` for the endpoints.
 """
 from .app import create_app, serve
-from .batcher import MicroBatcher
+from .batcher import DeadlineExceeded, MicroBatcher, QueueFull
 from .engine import ApiError, Ranked, RecommendJob, Recommender, load_run
-from .store import Event, EventStore
+from .store import KINDS, Event, EventStore
 
-__all__ = ["create_app", "serve", "MicroBatcher", "ApiError", "Ranked", "RecommendJob", "Recommender", "load_run",
-           "Event", "EventStore"]
+__all__ = ["create_app", "serve", "MicroBatcher", "QueueFull", "DeadlineExceeded", "ApiError", "Ranked",
+           "RecommendJob", "Recommender", "load_run", "KINDS", "Event", "EventStore"]

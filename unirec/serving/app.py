@@ -3,42 +3,57 @@
 Endpoints (JSON; ids are the data set's own, as strings):
 
 - ``POST /v1/recommend`` {user_id | history, k, exclude_seen, candidates} -> ranked items with titles
-- ``POST /v1/events`` {user_id, item_id, timestamp?, rating?} -> 201 once the event is durable
-- ``GET /v1/items/{item_id}/similar?k=``, ``GET /v1/users/{user_id}/history``
-- ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, ``GET /docs``
+- ``POST /v1/events`` {user_id, item_id, kind?, timestamp?, rating?} -> 201 once the event is durable
+- ``GET /v1/items/{item_id}/similar?k=``, ``GET /v1/items?q=&k=`` (title search),
+  ``GET /v1/users/{user_id}/history``
+- ``POST /v1/admin/reload`` {run_dir?}: swap in a new model version (also SIGHUP under ``unirec serve``)
+- ``GET /`` a page to try the service on; ``GET /healthz``, ``GET /metrics`` (Prometheus text),
+  ``GET /openapi.json``, ``GET /docs``
 
 Every client error is a 4xx whose ``detail`` names the field ("k: Input should be less than or
-equal to 1000"), with the list of ``errors`` ({field, message}) for validation errors.
+equal to 1000"), with the list of ``errors`` ({field, message}) for validation errors. Overload is
+a 429 (the request queue is full) and a missed deadline a 503, both with ``Retry-After``.
+
+A reload builds the new :class:`Recommender` beside the serving one and then swaps the reference:
+each request takes the recommender current when it starts and keeps it to the end (its ids are
+translated, ranked and named by that one model), so requests in flight finish on the old model and
+later ones use the new; the new one starts with an empty user-state cache over the same event store.
 """
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import math
 import secrets
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, List, Optional, Union
+from typing import Annotated, Any, List, Literal, Optional, Union
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 from pydantic import model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import MicroBatcher
-from .engine import ApiError, Recommender, RecommendJob, load_run
+from .batcher import DeadlineExceeded, MicroBatcher, QueueFull
+from .engine import DEFAULT_DISMISS_DEMOTION, ApiError, Recommender, RecommendJob, load_run
 from .metrics import Metrics, endpoint_label
-from .store import EventStore
+from .store import KINDS, EventStore
 
 API_KEY_HEADER = "X-API-Key"
 MAX_K = 1000
 MAX_LIST = 10000
+STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = 1
+log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: shown at its log level
 
 
 def _id(v: Any) -> Any:
@@ -59,7 +74,8 @@ class RecommendRequest(BaseModel):
     user_id: Optional[Id] = Field(None, description="the data set's user id; unknown users use their live events")
     history: Optional[List[Id]] = Field(None, max_length=MAX_LIST, description="item ids in time order, used as given")
     k: K = 10
-    exclude_seen: StrictBool = Field(True, description="leave out items already in the history")
+    exclude_seen: StrictBool = Field(True, description="leave out items already in the history (dismissed items "
+                                                       "are always left out)")
     candidates: Optional[List[Id]] = Field(None, min_length=1, max_length=MAX_LIST,
                                            description="rank only these item ids")
 
@@ -89,15 +105,19 @@ class EventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: Id
     item_id: Id
+    kind: Literal[KINDS] = Field("view", description="view (rated or not), like, dislike, dismiss (not "
+                                                     "interested: never recommended again, similar items "
+                                                     "demoted), skip")
     timestamp: Optional[Annotated[float, Field(allow_inf_nan=False, ge=0)]] = Field(
         None, description="seconds since the epoch (default: when it is received)")
-    rating: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None
+    rating: Optional[Annotated[float, Field(allow_inf_nan=False)]] = Field(None, description="only with kind view")
 
 
 class EventResponse(BaseModel):
     event_id: int
     user_id: str
     item_id: str
+    kind: str
     timestamp: float
     rating: Optional[float] = None
 
@@ -107,6 +127,7 @@ class HistoryEvent(BaseModel):
     title: Optional[str] = None
     timestamp: Optional[float] = None
     rating: Optional[float] = None
+    kind: str = "view"
     source: str = Field(description='"dataset" or "live"')
 
 
@@ -121,6 +142,28 @@ class SimilarResponse(BaseModel):
     item_id: str
     title: Optional[str] = None
     items: List[ItemScore]
+
+
+class ItemHit(BaseModel):
+    item_id: str
+    title: Optional[str] = None
+    popularity: float
+
+
+class SearchResponse(BaseModel):
+    items: List[ItemHit]
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_dir: Optional[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=4096)]] = Field(
+        None, description="run folder on the server (default: the one it was started with, read again)")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str
+    seconds: float
 
 
 # --------------------------------------------------------------------------- errors
@@ -157,6 +200,11 @@ def _error(status: int, errors: List[dict]) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail, "errors": errors})
 
 
+def _busy(message: str) -> JSONResponse:
+    return JSONResponse(status_code=429, content={"detail": f"server busy: {message}; retry after {RETRY_AFTER_S} s"},
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class _BodyTooLarge(StarletteHTTPException):
     # an HTTPException, so that FastAPI's body reading passes it on to the handler unchanged
     def __init__(self, limit: int):
@@ -164,11 +212,13 @@ class _BodyTooLarge(StarletteHTTPException):
 
 
 class ServiceMiddleware:
-    """Pure ASGI middleware: request metrics (count, latency by endpoint) and the request body size limit
-    (413, from Content-Length before reading, or while a body without one streams in)."""
+    """Pure ASGI middleware: request metrics (count, latency by endpoint), the request body size limit
+    (413, from Content-Length before reading, or while a body without one streams in), and a 429 for
+    a recommend request while the batcher's queue is full (before its body is read or parsed: under
+    overload a refusal must cost far less than an answer)."""
 
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, queue_full=None):
+        self.app, self.metrics, self.max_body, self.queue_full = app, metrics, max_body_bytes, queue_full
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -190,6 +240,9 @@ class ServiceMiddleware:
             await _error(code, [{"field": "body", "message": message}])(scope, receive, send_wrapper)
 
         try:
+            why = self.queue_full() if endpoint == "/v1/recommend" and self.queue_full is not None else None
+            if why is not None:
+                return await _busy(why)(scope, receive, send_wrapper)
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 if length.isdigit():
@@ -218,44 +271,107 @@ class ServiceMiddleware:
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
+def _run_jobs(pairs):
+    """The batch function: (recommender, job) pairs, each group run on its own recommender (a batch
+    taken during a reload holds jobs for both the old and the new model)."""
+    out: list = [None] * len(pairs)
+    groups: dict = {}
+    for j, (rec, _) in enumerate(pairs):
+        groups.setdefault(id(rec), (rec, []))[1].append(j)
+    for rec, idx in groups.values():
+        for j, res in zip(idx, rec.run_batch([pairs[j][1] for j in idx])):
+            out[j] = res
+    return out
+
+
 # --------------------------------------------------------------------------- the app
 
 
 def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = None, *, max_batch: int = 64,
-               max_wait_ms: float = 2.0, cache_size: int = 10000, api_key: Optional[str] = None,
-               max_body_bytes: int = 256 * 1024, impl: str = "auto") -> FastAPI:
+               max_wait_ms: float = 0.0, cache_size: int = 10000, api_key: Optional[str] = None,
+               max_body_bytes: int = 256 * 1024, impl: str = "auto", max_queue: int = 256,
+               max_queue_ms: Optional[float] = 25.0, timeout_ms: float = 1000.0,
+               dismiss_demotion: float = DEFAULT_DISMISS_DEMOTION,
+               reload_signal: bool = False) -> FastAPI:
     """The service over run folder ``run_dir``; its SQLite store is ``state_dir/events.sqlite3``
     (state_dir defaults to ``run_dir/serving``).
 
-    max_batch / max_wait_ms: the micro-batcher (1 = every request alone); cache_size: user states
-    cached (0 = none); api_key: required in the X-API-Key header of writes when set;
-    max_body_bytes: larger request bodies get 413; impl: kernel backend of the model.
+    max_batch / max_wait_ms: the micro-batcher (1 = every request alone; see
+    :class:`~unirec.serving.batcher.MicroBatcher`); max_queue / max_queue_ms: recommend requests
+    waiting at most / longest wait of the oldest one (None: no bound), past either new ones get 429;
+    timeout_ms: a recommend request's deadline, 503 past it; cache_size: user states
+    cached (0 = none); api_key: when set, required in the X-API-Key header of writes, of history
+    reads and of reloads (which are refused without one); max_body_bytes: larger request bodies get
+    413; impl: kernel backend of the model; dismiss_demotion: how far items close to a dismissed one
+    fall (see :class:`~unirec.serving.engine.Recommender`); reload_signal: reload on SIGHUP (needs
+    the main thread's event loop, as under ``unirec serve``).
     """
     run_dir = Path(run_dir)
     state_dir = Path(state_dir) if state_dir is not None else run_dir / "serving"
     model, split, version = load_run(run_dir, impl=impl)
     metrics = Metrics()
     store = EventStore(state_dir / "events.sqlite3")
-    rec = Recommender(model, split, store, version, cache_size=cache_size, metrics=metrics)
-    batcher = MicroBatcher(rec.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                           on_batch=metrics.observe_batch)
+
+    def build(model, split, version) -> Recommender:
+        return Recommender(model, split, store, version, cache_size=cache_size, metrics=metrics,
+                           dismiss_demotion=dismiss_demotion)
+
+    live = {"rec": build(model, split, version)}  # the serving recommender; a reload replaces it
+    batcher = MicroBatcher(_run_jobs, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.observe_batch,
+                           max_queue=max_queue, max_queue_ms=max_queue_ms, timeout_ms=timeout_ms)
     # One writer thread: commits are serialised anyway, and the event loop never waits on an fsync.
     writer = ThreadPoolExecutor(1, thread_name_prefix="unirec-writer")
+    reload_lock = asyncio.Lock()
+
+    def current() -> Recommender:
+        return live["rec"]
+
+    async def reload(path: Optional[str] = None) -> dict:
+        """Loads ``path`` (default: run_dir again) beside the serving model, then swaps it in."""
+        if reload_lock.locked():
+            raise ApiError(409, "run_dir", "a reload is already running")
+        async with reload_lock:
+            target = run_dir if path is None else Path(path)
+            t0 = time.perf_counter()
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: build(*load_run(target, impl=impl)))
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the serving model stays
+                raise ApiError(422, "run_dir", f"cannot load {target}: {exc}") from None
+            old, live["rec"] = current(), new
+            metrics.reloads.inc()
+            return {"model_version": new.version, "previous_version": old.version,
+                    "seconds": time.perf_counter() - t0}
+
+    async def reload_on_signal():
+        try:
+            r = await reload()
+            log.warning("unirec: reloaded %s (was %s) in %.1f s", r["model_version"], r["previous_version"],
+                        r["seconds"])
+        except ApiError as exc:
+            log.error("unirec: reload failed: %s", exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        loop = asyncio.get_running_loop()
+        if reload_signal:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_on_signal()))
         try:
             yield
         finally:
+            if reload_signal:
+                loop.remove_signal_handler(signal.SIGHUP)
             await batcher.stop()
             writer.shutdown(wait=True)
             store.close()
 
     app = FastAPI(title="unirec", version="1", lifespan=lifespan,
                   description="Recommendations from a unirec run, with live user events. Ids are the data set's own.")
-    app.state.recommender, app.state.store, app.state.metrics = rec, store, metrics
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.state.store, app.state.metrics, app.state.batcher = store, metrics, batcher
+    app.state.current, app.state.reload = current, reload
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=max_body_bytes,
+                       queue_full=batcher.full)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -267,6 +383,16 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
     async def _api_error(request: Request, exc: ApiError):
         return _error(exc.status, [{"field": exc.field, "message": exc.message}])
 
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull):
+        return _busy(str(exc))
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded):
+        return JSONResponse(status_code=503, content={"detail": f"deadline: {exc} (server overloaded); retry after "
+                                                                f"{RETRY_AFTER_S} s"},
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if isinstance(exc, _BodyTooLarge):
@@ -277,28 +403,37 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         if api_key is None:
             return
         if x_api_key is None:
-            raise ApiError(401, API_KEY_HEADER, "missing; writes need the API key in this header")
+            raise ApiError(401, API_KEY_HEADER, "missing; this endpoint needs the API key in this header")
         if not secrets.compare_digest(x_api_key.encode(), api_key.encode()):
             raise ApiError(401, API_KEY_HEADER, "wrong API key")
 
-    def items_out(items, scores) -> List[dict]:
+    def require_admin(x_api_key: Annotated[Optional[str], Header(description="API key")] = None):
+        if api_key is None:
+            raise ApiError(403, API_KEY_HEADER, "admin endpoints are off: start the server with --api-key "
+                                                "(or reload with SIGHUP)")
+        require_key(x_api_key)
+
+    def items_out(rec: Recommender, items, scores) -> List[dict]:
         return [{"item_id": rec.item_ids[i], "score": s if math.isfinite(s) else None, "title": rec.title(i)}
                 for i, s in zip(items, scores)]
 
     @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"],
-              responses={422: {"description": "a field is invalid (named in detail)"}})
+              responses={422: {"description": "a field is invalid (named in detail)"},
+                         429: {"description": "the request queue is full (Retry-After)"},
+                         503: {"description": "not answered within the deadline (Retry-After)"}})
     async def recommend(req: RecommendRequest):
         """Top-k items for a user (data-set + live events) or for a given history."""
+        rec = current()  # this request's model, to the end, whatever a reload does meanwhile
         hist = None if req.history is None else [rec.item_index(v, f"history[{j}]") for j, v in enumerate(req.history)]
         cands = None
         if req.candidates is not None:
             c = [rec.item_index(v, f"candidates[{j}]") for j, v in enumerate(req.candidates)]
             cands = np.asarray(list(dict.fromkeys(c)), dtype=np.int64)
         job = RecommendJob(k=req.k, exclude_seen=req.exclude_seen, user_id=req.user_id, history=hist, candidates=cands)
-        res = await batcher.submit(job)
+        res = await batcher.submit((rec, job))
         return JSONResponse({"model_version": rec.version, "user_id": req.user_id, "known_user": res.known_user,
                              "source": res.source, "history_length": res.history_length,
-                             "items": items_out(res.items, res.scores)})
+                             "items": items_out(rec, res.items, res.scores)})
 
     @app.post("/v1/events", status_code=201, response_model=EventResponse, tags=["events"],
               dependencies=[Depends(require_key)],
@@ -306,28 +441,46 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
     async def post_event(ev: EventRequest):
         """Appends an event to the user's live history; answered once it is on disk. The user's next
         recommendation reflects it."""
+        rec = current()
         rec.item_index(ev.item_id, "item_id")
-        cfg = rec.model.schema
-        if ev.rating is not None and not cfg.rating_min <= ev.rating <= cfg.rating_max:
-            raise ApiError(422, "rating", f"must be between {cfg.rating_min:g} and {cfg.rating_max:g}, got {ev.rating:g}")
+        cfg = rec.schema
+        if ev.rating is not None:
+            if ev.kind != "view":
+                raise ApiError(422, "rating", f"only an event of kind 'view' takes a rating (this one is {ev.kind!r})")
+            if not cfg.rating_min <= ev.rating <= cfg.rating_max:
+                raise ApiError(422, "rating",
+                               f"must be between {cfg.rating_min:g} and {cfg.rating_max:g}, got {ev.rating:g}")
         loop = asyncio.get_running_loop()
-        e = await loop.run_in_executor(writer, store.append, ev.user_id, ev.item_id, ev.timestamp, ev.rating)
-        rec.invalidate(ev.user_id)
-        metrics.events.inc()
-        return JSONResponse({"event_id": e.id, "user_id": e.user_id, "item_id": e.item_id, "timestamp": e.timestamp,
-                             "rating": e.rating}, status_code=201)
+        e = await loop.run_in_executor(writer, lambda: store.append(ev.user_id, ev.item_id, ev.timestamp, ev.rating,
+                                                                    ev.kind))
+        current().invalidate(ev.user_id)  # the model serving now (a reload may have happened meanwhile)
+        metrics.events.labels(ev.kind).inc()
+        return JSONResponse({"event_id": e.id, "user_id": e.user_id, "item_id": e.item_id, "kind": e.kind,
+                             "timestamp": e.timestamp, "rating": e.rating}, status_code=201)
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarResponse, tags=["items"])
     async def similar(item_id: str, k: Annotated[int, Query(ge=1, le=MAX_K, description="how many items")] = 10):
         """The k items closest to ``item_id`` (cosine of the model's item representations)."""
+        rec = current()
         i = rec.item_index(item_id, "item_id", status=404)
         items, scores = await asyncio.get_running_loop().run_in_executor(None, rec.similar, i, k)
         return JSONResponse({"model_version": rec.version, "item_id": item_id, "title": rec.title(i),
-                             "items": items_out(items, scores)})
+                             "items": items_out(rec, items, scores)})
 
-    @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, tags=["users"])
+    @app.get("/v1/items", response_model=SearchResponse, tags=["items"])
+    async def search(q: Annotated[str, Query(min_length=1, max_length=200, description="text in the title, or an id")],
+                     k: Annotated[int, Query(ge=1, le=100, description="how many items")] = 20):
+        """Items whose title contains ``q`` (case-insensitive) or whose id is ``q``, most popular first."""
+        rec = current()
+        hits = await asyncio.get_running_loop().run_in_executor(None, rec.search, q, k)
+        return JSONResponse({"items": [{"item_id": rec.item_ids[i], "title": rec.title(i),
+                                        "popularity": float(rec.popularity[i])} for i in hits]})
+
+    @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, tags=["users"],
+             dependencies=[Depends(require_key)], responses={401: {"description": "API key missing or wrong"}})
     async def history(user_id: str):
         """The user's events, oldest first: the data set's, then the live ones."""
+        rec = current()
         u = rec.user_index(user_id)
         live = await asyncio.get_running_loop().run_in_executor(None, store.events, user_id)
         events = []
@@ -337,30 +490,51 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
             for p in range(s, e):
                 r = None if sp.ratings is None else float(sp.ratings[p])
                 events.append({"item_id": rec.item_ids[int(sp.items[p])], "title": rec.title(int(sp.items[p])),
-                               "timestamp": float(sp.timestamps[p]), "rating": r, "source": "dataset"})
+                               "timestamp": float(sp.timestamps[p]), "rating": r, "kind": "view",
+                               "source": "dataset"})
         for ev in live:
-            i = rec._item_index.get(ev.item_id)
+            i = rec.item_of(ev.item_id)
             events.append({"item_id": ev.item_id, "title": rec.title(i) if i else None, "timestamp": ev.timestamp,
-                           "rating": ev.rating, "source": "live"})
+                           "rating": ev.rating, "kind": ev.kind, "source": "live"})
         return JSONResponse({"user_id": user_id, "known_user": bool(u), "events": events})
+
+    @app.post("/v1/admin/reload", response_model=ReloadResponse, tags=["service"],
+              dependencies=[Depends(require_admin)],
+              responses={401: {"description": "API key missing or wrong"},
+                         403: {"description": "the server has no API key"},
+                         409: {"description": "a reload is already running"},
+                         422: {"description": "the run folder cannot be loaded"}})
+    async def admin_reload(req: Annotated[Optional[ReloadRequest], Body()] = None):
+        """Loads a run folder (default: the server's, read again) and swaps it in without dropping
+        requests: those in flight finish on the old model, later ones use the new."""
+        return JSONResponse(await reload(None if req is None else req.run_dir))
 
     @app.get("/healthz", tags=["service"])
     async def healthz():
-        """Liveness and what is loaded."""
-        return {"status": "ok", "model_version": rec.version, "items": rec.num_items,
-                "users": len(rec.split.dataset.user_vocab) - 1}
+        """Liveness and what is loaded (with a few user ids to try)."""
+        rec = current()
+        users = rec.split.dataset.user_vocab
+        return {"status": "ok", "model_version": rec.version, "items": rec.num_items, "users": len(users) - 1,
+                "example_users": [str(u) for u in users[1:6]], "titles": rec.titles is not None,
+                "queued": batcher.queued}
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus():
         """Prometheus text: requests by endpoint and status, latency and batch size histograms."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
 def serve(run_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, *, threads: int = 1,
           log_level: str = "warning", access_log: bool = False, **app_kwargs) -> None:
-    """Runs :func:`create_app` under uvicorn until interrupted (keyword arguments go to create_app).
+    """Runs :func:`create_app` under uvicorn until interrupted (keyword arguments go to create_app);
+    SIGHUP reloads the run folder.
 
     threads: torch intra-op threads of the model. One by default: on 2 cores the event loop (and any
     client on the same machine) needs the other core, and a second intra-op thread cost more latency
@@ -369,7 +543,7 @@ def serve(run_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, 
     import torch
     import uvicorn
     torch.set_num_threads(threads)
-    app = create_app(run_dir, **app_kwargs)
+    app = create_app(run_dir, reload_signal=True, **app_kwargs)
     # The model, the data set and the libraries are long-lived: keep the collector from rescanning them
     # (a full collection over them takes tens of milliseconds, a latency spike for every request in flight).
     gc.collect()

@@ -1,105 +1,182 @@
-"""An asyncio micro-batcher: requests that arrive together share one call of a batch function.
+"""A micro-batcher: requests that arrive together share one call of a batch function.
 
-The batch function runs in one worker thread (the model is not run concurrently with itself, and
-the event loop stays free to accept requests meanwhile). A batch is everything queued when the
-worker is free (at most ``max_batch``). When the worker was idle, so the batch starts with a lone
-request, it is topped up for at most ``max_wait_ms``; under load, requests queue up while the
-previous batch runs and the next batch takes them all at once, without waiting: the worker is
-never left idle while requests wait.
+The batch function runs in one model thread (the model is not run concurrently with itself, and the
+event loop stays free to accept requests meanwhile). The event loop hands a job over by appending it
+to a deque and notifying a condition variable; the model thread takes everything queued (at most
+``max_batch``), runs it, and hands the whole batch's results back with one
+``call_soon_threadsafe``. A lone request therefore costs two thread hand-offs and no timer: under
+load, requests queue up while the previous batch runs and the next batch takes them all at once,
+so batches form without waiting. ``max_wait_ms`` > 0 still tops a batch that starts with an idle
+worker up for that long (fewer, larger batches at a latency cost; off by default).
+
+Bounds: :meth:`MicroBatcher.submit` raises :class:`QueueFull` at once (so that the caller can answer
+429 rather than queue without bound) while ``max_queue`` jobs wait, or while the oldest waiting job
+has waited ``max_queue_ms``: a count alone would let the wait grow as the model slows down (a
+loaded machine, larger batches), while the age of the queue's head is the wait itself. A job not
+answered within ``timeout_ms`` of its submission raises :class:`DeadlineExceeded` (the model thread
+skips jobs whose deadline has passed before it starts them).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds ``max_queue`` jobs already."""
+
+
+class DeadlineExceeded(Exception):
+    """A job was not answered within its deadline."""
 
 
 class MicroBatcher:
     """Collects jobs into batches for ``fn(jobs) -> results`` (one result or exception per job).
 
-    on_batch(size, seconds): called after each batch (metrics).
+    on_batch(size, seconds): called after each batch (metrics), in the model thread.
+    max_queue: jobs waiting at most; max_queue_ms: longest wait of the oldest waiting job before new
+    ones are refused; timeout_ms: each job's deadline (each None = no bound).
     """
 
-    def __init__(self, fn: Callable[[Sequence[Any]], List[Any]], max_batch: int = 64, max_wait_ms: float = 2.0,
-                 on_batch: Optional[Callable[[int, float], None]] = None):
+    def __init__(self, fn: Callable[[Sequence[Any]], List[Any]], max_batch: int = 64, max_wait_ms: float = 0.0,
+                 on_batch: Optional[Callable[[int, float], None]] = None, max_queue: Optional[int] = None,
+                 timeout_ms: Optional[float] = None, max_queue_ms: Optional[float] = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if timeout_ms is not None and timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be > 0, got {timeout_ms}")
+        if max_queue_ms is not None and max_queue_ms <= 0:
+            raise ValueError(f"max_queue_ms must be > 0, got {max_queue_ms}")
+        self.max_queue_wait = None if max_queue_ms is None else max_queue_ms / 1000.0
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000.0
-        self.on_batch = on_batch
-        self._queue: Optional[asyncio.Queue] = None
-        self._task: Optional[asyncio.Task] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self.on_batch, self.max_queue = on_batch, max_queue
+        self.timeout = None if timeout_ms is None else timeout_ms / 1000.0
+        self._jobs: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stopping = False
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the model thread (not counting the batch it is running)."""
+        return len(self._jobs)
+
+    def full(self) -> Optional[str]:
+        """Why a job submitted now would be refused (None: it would be queued)."""
+        n = len(self._jobs)
+        if self.max_queue is not None and n >= self.max_queue:
+            return f"{n} requests are queued already"
+        if self.max_queue_wait is not None and n:
+            try:
+                waited = time.monotonic() - self._jobs[0][3]
+            except IndexError:  # the model thread took the last one meanwhile
+                return None
+            if waited >= self.max_queue_wait:
+                return f"the oldest queued request has waited {waited * 1000:.0f} ms"
+        return None
 
     def start(self) -> None:
-        """Starts the batching task on the running event loop."""
-        self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="unirec-model")
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Starts the model thread; results are delivered on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="unirec-model", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Stops the task; jobs still queued get a RuntimeError."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        while self._queue is not None and not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+        """Stops the model thread after its current batch; jobs still queued get a RuntimeError."""
+        with self._cv:
+            self._stopping = True
+            left = list(self._jobs)
+            self._jobs.clear()
+            self._cv.notify()
+        for _, fut, _, _ in left:
             if not fut.done():
                 fut.set_exception(RuntimeError("server shutting down"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
 
     async def submit(self, job: Any) -> Any:
-        """Queues ``job`` and returns its result (or raises its exception)."""
-        if self._queue is None:
+        """Queues ``job`` and returns its result (or raises its exception, QueueFull, DeadlineExceeded)."""
+        if self._thread is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((job, fut))
-        return await fut
+        loop = self._loop
+        fut = loop.create_future()
+        now = time.monotonic()
+        deadline = None if self.timeout is None else now + self.timeout
+        with self._cv:
+            why = self.full()
+            if why is not None:
+                raise QueueFull(why)
+            self._jobs.append((job, fut, deadline, now))
+            self._cv.notify()
+        if deadline is None:
+            return await fut
+        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
-    async def _collect(self) -> list:
-        q = self._queue
-        idle = q.empty()  # nothing waited while the last batch ran: the load is light, top the batch up
-        batch = [await q.get()]
-        while len(batch) < self.max_batch and not q.empty():
-            batch.append(q.get_nowait())
-        if idle and len(batch) < self.max_batch and self.max_wait > 0:
-            deadline = time.perf_counter() + self.max_wait
-            while len(batch) < self.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(q.get(), left))
-                except asyncio.TimeoutError:
-                    break
-        return batch
+    def _take(self) -> Optional[list]:
+        """The next batch (None when stopping); blocks while there is nothing to do."""
+        with self._cv:
+            idle = not self._jobs  # nothing waited while the last batch ran: the load is light
+            while not self._jobs and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            if idle and self.max_wait > 0:
+                end = time.monotonic() + self.max_wait
+                while len(self._jobs) < self.max_batch and not self._stopping:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            n = min(len(self._jobs), self.max_batch)
+            return [self._jobs.popleft() for _ in range(n)]
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _work(self) -> None:
         while True:
-            batch = await self._collect()
-            batch = [(job, fut) for job, fut in batch if not fut.done()]  # drop requests already gone
+            batch = self._take()
+            if batch is None:
+                return
+            now = time.monotonic()
+            # requests already answered (deadline passed) are not run
+            batch = [b for b in batch if b[2] is None or b[2] > now]
             if not batch:
                 continue
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.fn, [job for job, _ in batch])
+                results = self.fn([b[0] for b in batch])
             except Exception as exc:  # noqa: BLE001 - the batch function failed as a whole
                 results = [exc] * len(batch)
             if self.on_batch is not None:
                 self.on_batch(len(batch), time.perf_counter() - t0)
-            for (_, fut), res in zip(batch, results):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            try:
+                self._loop.call_soon_threadsafe(_deliver, [b[1] for b in batch], results)
+            except RuntimeError:  # the loop is closed: nobody waits for these any more
+                return
+
+
+def _deliver(futures, results) -> None:
+    for fut, res in zip(futures, results):
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
+def _expire(fut: asyncio.Future, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(DeadlineExceeded(f"not answered within {timeout * 1000:g} ms"))

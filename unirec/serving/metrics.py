@@ -7,7 +7,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # The endpoints as routed, so that labels stay few whatever paths clients send.
-ENDPOINTS = ("/v1/recommend", "/v1/events", "/healthz", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/v1/recommend", "/v1/events", "/v1/items", "/v1/admin/reload", "/healthz", "/metrics", "/docs",
+             "/openapi.json", "/")
 
 
 def endpoint_label(path: str) -> str:
@@ -19,6 +20,8 @@ def endpoint_label(path: str) -> str:
         return "/v1/items/{item_id}/similar"
     if len(parts) == 5 and parts[:3] == ["", "v1", "users"] and parts[4] == "history":
         return "/v1/users/{user_id}/history"
+    if path.startswith("/static/"):
+        return "/static"
     return "other"
 
 
@@ -36,7 +39,8 @@ class Metrics:
         self.batch_seconds = Histogram("unirec_batch_seconds", "time of one model batch (forward + ranking)",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Counter("unirec_user_state_cache", "user state cache look-ups", ["result"], registry=r)
-        self.events = Counter("unirec_events_stored", "events stored", registry=r)
+        self.events = Counter("unirec_events_stored", "events stored by kind", ["kind"], registry=r)
+        self.reloads = Counter("unirec_model_reloads", "models swapped in after the first", registry=r)
         self.inflight = Gauge("unirec_requests_in_flight", "HTTP requests being served", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -5,6 +5,10 @@ WAL journal with ``synchronous=FULL``: a commit is on disk (the WAL fsynced) bef
 kill -9 of the server, or a power cut. One writer connection, used under a lock (SQLite
 has one writer at a time anyway); readers get one connection per thread and, in WAL
 mode, never block the writer nor see a half-written transaction.
+
+Every event has a kind (:data:`KINDS`). Dismissed items are also kept in their own table,
+one row per (user, item), written in the event's transaction: the set a request must exclude
+is read whole, while the event log it comes from may grow without bound.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
+# view: a (possibly rated) interaction; like / dislike: explicit feedback on an item; dismiss: "not
+# interested", never show it again; skip: shown and passed over.
+KINDS = ("view", "like", "dislike", "dismiss", "skip")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -22,25 +30,33 @@ CREATE TABLE IF NOT EXISTS events (
     item_id TEXT NOT NULL,
     timestamp REAL NOT NULL,
     rating REAL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'view'
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
+CREATE TABLE IF NOT EXISTS dismissed (
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, item_id)
+) WITHOUT ROWID;
 """
 
 
 @dataclass
 class Event:
-    """One stored event; ids are the data set's own (strings); rating None when not given."""
+    """One stored event; ids are the data set's own (strings); rating None when not given; kind one of KINDS."""
 
     id: int
     user_id: str
     item_id: str
     timestamp: float
     rating: Optional[float]
+    kind: str = "view"
 
 
 class EventStore:
-    """Append-only event log in ``path`` (an SQLite file, created if missing)."""
+    """Append-only event log in ``path`` (an SQLite file, created if missing; a file written before
+    events had kinds gets the column, its events are views)."""
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
@@ -51,6 +67,9 @@ class EventStore:
         self._readers_lock = threading.Lock()
         self._writer = self._connect()
         self._writer.execute("PRAGMA journal_mode=WAL")
+        cols = [r[1] for r in self._writer.execute("PRAGMA table_info(events)")]
+        if cols and "kind" not in cols:
+            self._writer.execute("ALTER TABLE events ADD COLUMN kind TEXT NOT NULL DEFAULT 'view'")
         self._writer.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
@@ -68,22 +87,40 @@ class EventStore:
         return con
 
     def append(self, user_id: str, item_id: str, timestamp: Optional[float] = None,
-               rating: Optional[float] = None) -> Event:
+               rating: Optional[float] = None, kind: str = "view") -> Event:
         """Stores one event (timestamp defaults to now, in seconds) and returns it once it is durable."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         now = time.time()
         ts = now if timestamp is None else float(timestamp)
         with self._write_lock:
-            cur = self._writer.execute(
-                "INSERT INTO events (user_id, item_id, timestamp, rating, received_at) VALUES (?, ?, ?, ?, ?)",
-                (user_id, item_id, ts, rating, now))
-            return Event(int(cur.lastrowid), user_id, item_id, ts, rating)
+            con = self._writer
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                cur = con.execute("INSERT INTO events (user_id, item_id, timestamp, rating, received_at, kind) "
+                                  "VALUES (?, ?, ?, ?, ?, ?)", (user_id, item_id, ts, rating, now, kind))
+                if kind == "dismiss":
+                    con.execute("INSERT OR IGNORE INTO dismissed (user_id, item_id) VALUES (?, ?)", (user_id, item_id))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return Event(int(cur.lastrowid), user_id, item_id, ts, rating, kind)
 
-    def events(self, user_id: str) -> List[Event]:
-        """The user's events in the order they were stored."""
-        rows = self._reader().execute(
-            "SELECT id, user_id, item_id, timestamp, rating FROM events WHERE user_id = ? ORDER BY id",
-            (user_id,)).fetchall()
+    def events(self, user_id: str, limit: Optional[int] = None) -> List[Event]:
+        """The user's events in the order they were stored; only the newest ``limit`` when given."""
+        cols = "id, user_id, item_id, timestamp, rating, kind"
+        if limit is None:
+            rows = self._reader().execute(f"SELECT {cols} FROM events WHERE user_id = ? ORDER BY id",
+                                          (user_id,)).fetchall()
+        else:
+            rows = self._reader().execute(f"SELECT {cols} FROM events WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+                                          (user_id, max(int(limit), 0))).fetchall()[::-1]
         return [Event(*r) for r in rows]
+
+    def dismissed(self, user_id: str) -> List[str]:
+        """The item ids the user has dismissed (each once)."""
+        return [r[0] for r in self._reader().execute("SELECT item_id FROM dismissed WHERE user_id = ?", (user_id,))]
 
     def count(self) -> int:
         """Number of stored events."""
