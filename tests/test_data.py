@@ -768,7 +768,8 @@ def test_training_batches_carry_a_key_per_step_the_same_in_every_process():
     assert [b.seed for b in src.epoch(3)] != one
 
 
-@pytest.mark.parametrize("rates", [{"crop": 0.5}, {"reorder": 0.5}, {"mask": 0.4}, {"substitute": 0.5, "insert": 0.3}])
+@pytest.mark.parametrize("rates", [{"crop": 0.5}, {"reorder": 0.5}, {"mask": 0.4}, {"substitute": 0.5, "insert": 0.3},
+                                   {"insert": 1.0}])
 def test_augmented_copies_follow_their_originals(rates):
     sp = leave_one_out(synthetic(num_users=30, num_items=25, mean_length=12, seed=7))
     src = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1, augment=rates)
@@ -793,6 +794,7 @@ def test_augmented_copies_follow_their_originals(rates):
                 assert o.numel() == max(1, int(np.ceil(0.5 * orig.numel())))
         if "substitute" in rates:
             assert src.similar is not None and src.similar.numel() == sp.items.max() + 1
+        assert int(torch.diff(b.offsets).max()) <= 10  # an insert never makes a stream longer than max_len
     again = [b.items for b in TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1,
                                            augment=rates).epoch(0)]
     assert all(torch.equal(x, y.items) for x, y in zip(again, src.epoch(0)))  # seeded: repeats

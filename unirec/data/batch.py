@@ -294,6 +294,14 @@ class TrainBatches:
         keys = sequence_keys(batch.seed or 0, 0, batch.users, 9)
         items, off, src = augment(batch.items, batch.offsets, keys, self.augment, mask_id=0, similar=self.similar)
         lens = off[1:] - off[:-1]
+        if lens.numel() and int(lens.max()) > self.builder.max_len:  # insert made a copy too long:
+            keep = torch.clamp(lens, max=self.builder.max_len)                  # keep its most recent events
+            seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+            pos = torch.arange(items.numel()) - off[:-1][seg]
+            sel = pos >= (lens - keep)[seg]
+            items, src = items[sel], src[sel]
+            off = torch.cat([off.new_zeros(1), torch.cumsum(keep, 0)])
+            lens = keep
         nxt = torch.zeros_like(items)
         nxt[:-1] = items[1:]
         has = lens > 0
