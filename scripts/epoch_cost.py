@@ -1,0 +1,73 @@
+"""Seconds per training epoch of one model config with each self-supervised objective or augmentation
+switched on, the same data, initial weights and batches, one after the other in one process.
+
+    PYTHONPATH=$PWD python scripts/epoch_cost.py [--data ml-100k] [--threads 1] [--repeats 2] > cost.jsonl
+
+Prints one JSON line per arm: the median epoch over --repeats (after one warm-up epoch of the
+baseline), the ratio to the baseline, the CPU model, ISA and load average.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from unirec.data import TokenBuilder, TrainBatches, leave_one_out, load_dataset
+from unirec.models import UniRec, preset
+from unirec.training import TrainConfig, Trainer
+
+ARMS = {
+    "baseline": ({}, None),
+    "contrastive=0.1": ({"contrastive": 0.1}, None),
+    "duorec=0.1": ({"duorec": 0.1}, None),
+    "cloze=0.3": ({"cloze": 0.3}, None),
+    "attributes=0.1": ({"attributes": 0.1}, None),
+    "augment-data crop,mask,reorder": ({}, {"crop": 0.6, "mask": 0.3, "reorder": 0.6}),
+    "augment-data substitute,insert": ({}, {"substitute": 0.3, "insert": 0.3}),
+}
+
+
+def cpu_facts():
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    flags = open("/proc/cpuinfo").read()
+    return {"cpu": model, "isa": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline",
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="ml-100k")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(args.data)
+    split = leave_one_out(ds)
+    base_cfg = preset("unified", args.data)
+    times = {}
+    for warm, arm in [(True, "baseline")] + [(False, a) for a in ARMS]:
+        extra, augment = ARMS[arm]
+        torch.manual_seed(0)
+        cfg = preset("unified", args.data, objectives={**base_cfg.objectives, **extra})
+        model = UniRec.from_dataset(ds, cfg)
+        tc = TrainConfig(epochs=1, batch_size=64)
+        batches = TrainBatches(TokenBuilder.for_config(split, cfg), tc.batch_size, model.needs_candidates, 0,
+                               augment=augment)
+        trainer = Trainer(model, batches, tc, progress=False, log=lambda s: None)
+        secs = []
+        for _ in range(1 if warm else args.repeats):
+            t0 = time.perf_counter()
+            trainer.train_epoch(0)
+            secs.append(time.perf_counter() - t0)
+        if not warm:
+            times[arm] = statistics.median(secs)
+            print(json.dumps({"bench": "epoch_cost", "data": args.data, "arm": arm, "epoch_s": round(times[arm], 3),
+                              "vs_baseline": round(times[arm] / times["baseline"], 3), "repeats": args.repeats,
+                              "threads": args.threads, "load": os.getloadavg(), **cpu_facts()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
