@@ -65,9 +65,12 @@ TORCH_LIBRARY(unirec, m) {
   // threshold / 65536, shaped like input, in its dtype (bfloat16/float16
   // computed in float). draw_i is a 16-bit value, a pure function of (seed, i):
   // half of a keyed 32-bit hash of a counter (reference/dropout.py defines it).
-  // The backward is this op on the gradient with the same (threshold, seed):
-  // the mask is regenerated, never stored.
-  m.def("dropout(Tensor input, int threshold, int seed) -> Tensor");
+  // With row_keys (int64 [rows], input viewed as [rows, cols], cols = its last
+  // dimension), draw (r, c) is a pure function of (seed, row_keys[r], c)
+  // instead: a row's mask follows its key wherever the row sits.
+  // The backward is this op on the gradient with the same (threshold, seed,
+  // row_keys): the mask is regenerated, never stored.
+  m.def("dropout(Tensor input, int threshold, int seed, Tensor? row_keys=None) -> Tensor");
 }
 
 namespace {

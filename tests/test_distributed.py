@@ -282,17 +282,17 @@ def _tiny(batch_size, shard_items=False, dropout=0.0, state=None):
     return model, batches, tc, split
 
 
-def _first_step_and_sgd(rank, world, batch_size, shard_items=False, state=None):
+def _first_step_and_sgd(rank, world, batch_size, shard_items=False, state=None, dropout=0.0):
     """(gradients of the first step, parameters after an epoch of 3 SGD steps), as named tensors."""
     from unirec.training import Trainer
 
-    model, batches, tc, _ = _tiny(batch_size, shard_items, state=state)
+    model, batches, tc, _ = _tiny(batch_size, shard_items, dropout, state)
     tr = Trainer(model, batches, tc, progress=False)
     batch = next(iter(batches.epoch(0, rank=tr.rank, world=tr.world)))
     loss, _ = tr.forward(batch)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model, batches, tc, _ = _tiny(batch_size, shard_items, state=state)
+    model, batches, tc, _ = _tiny(batch_size, shard_items, dropout, state)
     tr = Trainer(model, batches, tc, progress=False)
     tr.optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr)
     rec = tr.train_epoch(0)
@@ -316,6 +316,22 @@ def test_two_processes_match_one_process_with_the_global_batch():
         for n, p in ref_params.items():
             assert _close(params[n], p, 1e-5) < 1e-5, f"rank {r}: {n} after 3 SGD steps"
         # the logged losses are those of the global batch
+        assert abs(rec["loss"] - ref_rec["loss"]) < 1e-5 * abs(ref_rec["loss"])
+
+
+def test_two_processes_match_one_process_with_dropout():
+    """Dropout 0.3: every process draws the same per-call seeds and the masks are keyed per token by
+    (user, history, position), so 2 processes with batch 8 drop what 1 process with batch 16 drops."""
+    ref_grads, ref_params, ref_rec, _ = _first_step_and_sgd(0, 1, 16, False, None, 0.3)
+    plain_grads = _first_step_and_sgd(0, 1, 16)[0]
+    assert max(_close(ref_grads[n], g, 0) for n, g in plain_grads.items()) > 1e-2  # dropout acts
+    results = run_ranks(_first_step_and_sgd, 2, 16, False, None, 0.3)
+    for r, (grads, params, rec, _) in enumerate(results):
+        assert grads.keys() == ref_grads.keys()
+        for n, g in ref_grads.items():
+            assert _close(grads[n], g, 1e-5) < 1e-5, f"rank {r}: gradient of {n}"
+        for n, p in ref_params.items():
+            assert _close(params[n], p, 1e-5) < 1e-5, f"rank {r}: {n} after 3 SGD steps"
         assert abs(rec["loss"] - ref_rec["loss"]) < 1e-5 * abs(ref_rec["loss"])
 
 

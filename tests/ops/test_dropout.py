@@ -1,5 +1,6 @@
 """dropout: the C++ kernel bit for bit against its PyTorch definition, the statistics of the masks,
-the forward/backward formula (the backward regenerates the mask, nothing is saved), and bad input."""
+the forward/backward formula (the backward regenerates the mask, nothing is saved), and bad input;
+the same with row keys (a row's mask a function of (seed, key, column): it follows its key)."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import unirec  # noqa: F401
 from unirec.nn import Dropout
 from unirec.ops import dropout
 from unirec.ops.reference import dropout_mask_ref, dropout_ref
-from unirec.ops.reference.dropout import dropout_draws_ref
+from unirec.ops.reference.dropout import dropout_draws_ref, row_draws_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -149,3 +150,155 @@ def test_gradcheck():
     f = lambda t: torch.ops.unirec.dropout(t, 40000, 5)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))
+
+
+# ------------------------------------------------------------------------------------------ row keys
+
+def _keys(rows, seed=0):
+    return torch.randint(-2 ** 63, 2 ** 63 - 1, (rows,), dtype=torch.int64,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _rows(shape):
+    r = 1
+    for d in shape[:-1]:
+        r *= d
+    return r
+
+
+# Rows shorter than, at and past one chunk (2048), odd lengths (one unpaired hash), empty tensors.
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (4, 0), (1,), (3,), (7, 5), (1, 96), (5, 2, 33), (3, 2048),
+                                   (2, 2049), (2, 5001), (60, 96)])
+@pytest.mark.parametrize("threshold", [1, 45875, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["auto", "baseline"])
+def test_keyed_matches_reference(monkeypatch, shape, threshold, dtype, isa):
+    if isa != "auto":
+        monkeypatch.setenv("UNIREC_CPU_ISA", isa)
+    x = torch.randn(shape, dtype=dtype)
+    keys = _keys(_rows(shape))
+    for seed in (0, 2 ** 62 - 1, int(torch.randint(0, 2 ** 62, ()))):
+        out = torch.ops.unirec.dropout(x, threshold, seed, keys)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert torch.equal(out, dropout_ref(x, threshold, seed, keys))
+        kept = dropout_mask_ref(x, threshold, seed, keys)
+        assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+
+
+def test_row_draws_layout():
+    """A short row takes ceil(cols / 2) hashes, both halves of each: the high halves of its first
+    floor(cols / 2) counters decide its second half; a row past one chunk continues with the next."""
+    keys = _keys(4, 1)
+    d = row_draws_ref(keys, 4096 + 7, 99)
+    short = row_draws_ref(keys, 7, 99)
+    assert short.shape == (4, 7) and not torch.equal(short, d[:, :7])
+    assert torch.equal(row_draws_ref(keys, 2048, 99), d[:, :2048])  # a full chunk: as in the long row
+    assert torch.equal(row_draws_ref(keys[1:3], 7, 99), short[1:3])  # rows are independent of each other
+    assert not torch.equal(row_draws_ref(keys, 7, 98), short)
+
+
+def test_same_key_same_row_mask_anywhere():
+    """Permuting the rows (with their keys) permutes the masks; equal keys give equal rows; the mask does
+    not depend on the leading shape, only on rows x last dimension."""
+    x = torch.ones(50, 96)
+    keys = _keys(50, 2)
+    out = torch.ops.unirec.dropout(x, 30000, 17, keys)
+    perm = torch.randperm(50)
+    assert torch.equal(torch.ops.unirec.dropout(x[perm], 30000, 17, keys[perm]), out[perm])
+    rep = torch.ops.unirec.dropout(torch.ones(3, 96), 30000, 17, keys[[7, 7, 7]])
+    assert torch.equal(rep, out[[7, 7, 7]])
+    assert torch.equal(torch.ops.unirec.dropout(x.view(5, 10, 96), 30000, 17, keys).view(50, 96), out)
+    sub = torch.ops.unirec.dropout(torch.ones(10, 96), 30000, 17, keys[20:30])
+    assert torch.equal(sub, out[20:30])
+    # the same rows without keys (flat index) or under another seed: other masks
+    assert not torch.equal(torch.ops.unirec.dropout(x, 30000, 17), out)
+    assert not torch.equal(torch.ops.unirec.dropout(x, 30000, 18, keys), out)
+
+
+def test_keyed_mask_is_independent_of_thread_count():
+    keys = _keys(4000, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.unirec.dropout(torch.ones(4000, 130), 40000, 7, keys)
+        torch.set_num_threads(max(2, before))
+        many = torch.ops.unirec.dropout(torch.ones(4000, 130), 40000, 7, keys)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.7])
+def test_keyed_mask_statistics(keep):
+    """Kept fraction within 6 standard deviations, per column too (the two halves of a row); neighbours
+    in a row, the two halves of one hash, the same column of adjacent keys and of one key under adjacent
+    seeds uncorrelated."""
+    rows, cols = 1 << 14, 96
+    thr = round(keep * 65536)
+    q = thr / 65536
+    keys = torch.arange(rows, dtype=torch.int64) * 1_000_003  # structured keys, as a model makes them
+    m = (torch.ops.unirec.dropout(torch.ones(rows, cols), thr, 12345, keys) != 0).double()
+    n = m.numel()
+    assert abs(m.mean().item() - q) < 6 * math.sqrt(q * (1 - q) / n)
+    col = m.mean(0)
+    assert ((col - q).abs() < 6 * math.sqrt(q * (1 - q) / rows)).all()
+
+    def corr(a, b):
+        return ((a - q) * (b - q)).mean().item() / (q * (1 - q))
+
+    for lag in (1, 2, 48):  # 48: the high half of the same hash
+        assert abs(corr(m[:, :-lag], m[:, lag:])) < 6 / math.sqrt(rows * (cols - lag)), lag
+    assert abs(corr(m[:-1], m[1:])) < 6 / math.sqrt((rows - 1) * cols)
+    m2 = (torch.ops.unirec.dropout(torch.ones(rows, cols), thr, 12346, keys) != 0).double()
+    assert abs(corr(m, m2)) < 6 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_keyed_forward_backward(dtype):
+    x = torch.randn(37, 24, dtype=dtype, requires_grad=True)
+    keys = _keys(37, 4)
+    torch.manual_seed(5)
+    y = dropout(x, 0.3, True, impl="cpp", row_keys=keys)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    thr = round(0.7 * 65536)
+    assert torch.equal(y, dropout_ref(x.detach(), thr, seed, keys))
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, dropout_ref(g, thr, seed, keys))
+    # the module passes the keys; "reference" (F.dropout) takes them and ignores them
+    mod = Dropout(0.3)
+    torch.manual_seed(5)
+    assert torch.equal(mod(x, row_keys=keys), y)
+    ref = dropout(x, 0.3, True, impl="reference", row_keys=keys)
+    assert ref.shape == x.shape
+    assert dropout(x, 0.3, False, row_keys=keys) is x
+
+
+def test_keyed_gradcheck_and_opcheck():
+    keys = _keys(6, 5)
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    f = lambda t: torch.ops.unirec.dropout(t, 40000, 5, keys)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    for t, k in ((torch.randn(5, 6, requires_grad=True), _keys(5)), (torch.empty(0, 4), _keys(0)),
+                 (torch.randn(2, 3, 4, dtype=torch.bfloat16, requires_grad=True), _keys(6)),
+                 (torch.randn(6, 5).t(), _keys(5)), (torch.randn(4, 6), _keys(8)[::2])):
+        torch.library.opcheck(torch.ops.unirec.dropout.default, (t, 30000, 11, k))
+
+
+def test_keyed_bad_input():
+    x = torch.randn(4, 3)
+    op = torch.ops.unirec.dropout
+    cases = [(torch.zeros(4, dtype=torch.int32), r"row_keys must be int64, got (Int|torch\.int32)"),
+             (torch.zeros(2, 2, dtype=torch.int64), r"row_keys must be 1-D, got shape \[2, 2\]"),
+             (torch.zeros(12, dtype=torch.int64), r"row_keys must have one entry per row of input .* = 4 .*got 12")]
+    for keys, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            op(x, 100, 0, keys)
+        with pytest.raises(ValueError, match=msg):
+            dropout(x, 0.5, row_keys=keys)
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        op(torch.tensor(1.0), 100, 0, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="row_keys is on meta but input is on cpu"):
+        dropout(x, 0.5, row_keys=torch.zeros(4, dtype=torch.int64, device="meta"))

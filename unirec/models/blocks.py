@@ -21,7 +21,8 @@ class JaggedSelfAttention(nn.Module):
     ``impl``: the backend choice (see :func:`unirec.ops.resolve_impl`), set at run time by
     :func:`unirec.nn.set_impl`.
 
-    forward(x [T, D], offsets [B + 1], num_targets [B] or None, causal=True) -> [T, D].
+    forward(x [T, D], offsets [B + 1], num_targets [B] or None, causal=True, row_keys=None) -> [T, D];
+    ``row_keys`` (int64 [T], one per token) key the dropout masks (see :class:`unirec.nn.Dropout`).
     """
 
     def __init__(self, dim: int, num_heads: int, max_seqlen: int, activation: str = "softmax",
@@ -36,7 +37,7 @@ class JaggedSelfAttention(nn.Module):
         self.dropout = Dropout(dropout, impl)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None,
-                causal: bool = True):
+                causal: bool = True, row_keys: Optional[torch.Tensor] = None):
         T = x.shape[0]
         parts = self.qkv(x).view(T, -1, self.num_heads, self.head_dim).unbind(1)
         q, k, v = (p.contiguous() for p in parts[:3])
@@ -45,11 +46,12 @@ class JaggedSelfAttention(nn.Module):
                                  activation=self.activation, rel_bias=rel, impl=ops.resolve_impl(self.impl, "attention")).reshape(T, self.dim)
         if self.activation == "silu":
             a = self.attn_norm(a) * F.silu(parts[3].reshape(T, self.dim))
-        return self.out(self.dropout(a))
+        return self.out(self.dropout(a, row_keys))
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + Drop(Attn(LN(x))), then x + Drop(FFN(LN(x))). Shapes as JaggedSelfAttention."""
+    """Pre-norm block: x + Drop(Attn(LN(x))), then x + Drop(FFN(LN(x))), FFN = Linear, GELU, Dropout,
+    Linear (``ffn.0`` .. ``ffn.3``). Shapes and ``row_keys`` (every dropout's) as JaggedSelfAttention."""
 
     def __init__(self, dim: int, num_heads: int, max_seqlen: int, ffn_mult: int = 2, dropout: float = 0.2,
                  activation: str = "softmax", rel_bias: bool = False, impl: str = "auto"):
@@ -60,6 +62,7 @@ class Block(nn.Module):
                                  nn.Linear(ffn_mult * dim, dim))
         self.drop = Dropout(dropout, impl)
 
-    def forward(self, x, offsets, num_targets=None, causal: bool = True):
-        x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets, causal))
-        return x + self.drop(self.ffn(self.norm2(x)))
+    def forward(self, x, offsets, num_targets=None, causal: bool = True, row_keys: Optional[torch.Tensor] = None):
+        x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets, causal, row_keys), row_keys)
+        up, act, drop, down = self.ffn  # called one by one, so that the inner dropout gets the keys
+        return x + self.drop(down(drop(act(up(self.norm2(x))), row_keys)), row_keys)

@@ -34,7 +34,8 @@ from .stream import Encoded, take_rows
 
 def history_only(batch: TokenBatch, items: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor) -> TokenBatch:
     """The batch's users with new history tokens (``items`` / ``offsets``; ratings and gaps taken at
-    the input positions ``src``), no candidates and no next-item targets: a view to encode."""
+    the input positions ``src``), no candidates and no next-item targets: a view to encode. It keeps
+    the batch's ``seed``, so that its dropout masks are keyed per token as the batch's are."""
     B, dev = batch.batch_size, items.device
     zeros_b = torch.zeros(B, dtype=torch.int64, device=dev)
     return TokenBatch(
@@ -42,7 +43,7 @@ def history_only(batch: TokenBatch, items: torch.Tensor, offsets: torch.Tensor, 
         gaps=batch.gaps[src], offsets=offsets, next_items=torch.zeros_like(items), first_items=zeros_b,
         cand_items=items.new_zeros(0), cand_gaps=items.new_zeros(0),
         cand_offsets=torch.zeros(B + 1, dtype=torch.int64, device=dev),
-        cand_ratings=None if batch.ratings is None else batch.ratings.new_zeros(0))
+        cand_ratings=None if batch.ratings is None else batch.ratings.new_zeros(0), seed=batch.seed)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, targets=None, impl: str = "auto") -> torch.Tensor:

@@ -6,6 +6,11 @@ gap + E_pos(0); an optional profile token (the profile encoder's vector + the pr
 leads the stream. Embedding LayerNorm and dropout, then pre-norm blocks of ``jagged_attention``
 (candidates are its ``num_targets``: each sees the history and itself, never another candidate),
 then a final LayerNorm.
+
+In training batches (``batch.seed`` set) every dropout mask is keyed per token (:func:`token_keys`):
+a token's mask depends on the call's seed, its user, its stream's history and its position in the
+stream, not on where the stream sits in the batch, so it is the same however users are split
+across processes.
 """
 from __future__ import annotations
 
@@ -20,6 +25,43 @@ from ..nn import Dropout
 from ..nn.sharded import item_rows
 from .blocks import Block
 from .config import DataSchema, ModelConfig
+
+
+def _s64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 (wrapping multiplication, logical shifts by masking)."""
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def token_keys(users: torch.Tensor, items: torch.Tensor, hist_offsets: torch.Tensor,
+               offsets: torch.Tensor) -> torch.Tensor:
+    """[S] int64 dropout key of each token of the packed streams (``offsets`` [B + 1] over S tokens):
+    mix64(stream key + mix64(position in the stream)), stream key = mix64(users[b] * 1_000_003 +
+    history hash), the history hash a wrapping sum of mix64(item * golden + j) over stream b's history
+    items (``items`` [L], ``hist_offsets`` [B + 1]), j the position in the history. Nothing about the
+    batch enters (its order, the other streams, the batch seed: each dropout call has its own seed),
+    so a token is dropped alike in any split of the batch; the history hash tells apart two streams of
+    one user in one batch (two windows, or a window and its augmented copy)."""
+    dev = offsets.device
+    B, L, S = users.numel(), items.numel(), int(offsets[-1])
+    hl = torch.diff(hist_offsets)
+    seg_h = torch.repeat_interleave(torch.arange(B, device=dev), hl, output_size=L)
+    j_h = torch.arange(L, device=dev) - hist_offsets[seg_h]
+    hist = torch.zeros(B, dtype=torch.int64, device=dev).index_add_(0, seg_h, _mix64(items * _GOLDEN + j_h))
+    stream = _mix64(users.to(torch.int64) * 1_000_003 + hist)
+    lens = torch.diff(offsets)
+    seg = torch.repeat_interleave(torch.arange(B, device=dev), lens, output_size=S)
+    pos = torch.arange(S, device=dev) - offsets[seg]
+    return _mix64(stream[seg] + _mix64(pos + _GOLDEN))
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -137,10 +179,13 @@ class TokenStream(nn.Module):
         tokens = torch.cat(parts)
         perm = torch.empty_like(torch.cat(dest))
         perm[torch.cat(dest)] = torch.arange(perm.numel(), device=dev)
-        x = self.emb_drop(self.emb_norm(take_rows(tokens, perm)))
+        keys = None  # (CUDA dropout is torch's own, unkeyed)
+        if batch.seed is not None and self.training and c.dropout > 0 and dev.type == "cpu":
+            keys = token_keys(batch.users, batch.items, batch.offsets, offsets)
+        x = self.emb_drop(self.emb_norm(take_rows(tokens, perm)), keys)
         num_targets = cl if C else None
         for blk in self.blocks:
-            x = blk(x, offsets, num_targets, causal)
+            x = blk(x, offsets, num_targets, causal, keys)
         x = self.final_norm(x)
         return Encoded(item_rep=item_rep, hidden=x, offsets=offsets, hist_pos=hist_pos, cand_pos=cand_pos,
                        profile_pos=profile_pos, last_pos=offsets[:-1] + P + hl - 1)

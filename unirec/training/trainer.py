@@ -7,8 +7,8 @@ checkpoints.
 
 Repeatability: the batch source orders epoch e's users with ``np.random.default_rng([seed, e])``
 (:class:`unirec.data.TrainBatches`) and torch (dropout) is seeded with ``seed * 1_000_003 + e`` at
-the epoch's start, so a run resumed from the checkpoint of epoch e continues exactly as the
-uninterrupted run (on CPU).
+the epoch's start, in every process alike, so a run resumed from the checkpoint of epoch e continues
+exactly as the uninterrupted run (on CPU).
 
 Data parallelism (under torchrun, :mod:`unirec.distributed`): the model is wrapped in
 DistributedDataParallel; process r of n trains on the windows r, r + n, ... of each global batch
@@ -16,8 +16,11 @@ DistributedDataParallel; process r of n trains on the windows r, r + n, ... of e
 global batch and the gradients are summed across processes, so n processes with batch B / n take
 the steps of one process with batch B. Only rank 0 prints, shows progress and writes the run
 folder; the validation metrics are the same on every rank (the evaluation gathers) and rank 0's
-early-stopping state is broadcast, so the processes stop together. Dropout masks are drawn per
-process (torch seeded with (seed, epoch, rank)).
+early-stopping state is broadcast, so the processes stop together. Dropout masks do not depend on
+the split either (on CPU): every process makes the same dropout calls per step from the same torch
+seed, so each call draws the same seed everywhere, and the model keys each token's mask by its user,
+its stream's history and its position (:func:`unirec.models.stream.token_keys`), so a user's masks
+depend only on (seed, epoch, call, user, history, position). On CUDA dropout is torch's own, not keyed.
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ class Trainer:
         """One pass over the training users; returns {"loss", "retrieval", ..., "tokens_per_s", "seconds"}."""
         m, tc = self.model, self.tc
         m.train()
-        torch.manual_seed((tc.seed * 1_000_003 + epoch) * self.world + self.rank)
+        # The same seed in every process: the per-call dropout seeds agree, the masks are keyed per token.
+        torch.manual_seed(tc.seed * 1_000_003 + epoch)
         sums: Dict[str, float] = {}
         n = tokens = users = 0
         bar = Progress(self.steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", enabled=self.progress)
