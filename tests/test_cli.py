@@ -22,6 +22,8 @@ def test_train_writes_run_and_prints_table_and_top10(run_dir, capsys):
     # output of the fixture's train is captured per test; re-read the run folder instead
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["test"]["mask_history"] and not m["test_unmasked"]["mask_history"]
+    t = m["test"]  # the feedback metrics cover every evaluated user, split by the held-out rating
+    assert t["num_negative"] + t["num_positive"] == t["num_users"] and "neghit@10" in t and "ndcg@10_positive" in t
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["data"]["source"] == "synthetic" and cfg["model"]["dim"] == 16
     assert cfg["model"]["num_rank_candidates"] == 2

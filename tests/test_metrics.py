@@ -151,3 +151,16 @@ def test_rmse_mae_and_groups():
                       torch.tensor([1, 1, 2, 2]))
     assert lm["auc"] == pytest.approx(brute_auc([0.9, 0.2, 0.6, 0.4], [1, 0, 1, 1]))
     assert lm["gauc"] == pytest.approx(1.0)  # user 2 has only likes: skipped
+
+
+def test_feedback_metrics_split_disliked_from_liked_targets():
+    from unirec.evaluation.model_eval import feedback_metrics
+    ranks = torch.tensor([1, 5, 11, 30, 2, 1])
+    ratings = [1.0, 2.0, 2.0, 5.0, 3.0, 4.0]   # three disliked (<= 2), three liked
+    m = feedback_metrics(ranks, ratings)
+    assert m["neghit@10"] == pytest.approx(2 / 3)  # ranks 1 and 5 are in the top 10, 11 is not
+    expect = (0.0 + 1 / math.log2(3) + 1.0) / 3    # liked ranks 30, 2, 1
+    assert m["ndcg@10_positive"] == pytest.approx(expect)
+    assert (m["num_negative"], m["num_positive"]) == (3, 3)
+    none = feedback_metrics(torch.tensor([3]), [4.0])
+    assert math.isnan(none["neghit@10"]) and none["num_negative"] == 0

@@ -20,7 +20,7 @@ import torch
 
 from ..data import TokenBuilder
 from ..distributed import all_gather_rows, rank, world_size
-from .metrics import DEFAULT_KS, auc, gauc, mae, ranking_metrics, rmse
+from .metrics import DEFAULT_KS, auc, gauc, mae, ndcg_at_k, ranking_metrics, rmse
 
 
 def _nan_to_none(d: dict) -> dict:
@@ -80,6 +80,9 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
         all_ranks = all_gather_rows(all_ranks)[0]
     out: Dict[str, object] = dict(ranking_metrics(all_ranks, ks))
     out.update(num_users=int(len(users)), mask_history=bool(mask_history), stage=stage)
+    split = builder.split
+    if split.ratings is not None and len(users):
+        out.update(feedback_metrics(all_ranks, split.ratings[split.stage_positions(stage, users)]))
     if stage in preds:
         rating, like, y, u = preds[stage]
         thr = model.config.like_threshold
@@ -93,6 +96,20 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
     if return_ranks:
         out["ranks"] = all_ranks
     return out
+
+
+def feedback_metrics(ranks: torch.Tensor, target_ratings, negative_max: float = 2.0, k: int = 10) -> dict:
+    """Metrics that tell disliked targets from liked ones (``ranks`` [E] and ``target_ratings`` [E] of
+    the same users): "neghit@10", the share of users whose target is rated <= ``negative_max`` that
+    find it in their top k (lower is better: the model should not push what the user will dislike);
+    "ndcg@10_positive", NDCG@k over the users whose target is rated above it (so that demoting
+    disliked items is not counted as a loss); and how many users each covers. NaN without users."""
+    y = torch.as_tensor(np.asarray(target_ratings, dtype=np.float32))
+    neg, pos = y <= negative_max, y > negative_max
+    hit = (ranks <= k).float()
+    return {f"neghit@{k}": float(hit[neg].mean()) if neg.any() else math.nan,
+            f"ndcg@{k}_positive": float(ndcg_at_k(ranks[pos], k).mean()) if pos.any() else math.nan,
+            "num_negative": int(neg.sum()), "num_positive": int(pos.sum())}
 
 
 def evaluate_split(model, split, batch_size: int = 256, device="cpu", test: bool = True):
@@ -130,12 +147,16 @@ def format_metrics(metrics: dict) -> str:
     """A table: rows = metric, columns = valid / test / test unmasked / popularity."""
     cols = [("valid", "valid"), ("test", "test"), ("test_unmasked", "test unmasked"), ("popularity_test", "popularity")]
     cols = [(k, n) for k, n in cols if k in metrics]
-    keys = [f"{m}@{k}" for k in (5, 10, 20) for m in ("ndcg", "hr", "mrr")] + ["rmse", "mae", "auc", "gauc"]
-    lines = [f"{'metric':<10}" + "".join(f"{n:>15}" for _, n in cols)]
+    keys = [f"{m}@{k}" for k in (5, 10, 20) for m in ("ndcg", "hr", "mrr")] + ["rmse", "mae", "auc", "gauc",
+                                                                              "neghit@10", "ndcg@10_positive"]
+    lines = [f"{'metric':<16}" + "".join(f"{n:>15}" for _, n in cols)]
     for key in keys:
         vals = [metrics[c].get(key) for c, _ in cols]
         if all(v is None for v in vals):
             continue
-        lines.append(f"{key:<10}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
+        lines.append(f"{key:<16}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
     lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
+    if any("neghit@10" in metrics[c] for c, _ in cols):
+        lines.append("neghit@10: share of users whose held-out item is rated <= 2 that get it in their top 10 "
+                     "(lower is better); ndcg@10_positive: over users whose held-out item is rated > 2")
     return "\n".join(lines)
