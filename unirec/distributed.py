@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .ops.loss import reduce_rows
 
 # Seconds a collective may wait for the other processes before it fails (UNIREC_DIST_TIMEOUT overrides).
 DEFAULT_TIMEOUT_S = 600.0
@@ -367,13 +368,7 @@ def sharded_softmax_cross_entropy(
                          f"and is not ignore_index ({ignore_index})")
     per_row = _ShardedCE.apply(hidden, items, item_bias, targets, int(offset), int(num_items), int(ignore_index),
                                float(label_smoothing), group)
-    if reduction == "none":
-        out = per_row
-    elif reduction == "sum":
-        out = per_row.sum()
-    else:
-        out = per_row.sum() / (targets != ignore_index).sum().clamp_min(1)
-    return out.to(hidden.dtype)
+    return reduce_rows(per_row, targets, ignore_index, reduction).to(hidden.dtype)
 
 
 def shard_exclusions(exclude_offsets: torch.Tensor, exclude_indices: torch.Tensor, offset: int,

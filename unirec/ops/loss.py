@@ -206,10 +206,14 @@ def softmax_cross_entropy(
     else:
         per_row, _, _ = torch.ops.unirec.softmax_ce_fwd(hidden, items, targets, item_bias, int(ignore_index),
                                                         float(label_smoothing), bool(keep_logit_grad))
+    return reduce_rows(per_row, targets, ignore_index, reduction).to(hidden.dtype)
+
+
+def reduce_rows(per_row: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """The loss of ``reduction`` from per-row losses: "none" as is, "sum", or "mean" over the rows whose
+    target is not ``ignore_index``."""
     if reduction == "none":
-        out = per_row
-    elif reduction == "sum":
-        out = per_row.sum()
-    else:
-        out = per_row.sum() / (targets != ignore_index).sum().clamp_min(1)
-    return out.to(hidden.dtype)
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.sum() / (targets != ignore_index).sum().clamp_min(1)
