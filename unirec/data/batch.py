@@ -296,8 +296,8 @@ class TrainBatches:
         lens = off[1:] - off[:-1]
         if lens.numel() and int(lens.max()) > self.builder.max_len:  # insert made a copy too long:
             keep = torch.clamp(lens, max=self.builder.max_len)                  # keep its most recent events
-            seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
-            pos = torch.arange(items.numel()) - off[:-1][seg]
+            seg = torch.repeat_interleave(torch.arange(lens.numel(), device=items.device), lens)
+            pos = torch.arange(items.numel(), device=items.device) - off[:-1][seg]
             sel = pos >= (lens - keep)[seg]
             items, src = items[sel], src[sel]
             off = torch.cat([off.new_zeros(1), torch.cumsum(keep, 0)])
