@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 from ..data import strict_from_dict
 
 ATTENTIONS = ("softmax", "silu")
-FEATURE_MIXES = ("sum", "mix")
+FEATURE_MIXES = ("sum", "mix", "gate")
+ITEM_TEXTS = (None, "lm", "random")
 ITEM_OPTIMIZERS = (None, "sgd", "rowwise_adagrad")
 # name -> objective class, filled by @register_objective in unirec.models.objectives (imported with the package)
 OBJECTIVES: Dict[str, type] = {}
@@ -51,6 +52,16 @@ class ModelConfig:
     ``ssl_temperature``: their InfoNCE temperature over cosine similarities. ``cloze_rate``: the share
     of history events the masked-item objective ("cloze") hides (at least one per stream).
 
+    ``text``: an item source from each item's text (:mod:`unirec.data.text`): "lm" the frozen vectors of
+    ``text_model`` over the text ``text_template`` makes of the item's fields (None: the data set's
+    default), "random" a fixed random vector per item of the same width (the control that tells the
+    language model's content from the extra parameters); both enter through a learned adapter
+    (:class:`~unirec.models.items.TextAdapter`, ``text_experts`` whitening experts). ``use_item_ids=False``
+    drops the id table: items are their attributes and text alone.
+
+    ``feature_mix``: how the item sources are fused: "sum", "mix" (one learned weight per table) or
+    "gate" (per-item softmax weights over the tables from their concatenation).
+
     ``shard_items``: under torch.distributed, split the item id table by rows across the processes
     (:class:`~unirec.models.items.ShardedItemEncoder`); the retrieval loss and top-k run on the shards
     (:mod:`unirec.distributed`), so the catalogue is bounded by the processes' memory together. The
@@ -69,7 +80,12 @@ class ModelConfig:
     positions: bool = True
     # token content
     use_item_features: bool = True
+    use_item_ids: bool = True
     feature_mix: str = "sum"
+    text: Optional[str] = None
+    text_model: str = "all-MiniLM-L6-v2"
+    text_template: Optional[str] = None
+    text_experts: int = 1
     use_rating: bool = True
     rating_levels: int = 5
     use_time: bool = True
@@ -98,6 +114,14 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.feature_mix not in FEATURE_MIXES:
             raise ValueError(f"feature_mix must be one of {FEATURE_MIXES}, got {self.feature_mix!r}")
+        if self.text not in ITEM_TEXTS:
+            raise ValueError(f"text must be one of {ITEM_TEXTS}, got {self.text!r}")
+        if self.text_experts < 1:
+            raise ValueError(f"text_experts must be >= 1, got {self.text_experts}")
+        if not self.use_item_ids and not (self.use_item_features or self.text):
+            raise ValueError("use_item_ids=False needs another item source: use_item_features or text")
+        if self.shard_items and (self.text or not self.use_item_ids):
+            raise ValueError("shard_items shards the item id table; it does not take text or use_item_ids=False")
         if self.item_optimizer not in ITEM_OPTIMIZERS:
             raise ValueError(f"item_optimizer must be one of {ITEM_OPTIMIZERS}, got {self.item_optimizer!r}")
         if not isinstance(self.objectives, dict) or not self.objectives:

@@ -7,9 +7,10 @@ catalogue item:
 
     item_rep[i] = sum_t w_t * pooled_t(i)      over the tables t of every source
 
-(w_t = 1 for ``feature_mix="sum"``, learned for ``"mix"``); row 0 (padding) is zero. A further
-source (a frozen pretrained vector table behind a learned adapter, one table per domain) is one more
-module in ``ItemEncoder.sources`` returning [N + 1, T_s, D].
+(w_t = 1 for ``feature_mix="sum"``, learned for ``"mix"``, per item for ``"gate"``); row 0 (padding)
+is zero. Each source is a module in ``ItemEncoder.sources`` returning [N + 1, T_s, D]: the
+id + attribute tables, and the items' frozen text vectors behind a learned adapter
+(:class:`TextAdapter`, ``ModelConfig.text``).
 """
 from __future__ import annotations
 
@@ -78,46 +79,154 @@ class AttributeTables(nn.Module):
 
 
 class TableMix(nn.Module):
-    """[N, T, D] -> [N, D]: the sum over tables, or (``learned``) a weighted sum with one weight per table."""
+    """[N, T, D] -> [N, D], the fusion of T item sources: "sum" over tables; "mix", a learned weight per
+    table; "gate", per-item weights T * softmax(W [pooled_1; ...; pooled_T] + c) over the tables (W = 0 at
+    the start, so every mode starts as the sum)."""
 
-    def __init__(self, num_tables: int, learned: bool = False):
+    def __init__(self, num_tables: int, mode: str = "sum", dim: int = 0):
         super().__init__()
-        self.weights = nn.Parameter(torch.ones(num_tables)) if learned else None
+        self.weights = nn.Parameter(torch.ones(num_tables)) if mode == "mix" else None
+        self.gate = nn.Linear(num_tables * dim, num_tables) if mode == "gate" else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            w = torch.softmax(self.gate(pooled.flatten(1)), dim=1) * pooled.shape[1]
+            return (pooled * w.unsqueeze(2)).sum(1)
         if self.weights is None:
             return pooled.sum(1)
         return (pooled * self.weights.view(1, -1, 1)).sum(1)
 
 
+def text_width(model_name: str) -> int:
+    """The width of a text model's vectors (:data:`unirec.data.text.TEXT_MODELS`)."""
+    from ..data.text import TEXT_MODELS
+    if model_name not in TEXT_MODELS:
+        raise ValueError(f"text_model must be one of {sorted(TEXT_MODELS)}, got {model_name!r}")
+    return TEXT_MODELS[model_name]
+
+
+def random_text_vectors(num_rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """[num_rows, width] unit Gaussian directions, row 0 (padding) zero: the "random" text control, fixed
+    by ``seed`` whatever the training seed."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.nn.functional.normalize(torch.randn(num_rows, width, generator=g), dim=1)
+    v[0] = 0
+    return v
+
+
+class TextAdapter(nn.Module):
+    """Frozen item text vectors x [N + 1, E] (a buffer, saved with the weights) into the model's width,
+    with UniSRec's parametric whitening and, for ``experts`` > 1, its mixture of experts:
+
+        out(x) = sum_k g_k(x) (x - b_k) W_k,    g(x) = softmax(x G)    (one expert: g = 1)
+
+    b_k [E], W_k [E, D], G [E, K] learned; dropout on x in training. forward() -> [N + 1, 1, D] for the
+    catalogue (row 0, padding, = 0); :meth:`adapt` maps any vectors [M, E] -> [M, D] (new items)."""
+
+    no_weight_decay = ("centre",)
+
+    def __init__(self, num_rows: int, width: int, dim: int, experts: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("vectors", torch.zeros(num_rows, width))
+        self.centre = nn.Parameter(torch.zeros(experts, width))
+        self.proj = nn.Parameter(torch.randn(experts, width, dim) * 0.02)
+        self.gate = nn.Parameter(torch.zeros(width, experts)) if experts > 1 else None
+        self.dropout = nn.Dropout(dropout)
+
+    def set_vectors(self, vectors: torch.Tensor) -> None:
+        if tuple(vectors.shape) != tuple(self.vectors.shape):
+            raise ValueError(f"text vectors of shape {tuple(vectors.shape)}, expected {tuple(self.vectors.shape)} "
+                             "(one row per catalogue item + the padding row)")
+        with torch.no_grad():
+            self.vectors.copy_(vectors)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.proj.dtype))
+        h = torch.einsum("mke,ked->mkd", x.unsqueeze(1) - self.centre, self.proj)          # [M, K, D]
+        if self.gate is None:
+            return h[:, 0]
+        return (h * torch.softmax(x @ self.gate, dim=1).unsqueeze(2)).sum(1)
+
+    def forward(self) -> torch.Tensor:
+        out = self.adapt(self.vectors[1:])
+        return torch.cat([out.new_zeros(1, out.shape[1]), out]).unsqueeze(1)
+
+
 class ItemEncoder(nn.Module):
     """Every catalogue item's representation, [N + 1, D] (row 0 = padding = 0), from its sources fused by
-    :class:`TableMix` (see the module docstring). The id + attribute tables are one
-    :class:`AttributeTables` (one TBE call for the whole catalogue)."""
+    :class:`TableMix` (see the module docstring): the id and attribute tables as one
+    :class:`AttributeTables` (one TBE call for the whole catalogue; ``use_item_ids=False`` leaves the id
+    table out) and, with ``text``, the items' text vectors through a :class:`TextAdapter`."""
 
     def __init__(self, config: ModelConfig, schema: DataSchema):
         super().__init__()
         with_attrs = config.use_item_features and bool(schema.item_feature_sizes)
-        sizes = [schema.num_items + 1] + (list(schema.item_feature_sizes) if with_attrs else [])
-        nnz = schema.item_bag_nnz if with_attrs else schema.num_items
-        self.with_attributes = with_attrs
-        self.sources = nn.ModuleList([AttributeTables(sizes, schema.num_items + 1, nnz, config.dim,
-                                                      config.item_optimizer, config.item_lr)])
-        self.fusion = TableMix(sum(s.num_tables for s in self.sources), learned=config.feature_mix == "mix")
+        self.with_ids, self.with_attributes = config.use_item_ids, with_attrs
+        rows = schema.num_items + 1
+        sizes = ([rows] if self.with_ids else []) + (list(schema.item_feature_sizes) if with_attrs else [])
+        nnz = (schema.num_items if self.with_ids else 0) + \
+            (schema.item_bag_nnz - schema.num_items if with_attrs else 0)
+        sources = [AttributeTables(sizes, rows, nnz, config.dim, config.item_optimizer, config.item_lr)] if sizes else []
+        if config.text:
+            sources.append(TextAdapter(rows, text_width(config.text_model), config.dim, config.text_experts,
+                                       config.dropout))
+        self.sources = nn.ModuleList(sources)
+        self.tables = sources[0] if sizes else None
+        self.text = sources[-1] if config.text else None
+        self.fusion = TableMix(len(sizes) + (1 if config.text else 0), config.feature_mix, config.dim)
 
     def set_bags(self, item_features) -> None:
         """Fills the id (+ attribute) bags from a :class:`unirec.data.FeatureTable` (None: ids only)."""
-        n = self.sources[0].num_entities
-        ids = torch.arange(n)
+        if self.tables is None:
+            return
+        ids = torch.arange(self.tables.num_entities)
         if item_features is not None and self.with_attributes:
-            b = item_features.bags(ids, include_id=True)
-            self.sources[0].set_bags(b.indices, b.offsets)
+            b = item_features.bags(ids, include_id=self.with_ids)
+            self.tables.set_bags(b.indices, b.offsets)
         else:
-            self.sources[0].set_bags(ids[1:].clone(), torch.cat([torch.zeros(1, dtype=torch.int64), ids]))
+            self.tables.set_bags(ids[1:].clone(), torch.cat([torch.zeros(1, dtype=torch.int64), ids]))
+
+    def set_text(self, vectors: torch.Tensor) -> None:
+        """Copies every item's text vector in, [N + 1, E] (row 0 = padding)."""
+        if self.text is None:
+            raise ValueError("the model has no text source (ModelConfig.text is None)")
+        self.text.set_vectors(vectors)
 
     def forward(self) -> torch.Tensor:
         pooled = [s() for s in self.sources]
         return self.fusion(pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1))
+
+    @torch.no_grad()
+    def represent_new(self, count: int, text_vectors: Optional[torch.Tensor] = None,
+                      attribute_bags: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """[count, D] representations of items outside the trained catalogue (no id row), fused as the
+        catalogue's are from: ``attribute_bags`` (indices, offsets [A * count + 1]) over the A attribute
+        tables, feature-major as :meth:`unirec.data.FeatureTable.bags` with ``include_id=False`` gives
+        them (None: no attributes), and ``text_vectors`` [count, E], which a model with a text source needs."""
+        dev = next(self.parameters()).device
+        parts = []
+        if self.tables is not None:
+            T, D = self.tables.num_tables, self.tables.tables.dim
+            A = T - int(self.with_ids)
+            if attribute_bags is None or not self.with_attributes:
+                ind, off = torch.zeros(0, dtype=torch.int64), torch.zeros(T * count + 1, dtype=torch.int64)
+            else:
+                ind, off = attribute_bags
+                if off.numel() != A * count + 1:
+                    raise ValueError(f"attribute_bags: offsets of {off.numel()} entries, expected {A * count + 1} "
+                                     f"({A} attribute tables x {count} items + 1)")
+                if self.with_ids:  # the id table's bags come first, all empty
+                    off = torch.cat([torch.zeros(count, dtype=off.dtype), off])
+            parts.append(self.tables.tables(ind.to(dev), off.to(dev)).float())
+        if self.text is not None:
+            if text_vectors is None or tuple(text_vectors.shape) != (count, self.text.vectors.shape[1]):
+                raise ValueError(f"text_vectors: expected [{count}, {self.text.vectors.shape[1]}], got "
+                                 f"{None if text_vectors is None else tuple(text_vectors.shape)}")
+            parts.append(self.text.adapt(text_vectors.to(dev)).unsqueeze(1).float())
+        return self.fusion(torch.cat(parts, 1))
 
 
 class ShardedItemEncoder(nn.Module):
@@ -145,8 +254,8 @@ class ShardedItemEncoder(nn.Module):
         self.ids.set_bags(*self._id_bags(lo, hi))
         self.attrs = AttributeTables(schema.item_feature_sizes, rows, schema.item_bag_nnz - schema.num_items,
                                      config.dim) if with_attrs else None
-        self.fusion = TableMix(1 + (len(schema.item_feature_sizes) if with_attrs else 0),
-                               learned=config.feature_mix == "mix")
+        self.fusion = TableMix(1 + (len(schema.item_feature_sizes) if with_attrs else 0), config.feature_mix,
+                               config.dim)
         self._register_load_state_dict_pre_hook(self._keep_own_rows)
 
     @staticmethod

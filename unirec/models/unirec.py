@@ -1,7 +1,8 @@
 """UniRec: one token stream per user, one Transformer, objectives and a scorer, built from parts.
 
 - ``items`` (:class:`~unirec.models.items.ItemEncoder`): every catalogue item's representation from
-  its id and attribute tables (one ``table_batched_embedding`` call), [N + 1, D];
+  its id and attribute tables (one ``table_batched_embedding`` call) and, with ``text``, its text
+  vectors through an adapter, [N + 1, D];
 - ``profile`` (:class:`~unirec.models.items.ProfileEncoder`): the user's attributes pooled into the
   profile token (when the config and the data have one);
 - ``token_types``: the vectors that mark candidate and profile tokens;
@@ -24,10 +25,20 @@ from torch import nn
 from ..data import TokenBatch
 from ..nn import set_impl, weight_decay_groups
 from .config import DataSchema, ModelConfig, upgrade_flat_config
-from .items import ItemEncoder, ProfileEncoder, ShardedItemEncoder
+from .items import ItemEncoder, ProfileEncoder, ShardedItemEncoder, random_text_vectors, text_width
 from .objectives import OBJECTIVES
 from .scorer import Scorer
 from .stream import Encoded, TokenStream, TokenTypes
+
+
+def item_text_table(dataset, config: ModelConfig) -> torch.Tensor:
+    """[N + 1, E] the text vectors of ``dataset``'s items for ``config.text``: "lm", the cached vectors of
+    ``config.text_model`` over the texts of ``config.text_template`` (:mod:`unirec.data.text`); "random",
+    the control's fixed random vectors."""
+    if config.text == "random":
+        return random_text_vectors(dataset.num_items + 1, text_width(config.text_model))
+    from ..data.text import dataset_text_vectors
+    return torch.from_numpy(dataset_text_vectors(dataset, config.text_template, config.text_model))
 
 
 class UniRec(nn.Module):
@@ -53,6 +64,8 @@ class UniRec(nn.Module):
         """A model for ``dataset`` (a :class:`unirec.data.Dataset`) with its feature bags copied in."""
         model = cls(config, DataSchema.from_dataset(dataset), impl)
         model.items.set_bags(dataset.item_features)
+        if config.text:
+            model.items.set_text(item_text_table(dataset, config))
         if model.profile is not None:
             model.profile.set_bags(dataset.user_features)
         return model
