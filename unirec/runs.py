@@ -9,7 +9,8 @@ A run folder holds:
 - ``last.pt``: the resumable training state;
 - ``metrics.json``: validation and test metrics, the protocol flags, the training history;
 - ``ranks.npz``: per-user ranks of the last evaluation ("users", "valid", "test", "test_unmasked"),
-  the input of ``unirec compare``;
+  or, for a cold-item run, per-case ranks ("cold_valid_ids", "cold_valid", "cold_test_ids",
+  "cold_test"), the input of ``unirec compare``;
 - ``training.png``: loss and validation NDCG@10 per epoch.
 
 Each evaluation also appends one JSON line (arm, data set, seed, protocol, metrics, wall time,
@@ -34,7 +35,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .data import DataConfig, LeaveOneOutSplit, leave_one_out, load_dataset, strict_from_dict
+from .data import SPLITS, DataConfig, LeaveOneOutSplit, leave_one_out, load_dataset, strict_from_dict
 from .models import DataSchema, ModelConfig, UniRec, upgrade_legacy
 from .models.config import upgrade_flat_config
 
@@ -66,6 +67,20 @@ class TrainConfig:
     init_from: Optional[str] = None
     # data augmentation: operator -> rate; every training stream also trains as an augmented copy
     augment_data: Optional[dict] = None
+    # the evaluation protocol (docs/protocol.md): "leave-one-out", or "cold-items" (the cold_share of items
+    # first rated latest never train; a third of them, drawn with cold_seed, validate, the rest test)
+    split: str = "leave-one-out"
+    cold_share: float = 0.15
+    cold_seed: int = 0
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"train config: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if isinstance(self.cold_share, bool) or not isinstance(self.cold_share, (int, float)) \
+                or not 0.0 < float(self.cold_share) < 1.0:
+            raise ValueError(f"train config: cold_share must be a number in (0, 1), got {self.cold_share!r}")
+        if isinstance(self.cold_seed, bool) or not isinstance(self.cold_seed, int) or self.cold_seed < 0:
+            raise ValueError(f"train config: cold_seed must be an integer >= 0, got {self.cold_seed!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -274,7 +289,8 @@ class Run:
         return json.loads(f.read_text())
 
     def save_ranks(self, ranks: dict) -> Path:
-        """ranks.npz from {"users": [E] ids, "valid" / "test" / "test_unmasked": [E] int64 ranks}."""
+        """ranks.npz from {"users": [E] ids, "valid" / "test" / "test_unmasked": [E] int64 ranks} (or a cold-item
+        run's {"cold_valid_ids": [n] case ids, "cold_valid": [n] ranks, and the same for "cold_test"})."""
         arrays = {k: np.asarray(v) for k, v in ranks.items()}
         return write_atomic(self.path / "ranks.npz", lambda f: np.savez(f, **arrays))
 
@@ -285,7 +301,8 @@ class Run:
         record = {
             "arm": self.arm, "run": str(self.path), "data": self.config.data.name,
             "seed": self.config.train.seed, "protocol": metrics.get("protocol"),
-            "metrics": {k: v for k, v in metrics.items() if k in ("valid", "test", "test_unmasked", "popularity_test")},
+            "metrics": {k: v for k, v in metrics.items()
+                        if k in ("valid", "test", "test_unmasked", "popularity_test", "cold_valid", "cold_test")},
             "best_epoch": metrics.get("best_epoch"), "wall_seconds": round(float(wall_seconds), 3),
             "commit": source_commit(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

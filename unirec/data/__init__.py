@@ -1,5 +1,5 @@
-"""Data: readers, the MovieLens-100K fetch, encoding, synthetic data, the leave-one-out split and the
-one token-batch pipeline (training, evaluation and serving share it)."""
+"""Data: readers, the MovieLens-100K fetch, encoding, synthetic data, the leave-one-out and cold-item splits
+and the one token-batch pipeline (training, evaluation and serving share it)."""
 from .batch import (History, TokenBatch, TokenBuilder, TrainBatches, event_gaps, live_token_batch, pack_streams,
                     time_buckets)
 from .dataset import (AGE_BOUNDARIES, PAD, Dataset, Feature, FeatureSpec, FeatureTable, TBEBags,
@@ -8,7 +8,7 @@ from .fetch import FetchError, fetch_movielens_1m, fetch_movielens_100k, unirec_
 from .readers import (DataFormatError, RawData, Table, read_atomic, read_atomic_file, read_movielens_100k,
                       read_movielens_1m, read_recbole_movielens, retype_columns)
 from .sources import DataConfig, load_dataset, strict_from_dict
-from .split import LeaveOneOutSplit, leave_one_out
+from .split import COLD_STAGES, SPLITS, ColdItemSplit, LeaveOneOutSplit, cold_item_split, leave_one_out
 from .summary import describe
 from .synthetic import cluster_truth, synthetic
 from .tabular import read_csv, read_parquet, read_path
@@ -19,5 +19,6 @@ __all__ = [
     "default_feature_specs", "describe", "encode", "FetchError", "fetch_movielens_1m", "fetch_movielens_100k", "unirec_home",
     "DataFormatError", "RawData", "Table", "read_atomic", "read_atomic_file", "read_csv", "read_movielens_100k",
     "read_movielens_1m", "read_parquet", "read_recbole_movielens", "retype_columns", "read_path", "DataConfig", "load_dataset", "strict_from_dict",
-    "LeaveOneOutSplit", "leave_one_out", "cluster_truth", "synthetic",
+    "COLD_STAGES", "SPLITS", "ColdItemSplit", "LeaveOneOutSplit", "cold_item_split", "leave_one_out",
+    "cluster_truth", "synthetic",
 ]

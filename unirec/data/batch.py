@@ -10,7 +10,8 @@ Every user's token stream is ``[profile] + history + candidates``:
 
 The profile token (when the model uses one) is added by the model from ``users``.
 
-:class:`TokenBuilder` cuts streams out of a :class:`~unirec.data.LeaveOneOutSplit`;
+:class:`TokenBuilder` cuts streams out of a :class:`~unirec.data.LeaveOneOutSplit` (evaluation streams
+at any (user, position) pairs with :meth:`TokenBuilder.case_batch`);
 :func:`live_token_batch` packs any histories (a served user's data-set events followed
 by the events posted to the service) with the same code: both go through :func:`pack_streams`
 and the same time-gap buckets (:func:`event_gaps`, :func:`time_buckets`).
@@ -195,14 +196,33 @@ class TokenBuilder:
         return self._pack(users, hist, cands, device)
 
     def eval_batch(self, stage: str, users, device=None) -> TokenBatch:
-        """Streams ranking each user's ``stage`` ("valid"/"test") event: the history before it (last
-        ``max_len`` events), the event itself as the one candidate (its rating is the label)."""
-        sp = self.split
+        """Streams ranking each user's ``stage`` ("valid"/"test") event: :meth:`case_batch` at the
+        positions of those events."""
         users = np.asarray(users, dtype=np.int64)
-        tpos = sp.stage_positions(stage, users)
-        hist = [(int(max(sp.user_offsets[u], p - self.max_len)), int(p)) for u, p in zip(users, tpos)]
-        cands = [(int(p), int(p) + 1) for p in tpos]
-        return self._pack(users, hist, cands, device, targets=sp.items[tpos], history=sp.history(stage, users))
+        return self.case_batch(users, self.split.stage_positions(stage, users), device)
+
+    def case_batch(self, users, positions, device=None) -> TokenBatch:
+        """Streams ranking the event at each (user, position) pair (``positions`` index the split's sorted
+        events; each must be one of its user's): the history is the user's events before it (the last
+        ``max_len`` as tokens, all of them in ``history_items`` / ``history_offsets``), the event itself
+        the one candidate (its rating is the label) and ``targets`` its item. The one path of every
+        evaluation protocol (leave-one-out stages, cold-item cases)."""
+        sp = self.split
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if users.shape != pos.shape:
+            raise ValueError(f"case_batch: users {users.shape} and positions {pos.shape} must have the same length")
+        start = sp.user_offsets[users]
+        bad = (pos < start) | (pos >= sp.user_offsets[users + 1])
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"case_batch: position {int(pos[b])} is not an event of user {int(users[b])}")
+        lens = pos - start
+        hist = list(zip(np.maximum(start, pos - self.max_len).tolist(), pos.tolist()))
+        cands = list(zip(pos.tolist(), (pos + 1).tolist()))
+        first = np.cumsum(lens) - lens
+        past = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(start - first, lens)
+        return self._pack(users, hist, cands, device, targets=sp.items[pos], history=(sp.items[past], _offsets(lens)))
 
     def user_batch(self, users, stage: str = "test", device=None) -> TokenBatch:
         """Streams for recommending after all of each user's events up to and including ``stage``'s

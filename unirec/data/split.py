@@ -1,11 +1,14 @@
-"""Leave-one-out split (docs/protocol.md, "Splits").
+"""Splits (docs/protocol.md, "Splits" and "Cold items").
 
-Each user's events are sorted by time (ties keep file order). For a user with
-n >= 3 events the last is the test target, the one before the validation
-target, and the first n - 2 are training events; users with fewer than 3
-events only train. Validation ranks the validation item given the training
-events; test ranks the test item given the training events and the validation
-event.
+Leave-one-out (:class:`LeaveOneOutSplit`): each user's events are sorted by time (ties keep file
+order). For a user with n >= 3 events the last is the test target, the one before the validation
+target, and the first n - 2 are training events; users with fewer than 3 events only train.
+Validation ranks the validation item given the training events; test ranks the test item given the
+training events and the validation event.
+
+Cold items (:class:`ColdItemSplit`): the ``share`` of items first rated latest are cold; every event
+on a cold item leaves training, and each event on a cold item (after at least one earlier event of
+its user) is an evaluation case, ranked given all of the user's earlier events.
 
 The batches the model reads are built from a split by :mod:`unirec.data.batch`.
 """
@@ -18,6 +21,8 @@ import numpy as np
 from .dataset import Dataset
 
 STAGES = ("valid", "test")
+COLD_STAGES = ("cold_valid", "cold_test")
+SPLITS = ("leave-one-out", "cold-items")
 
 
 def _segments(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -36,26 +41,46 @@ def _offsets(lens: np.ndarray) -> np.ndarray:
 class LeaveOneOutSplit:
     """A Dataset split leave-one-out (see the module docstring).
 
+    ``keep``: an optional [num_interactions] bool mask of the data set's events the split holds (the
+    others are left out entirely, as if absent from the data); ``hold_out=False``: every event is a
+    training event (no validation or test event, no ``eval_users``), e.g. the training part of a
+    :class:`ColdItemSplit`.
+
     Attributes:
         dataset: the Dataset.
         items, timestamps, ratings: [n] events sorted by (user, time, file order).
+        event_rows: [n] int64 the data set's row of each sorted event.
         user_offsets: [num_users + 2] int64; user u's events are [user_offsets[u], user_offsets[u+1]).
         train_len: [num_users + 1] int64 training events per user.
         eval_users: [E] int64 users with a validation and a test event, ascending.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, keep: Optional[np.ndarray] = None, hold_out: bool = True):
         self.dataset = dataset
         ds = dataset
-        order = np.lexsort((np.arange(ds.num_interactions), ds.timestamp, ds.user))
+        if keep is None:
+            order = np.lexsort((np.arange(ds.num_interactions), ds.timestamp, ds.user))
+        else:
+            keep = np.asarray(keep)
+            if keep.dtype != np.bool_ or keep.shape != (ds.num_interactions,):
+                raise ValueError(f"keep must be a bool mask of the {ds.num_interactions} events, "
+                                 f"got {keep.dtype} {keep.shape}")
+            rows = np.flatnonzero(keep)
+            order = rows[np.lexsort((rows, ds.timestamp[rows], ds.user[rows]))]
+        self.event_rows = order.astype(np.int64)
+        self.hold_out = bool(hold_out)
         self.users_sorted = ds.user[order]
         self.items = ds.item[order].astype(np.int64)
         self.timestamps = ds.timestamp[order].astype(np.float64)
         self.ratings = None if ds.rating is None else ds.rating[order].astype(np.float32)
-        counts = np.bincount(ds.user, minlength=ds.num_users + 1).astype(np.int64)
+        counts = np.bincount(ds.user[order], minlength=ds.num_users + 1).astype(np.int64)
         self.user_offsets = _offsets(counts)
-        self.train_len = np.where(counts >= 3, counts - 2, counts)
-        self.eval_users = np.nonzero(counts >= 3)[0].astype(np.int64)
+        if hold_out:
+            self.train_len = np.where(counts >= 3, counts - 2, counts)
+            self.eval_users = np.nonzero(counts >= 3)[0].astype(np.int64)
+        else:
+            self.train_len = counts
+            self.eval_users = np.zeros(0, dtype=np.int64)
 
     # ----------------------------------------------------------------- views
 
@@ -63,6 +88,8 @@ class LeaveOneOutSplit:
         """[B] positions (into the sorted arrays) of each user's ``stage`` ("valid" / "test") event."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if not self.hold_out:
+            raise ValueError("this split holds out no validation or test events (hold_out=False)")
         return self.user_offsets[users] + self.train_len[users] + (1 if stage == "test" else 0)
 
     def train_positions(self) -> np.ndarray:
@@ -90,6 +117,9 @@ class LeaveOneOutSplit:
         return self.items[_segments(self.user_offsets[users], lens)], _offsets(lens)
 
     def __repr__(self) -> str:
+        if not self.hold_out:
+            return (f"LeaveOneOutSplit({self.dataset.name}: {int(self.train_len.sum())} train events, "
+                    "no held-out events)")
         return (f"LeaveOneOutSplit({self.dataset.name}: {int(self.train_len.sum())} train events, "
                 f"{len(self.eval_users)} validation / test users)")
 
@@ -97,3 +127,147 @@ class LeaveOneOutSplit:
 def leave_one_out(dataset: Dataset) -> LeaveOneOutSplit:
     """Splits ``dataset`` leave-one-out by time (docs/protocol.md)."""
     return LeaveOneOutSplit(dataset)
+
+
+def _num_cold(share: float, num_rated: int) -> int:
+    """ceil(share * num_rated), robust to the float error of share * n (0.15 * 100 = 15.000000000000002)."""
+    return int(np.ceil(round(share * num_rated, 9)))
+
+
+class ColdItemSplit:
+    """A cold-item split (docs/protocol.md, "Cold items").
+
+    Items are ordered by the time of their first event (ties: by item index); the last
+    ceil(``share`` x the rated items) are **cold**. Every event on a cold item leaves training: cold
+    items are neither training inputs nor targets (and the training softmax leaves them out, see
+    :meth:`warm_items`). The cold items are drawn into **validation** (round(C / 3) of them) and
+    **test** (the rest) with ``np.random.default_rng(seed)``, a seed of its own (not the training
+    seed), so every arm and seed is evaluated on the same cases.
+
+    A case of stage "cold_valid" / "cold_test" is an event on a validation / test cold item that has
+    at least one earlier event of its user: its target is the event's item, its history every earlier
+    event of the user (warm and cold, in time order). A cold event that is its user's first has no
+    history to rank from and is not a case (counted in :meth:`summary` as ``num_no_history``).
+
+    Attributes:
+        dataset, share, seed: as given.
+        full: LeaveOneOutSplit over every event (the evaluation histories; case positions index it).
+        train: LeaveOneOutSplit over the warm events only, all of them training (``hold_out=False``).
+        cold_items, valid_items, test_items: sorted int64 item ids (1-based).
+        is_cold: [num_items + 1] bool.
+        first_time: [num_items + 1] float64 each item's first event time (inf: never rated).
+    """
+
+    def __init__(self, dataset: Dataset, share: float = 0.15, seed: int = 0):
+        share = float(share)
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"cold share must lie in (0, 1), got {share}")
+        if int(seed) != seed:
+            raise ValueError(f"cold seed must be an integer, got {seed!r}")
+        self.dataset, self.share, self.seed = dataset, share, int(seed)
+        ds = dataset
+        first = np.full(ds.num_items + 1, np.inf)
+        np.minimum.at(first, ds.item, ds.timestamp.astype(np.float64))
+        self.first_time = first
+        rated = np.flatnonzero(np.isfinite(first[1:])).astype(np.int64) + 1
+        n_cold = _num_cold(share, len(rated))
+        if n_cold < 2 or n_cold >= len(rated):
+            raise ValueError(f"cold share {share} of {len(rated)} rated items gives {n_cold} cold items; the "
+                             "cold-item split needs at least 2 cold items (validation and test) and one warm item")
+        by_time = rated[np.lexsort((rated, first[rated]))]
+        self.cold_items = np.sort(by_time[-n_cold:])
+        drawn = np.random.default_rng(self.seed).permutation(self.cold_items)
+        n_valid = min(max(1, int(np.floor(n_cold / 3 + 0.5))), n_cold - 1)
+        self.valid_items, self.test_items = np.sort(drawn[:n_valid]), np.sort(drawn[n_valid:])
+        self.is_cold = np.zeros(ds.num_items + 1, dtype=bool)
+        self.is_cold[self.cold_items] = True
+
+        self.full = LeaveOneOutSplit(ds)
+        self.train = LeaveOneOutSplit(ds, keep=~self.is_cold[ds.item], hold_out=False)
+        fs = self.full
+        n = len(fs.items)
+        has_history = np.arange(n) > fs.user_offsets[fs.users_sorted]
+        self._positions, self._no_history = {}, {}
+        for stage, items in zip(COLD_STAGES, (self.valid_items, self.test_items)):
+            on = np.zeros(ds.num_items + 1, dtype=bool)
+            on[items] = True
+            hit = on[fs.items]
+            self._positions[stage] = np.flatnonzero(hit & has_history).astype(np.int64)
+            self._no_history[stage] = int((hit & ~has_history).sum())
+
+    # ----------------------------------------------------------------- cases
+
+    def _check(self, stage: str) -> None:
+        if stage not in COLD_STAGES:
+            raise ValueError(f"stage must be one of {COLD_STAGES}, got {stage!r}")
+
+    def cases(self, stage: str):
+        """(users [n], positions [n]) int64 of the ``stage`` cases, in (user, time) order; positions
+        index ``full``'s sorted events (the target is ``full.items[positions]``, the history the
+        user's events before it)."""
+        self._check(stage)
+        pos = self._positions[stage]
+        return self.full.users_sorted[pos].astype(np.int64), pos.copy()
+
+    def targets(self, stage: str) -> np.ndarray:
+        """[n] the cold item of each ``stage`` case."""
+        self._check(stage)
+        return self.full.items[self._positions[stage]]
+
+    def history(self, stage: str):
+        """CSR (items [H], offsets [n + 1]) of each ``stage`` case's history: every earlier event of its user."""
+        users, pos = self.cases(stage)
+        start = self.full.user_offsets[users]
+        lens = pos - start
+        return self.full.items[_segments(start, lens)], _offsets(lens)
+
+    def case_ids(self, stage: str) -> np.ndarray:
+        """[n] str stable ids of the ``stage`` cases, "<user id>@<item id>@<k>" with the data set's ids and
+        k = how many earlier events the user has on the same item (0 for the first); the same event has
+        the same id in every run on the same data, whatever the model or the training seed."""
+        users, pos = self.cases(stage)
+        fs = self.full
+        items = fs.items[pos]
+        # k of every event on the stage's items (cases and the first events without history alike)
+        on = np.zeros(self.dataset.num_items + 1, dtype=bool)
+        on[items] = True
+        all_pos = np.flatnonzero(on[fs.items])
+        key = fs.users_sorted[all_pos].astype(np.int64) * (self.dataset.num_items + 1) + fs.items[all_pos]
+        order = np.argsort(key, kind="stable")  # within a (user, item) pair: time order
+        ks = key[order]
+        start = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]]) if len(ks) else np.zeros(0, dtype=np.int64)
+        k_all = np.empty(len(ks), dtype=np.int64)
+        k_all[order] = np.arange(len(ks)) - np.repeat(start, np.diff(np.r_[start, len(ks)]))
+        k = k_all[np.searchsorted(all_pos, pos)]
+        uv, iv = self.dataset.user_vocab, self.dataset.item_vocab
+        return np.asarray([f"{u}@{i}@{j}" for u, i, j in zip(uv[users], iv[items], k)], dtype=str)
+
+    # ----------------------------------------------------------------- training
+
+    def warm_items(self) -> np.ndarray:
+        """[W] sorted int64 ids (1-based) of the items the training softmax keeps: every item but the cold ones."""
+        return np.flatnonzero(~self.is_cold[1:]).astype(np.int64) + 1
+
+    def summary(self) -> dict:
+        """Sizes of the split, as metrics.json records them."""
+        cold_events = int(self.is_cold[self.dataset.item].sum())
+        return {"share": self.share, "seed": self.seed, "num_items": int(self.dataset.num_items),
+                "num_rated_items": int(np.isfinite(self.first_time[1:]).sum()),
+                "num_cold_items": int(len(self.cold_items)), "num_valid_items": int(len(self.valid_items)),
+                "num_test_items": int(len(self.test_items)),
+                "cold_from": float(self.first_time[self.cold_items].min()),
+                "num_events": int(self.dataset.num_interactions), "num_cold_events": cold_events,
+                "num_train_events": int(self.train.train_len.sum()),
+                "num_cases": {s: int(len(self._positions[s])) for s in COLD_STAGES},
+                "num_no_history": dict(self._no_history)}
+
+    def __repr__(self) -> str:
+        n = {s: len(self._positions[s]) for s in COLD_STAGES}
+        return (f"ColdItemSplit({self.dataset.name}: {len(self.cold_items)} cold items ({len(self.valid_items)} "
+                f"validation, {len(self.test_items)} test), {int(self.train.train_len.sum())} train events, "
+                f"{n['cold_valid']} / {n['cold_test']} validation / test cases)")
+
+
+def cold_item_split(dataset: Dataset, share: float = 0.15, seed: int = 0) -> ColdItemSplit:
+    """Splits ``dataset`` by cold items (docs/protocol.md, "Cold items"); see :class:`ColdItemSplit`."""
+    return ColdItemSplit(dataset, share, seed)

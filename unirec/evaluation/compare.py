@@ -1,8 +1,11 @@
-"""Comparing two arms (sets of runs) on per-user test ranks, with a paired two-level bootstrap.
+"""Comparing two arms (sets of runs) on per-user (or per-case) test ranks, with a paired two-level bootstrap.
 
 Each evaluated run keeps ``RUN/ranks.npz`` (``users`` [U] str ids; ``test``, ``test_unmasked``,
 ``valid`` [U] int64 pessimistic 1-based ranks clipped at kmax + 1 = 21, so NDCG/HR/MRR@K are
-exact for K <= 20) next to ``RUN/config.json`` (``train.seed``, ``data.source``).
+exact for K <= 20) next to ``RUN/config.json`` (``train.seed``, ``data.source``). A stage may carry
+its own ids, ``<stage>_ids``: the cold-item protocol's ``cold_valid`` / ``cold_test`` ranks are per
+case (an event on a cold item, id "<user>@<item>@<k>"), not per user; "users" below then means cases.
+Runs of the cold-item stages must share the split (``train.cold_share``, ``train.cold_seed``).
 
 Method: arm A and arm B runs are paired by training seed (else by position), users are aligned
 by id (only users present in every run are kept), and each user's metric is computed from its
@@ -21,7 +24,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-STAGES = ("test", "test_unmasked", "valid")
+STAGES = ("test", "test_unmasked", "valid", "cold_test", "cold_valid")
 _METRIC = re.compile(r"^(ndcg|hr|mrr)@([1-9][0-9]*)$")
 
 
@@ -95,7 +98,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_samples: int = 10000, lev
 
 
 def load_ranks(run_dir, stage: str = "test") -> Tuple[int, np.ndarray, np.ndarray, str]:
-    """Reads one run: returns (train seed, users [U] str, ranks [U] int64 of ``stage``, data source)."""
+    """Reads one run: returns (train seed, ids [U] str, ranks [U] int64 of ``stage``, data source). The ids
+    are the array ``<stage>_ids`` when the file has one (the cold-item cases), else ``users``."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     run = Path(run_dir)
@@ -111,14 +115,23 @@ def load_ranks(run_dir, stage: str = "test") -> Tuple[int, np.ndarray, np.ndarra
     except (KeyError, TypeError) as e:
         raise ValueError(f"{cfg_file}: needs train.seed and data.source ({e!r} missing)") from None
     with np.load(ranks_file, allow_pickle=False) as z:
-        if "users" not in z.files or stage not in z.files:
-            raise ValueError(f"{ranks_file}: needs arrays 'users' and {stage!r}, has {z.files}")
-        users, ranks = z["users"].astype(str), z[stage].astype(np.int64)
+        id_key = f"{stage}_ids" if f"{stage}_ids" in z.files else "users"
+        if id_key not in z.files or stage not in z.files:
+            hint = " (cold-item ranks come from a run trained with split='cold-items')" if stage.startswith("cold") \
+                else ""
+            raise ValueError(f"{ranks_file}: needs arrays {id_key!r} and {stage!r}, has {z.files}{hint}")
+        users, ranks = z[id_key].astype(str), z[stage].astype(np.int64)
     if users.ndim != 1 or users.shape != ranks.shape:
-        raise ValueError(f"{ranks_file}: users {users.shape} and {stage} {ranks.shape} must be equal-length 1-D")
+        raise ValueError(f"{ranks_file}: {id_key} {users.shape} and {stage} {ranks.shape} must be equal-length 1-D")
     if np.unique(users).size != users.size:
-        raise ValueError(f"{ranks_file}: user ids are not unique")
+        raise ValueError(f"{ranks_file}: {'user' if id_key == 'users' else 'case'} ids are not unique")
     return seed, users, ranks, source
+
+
+def _cold_split_of(run_dir) -> tuple:
+    """(split, cold_share, cold_seed) of a run's training config (defaults for folders without them)."""
+    train = json.loads((Path(run_dir) / "config.json").read_text()).get("train") or {}
+    return (train.get("split", "leave-one-out"), float(train.get("cold_share", 0.15)), int(train.get("cold_seed", 0)))
 
 
 def _pair(runs_a: list, runs_b: list, seeds_a: List[int], seeds_b: List[int]) -> List[Tuple[int, int]]:
@@ -153,6 +166,14 @@ def compare_runs(runs_a: list, runs_b: list, metrics: Sequence[str] = ("ndcg@10"
     if len(sources) > 1:
         (s1, r1), (s2, r2) = list(sources.items())[:2]
         raise ValueError(f"runs are on different data sets: {r1} on {s1!r}, {r2} on {s2!r}")
+    if stage.startswith("cold"):
+        splits = {}
+        for r in runs:
+            splits.setdefault(_cold_split_of(r), r)
+        if len(splits) > 1:
+            (s1, r1), (s2, r2) = list(splits.items())[:2]
+            raise ValueError(f"runs use different cold-item splits: {r1} (split, cold_share, cold_seed) = {s1}, "
+                             f"{r2} {s2}; compare runs evaluated on the same cases")
     na = len(runs_a)
     seeds = [x[0] for x in loaded]
     pairs = _pair(runs_a, runs_b, seeds[:na], seeds[na:])
@@ -163,7 +184,8 @@ def compare_runs(runs_a: list, runs_b: list, metrics: Sequence[str] = ("ndcg@10"
         keep &= np.isin(all_users[0], u)
     common = all_users[0][keep]  # the first run's order
     if common.size == 0:
-        raise ValueError("no user is present in every run; were they evaluated on the same data?")
+        raise ValueError(f"no {'case' if stage.startswith('cold') else 'user'} is present in every run; were they "
+                         "evaluated on the same data?")
     union = np.unique(np.concatenate(all_users)).size
     aligned = []
     for users, (_, _, ranks, _) in zip(all_users, loaded):
@@ -184,7 +206,8 @@ def format_comparison(result: dict, name_a: str = "A", name_b: str = "B") -> str
     first = rows[0][1] if rows else {}
     pct = f"{first.get('level', 0.95) * 100:g}%"
     w = max([len(name_a), len(name_b), 8])
-    lines = [f"{name_a} vs {name_b} on {result.get('stage', 'test')} ranks: {first.get('num_users')} users "
+    unit = "cases" if str(result.get("stage", "test")).startswith("cold") else "users"
+    lines = [f"{name_a} vs {name_b} on {result.get('stage', 'test')} ranks: {first.get('num_users')} {unit} "
              f"({result.get('users_dropped', 0)} dropped), {first.get('num_seeds')} paired seeds, "
              f"{first.get('num_samples')} bootstrap samples",
              f"{'metric':<10} {name_a:>{w}} {name_b:>{w}} {'diff':>9} {'rel':>8}  {pct} interval"]

@@ -1,4 +1,4 @@
-"""Evaluating a UniRec model on a leave-one-out split (docs/protocol.md).
+"""Evaluating a UniRec model on a leave-one-out split or on cold-item cases (docs/protocol.md).
 
 Full ranking through the model's scorer (:meth:`unirec.models.Scorer.target_ranks`): the target's
 rank comes from the top ``kmax + 1`` unseen items plus, when the history is not masked, the user's
@@ -7,8 +7,13 @@ history items (with the model's repeat offsets), with ties pessimistic as in
 NDCG/HR/MRR@K exact for every K <= kmax. No B x N score matrix is stored. Every evaluation keeps
 the per-user ranks, so that two runs can be compared user by user (:mod:`unirec.evaluation.compare`).
 
-Under torch.distributed every process evaluates a contiguous part of the users and the parts are
-gathered, so each user is ranked exactly once and every process gets the same metrics.
+Every protocol evaluates cases, an event at a (user, position) pair given the user's events before it
+(:meth:`unirec.data.TokenBuilder.case_batch`): leave-one-out has one per user and stage
+(:func:`evaluate_model`, :func:`evaluate_split`), the cold-item split one per event on a cold item
+(:func:`evaluate_cases`, :func:`evaluate_cold`).
+
+Under torch.distributed every process evaluates a contiguous part of the cases and the parts are
+gathered, so each case is ranked exactly once and every process gets the same metrics.
 """
 from __future__ import annotations
 
@@ -25,6 +30,43 @@ from .metrics import DEFAULT_KS, auc, gauc, mae, ndcg_at_k, ranking_metrics, rms
 
 def _nan_to_none(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def _run_cases(model, builder, users: np.ndarray, positions: np.ndarray, item_rep, *, batch_size: int, device,
+               rank_kw: Optional[dict]):
+    """Runs the model over the cases (users [n], positions [n] into ``builder.split``'s events) in batches.
+
+    Under torch.distributed each process takes a contiguous part of the cases and every process runs
+    as many batches (a sharded model makes collectives in each); the results are gathered.
+    Returns (ranks [n] int64 or None without ``rank_kw`` (the keyword arguments of
+    ``Scorer.target_ranks``), preds [rating, like, label, user] tensors [n] or None).
+    """
+    world = world_size()
+    idx = np.arange(len(users))
+    part = np.array_split(idx, world)[rank()]
+    num_batches = -(-len(np.array_split(idx, world)[0]) // batch_size)
+    ranks, rows = [], []
+    for chunk in np.array_split(part, num_batches) if num_batches else []:
+        if len(chunk) == 0:
+            continue
+        b = builder.case_batch(users[chunk], positions[chunk]).to(device)
+        p = model.predict(b, item_rep)
+        if rank_kw is not None:
+            r = model.scorer.target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
+                                          b.history_offsets, **rank_kw)
+            ranks.append(r.cpu())
+        if "rating" in p and b.cand_ratings is not None:
+            rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings.cpu(), b.users.cpu()))
+    preds = [torch.cat(x) for x in zip(*rows)] if rows else None
+    if world > 1 and "ranking" in model.objectives and builder.split.ratings is not None:
+        cols = preds or [torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64)]
+        preds = [all_gather_rows(x)[0] for x in cols]
+    out_ranks = None
+    if rank_kw is not None:
+        out_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+        if world > 1:
+            out_ranks = all_gather_rows(out_ranks)[0]
+    return out_ranks, preds
 
 
 @torch.no_grad()
@@ -47,40 +89,22 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    users = builder.split.eval_users
-    world = world_size()
-    # This process's contiguous part of the users, in batches; every process runs as many batches
-    # (a sharded model makes collectives in each), so the parts are cut into the same count.
-    part = np.array_split(users, world)[rank()]
-    num_batches = -(-len(np.array_split(users, world)[0]) // batch_size)
+    split = builder.split
+    users = split.eval_users
     item_rep = model.item_representations().float()
-    ranks, preds = [], {}
+    preds = {}
+    all_ranks = None
     gauc_stages = tuple(gauc_stages or ((stage,) if stage == "valid" else ("valid", "test")))
     for st in dict.fromkeys((stage,) + gauc_stages):
-        rows = []
-        for chunk in np.array_split(part, num_batches) if num_batches else []:
-            if len(chunk) == 0:
-                continue
-            b = builder.eval_batch(st, chunk)
-            b = b.to(device)
-            p = model.predict(b, item_rep)
-            if st == stage:
-                r = model.scorer.target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
-                                              b.history_offsets, mask_history, kmax=max(ks))
-                ranks.append(r.cpu())
-            if "rating" in p and b.cand_ratings is not None:
-                rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings.cpu(), b.users.cpu()))
-        if rows:
-            preds[st] = [torch.cat(x) for x in zip(*rows)]
-        if world > 1 and "ranking" in model.objectives and builder.split.ratings is not None:
-            cols = preds.get(st) or [torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64)]
-            preds[st] = [all_gather_rows(x)[0] for x in cols]
-    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
-    if world > 1:
-        all_ranks = all_gather_rows(all_ranks)[0]
+        rank_kw = dict(mask_history=mask_history, kmax=max(ks)) if st == stage else None
+        r, p = _run_cases(model, builder, users, split.stage_positions(st, users), item_rep,
+                          batch_size=batch_size, device=device, rank_kw=rank_kw)
+        if r is not None:
+            all_ranks = r
+        if p is not None:
+            preds[st] = p
     out: Dict[str, object] = dict(ranking_metrics(all_ranks, ks))
     out.update(num_users=int(len(users)), mask_history=bool(mask_history), stage=stage)
-    split = builder.split
     if split.ratings is not None and len(users):
         out.update(feedback_metrics(all_ranks, split.ratings[split.stage_positions(stage, users)]))
     if stage in preds:
@@ -95,6 +119,47 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
     out = _nan_to_none(out)
     if return_ranks:
         out["ranks"] = all_ranks
+    return out
+
+
+@torch.no_grad()
+def evaluate_cases(model, builder, users, positions, *, stage: str = "cases", mask_history: bool = True,
+                   ks: Sequence[int] = DEFAULT_KS, batch_size: int = 256, device=None,
+                   return_ranks: bool = False) -> Dict[str, object]:
+    """The metrics of :func:`evaluate_model` over arbitrary cases: the event at each (user, position) pair
+    (``positions`` index ``builder.split``'s sorted events), ranked given all of the user's earlier events
+    (e.g. the cold-item cases of :meth:`unirec.data.ColdItemSplit.cases`, with a builder over its ``full``
+    split). A user may have several cases; GAUC pools each user's cases.
+
+    Returns {"ndcg@10", "hr@10", ..., "num_cases", "mask_history", "stage", "neghit@10", ...,
+    "rmse", "mae", "auc", "gauc"} (rating keys only with a ranking head and ratings; NaN -> None), and
+    "ranks" [n] int64 in the cases' order with ``return_ranks``.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    users = np.asarray(users, dtype=np.int64).reshape(-1)
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if users.shape != positions.shape:
+        raise ValueError(f"users {users.shape} and positions {positions.shape} must have the same length")
+    item_rep = model.item_representations().float()
+    ranks, preds = _run_cases(model, builder, users, positions, item_rep, batch_size=batch_size, device=device,
+                              rank_kw=dict(mask_history=mask_history, kmax=max(ks)))
+    out: Dict[str, object] = dict(ranking_metrics(ranks, ks))
+    out.update(num_cases=int(len(users)), mask_history=bool(mask_history), stage=stage)
+    split = builder.split
+    if split.ratings is not None and len(users):
+        out.update(feedback_metrics(ranks, split.ratings[positions]))
+    if preds is not None:
+        rating, like, y, u = preds
+        thr = model.config.like_threshold
+        out.update(rmse=rmse(rating, y), mae=mae(rating, y), auc=auc(like, y >= thr), gauc=gauc(like, y >= thr, u),
+                   gauc_stages=stage)
+    if was_training:
+        model.train()
+    out = _nan_to_none(out)
+    if return_ranks:
+        out["ranks"] = ranks
     return out
 
 
@@ -132,6 +197,26 @@ def evaluate_split(model, split, batch_size: int = 256, device="cpu", test: bool
     return metrics, ranks
 
 
+def evaluate_cold(model, cold, batch_size: int = 256, device="cpu", test: bool = True):
+    """(metrics, per-case ranks) of a model on a :class:`unirec.data.ColdItemSplit` (docs/protocol.md, "Cold
+    items"): the cold validation cases and, with ``test``, the cold test cases, each ranked against the
+    whole catalogue with the history masked.
+
+    metrics: {"cold_valid": {...}, "cold_test": {...}} (:func:`evaluate_cases`);
+    ranks: {"cold_valid_ids": [n] str case ids (:meth:`~unirec.data.ColdItemSplit.case_ids`), "cold_valid":
+    [n] int64, and the same for "cold_test"}: the input of ``unirec compare --stage cold_test``.
+    """
+    b = TokenBuilder.for_config(cold.full, model.config)
+    metrics, ranks = {}, {}
+    for stage in ("cold_valid", "cold_test") if test else ("cold_valid",):
+        m = evaluate_cases(model, b, *cold.cases(stage), stage=stage, batch_size=batch_size, device=device,
+                           return_ranks=True)
+        ranks[f"{stage}_ids"] = cold.case_ids(stage)
+        ranks[stage] = m.pop("ranks").numpy()
+        metrics[stage] = m
+    return metrics, ranks
+
+
 def popularity_baseline(split, stage: str = "test", mask_history: bool = True, ks: Sequence[int] = DEFAULT_KS):
     """Ranking metrics of scoring items by training popularity (a sanity floor for any model)."""
     from .metrics import evaluate_full_ranking
@@ -145,7 +230,8 @@ def popularity_baseline(split, stage: str = "test", mask_history: bool = True, k
 
 def format_metrics(metrics: dict) -> str:
     """A table: rows = metric, columns = valid / test / test unmasked / popularity."""
-    cols = [("valid", "valid"), ("test", "test"), ("test_unmasked", "test unmasked"), ("popularity_test", "popularity")]
+    cols = [("valid", "valid"), ("test", "test"), ("test_unmasked", "test unmasked"), ("popularity_test", "popularity"),
+            ("cold_valid", "cold valid"), ("cold_test", "cold test")]
     cols = [(k, n) for k, n in cols if k in metrics]
     keys = [f"{m}@{k}" for k in (5, 10, 20) for m in ("ndcg", "hr", "mrr")] + ["rmse", "mae", "auc", "gauc",
                                                                               "neghit@10", "ndcg@10_positive"]
@@ -155,7 +241,13 @@ def format_metrics(metrics: dict) -> str:
         if all(v is None for v in vals):
             continue
         lines.append(f"{key:<16}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
-    lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
+    if any(c in metrics for c in ("valid", "test")):
+        lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
+    if any(c in metrics for c in ("cold_valid", "cold_test")):
+        n = {c: metrics[c].get("num_cases") for c in ("cold_valid", "cold_test") if c in metrics}
+        lines.append("cold items: each event on a cold item (never trained on) ranked given the user's earlier "
+                     "events, history masked; ties pessimistic; full-catalogue ranking; cases: "
+                     + ", ".join(f"{k} {v}" for k, v in n.items()))
     if any("neghit@10" in metrics[c] for c, _ in cols):
         lines.append("neghit@10: share of users whose held-out item is rated <= 2 that get it in their top 10 "
                      "(lower is better); ndcg@10_positive: over users whose held-out item is rated > 2")

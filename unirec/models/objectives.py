@@ -7,6 +7,8 @@ is sum_o weight_o * loss_o. A new objective is a class here, registered under it
 - ``retrieval``: every history token (and the profile token) predicts the next item against the
   whole catalogue (tied item representations) with ``unirec.ops.softmax_cross_entropy``. With the
   scorer's repeat offsets the softmax includes them exactly (:meth:`Retrieval.repeat_correction`).
+  The catalogue may be restricted to a set of allowed items (:func:`restrict_training_items`; the
+  cold-item protocol leaves the cold items out of the training softmax).
 - ``sampled_retrieval``: the same over the batch's distinct targets only (in-batch negatives).
 - ``ranking``: each candidate's hidden state -> MLP -> (rating, like logit); MSE + BCE.
 
@@ -48,29 +50,70 @@ def next_item_queries(enc: Encoded, batch: TokenBatch):
     return take_rows(enc.hidden, q_pos[keep]), tgt[keep], int(keep[:enc.hist_pos.numel()].sum())
 
 
+def allowed_targets(allowed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based places in ``allowed`` (sorted 1-based item ids [A]) of the 1-based ``targets`` [M]; a
+    ValueError when a target is not allowed (a restricted softmax has no term for it)."""
+    at = torch.searchsorted(allowed, targets).clamp_(max=max(allowed.numel() - 1, 0))
+    if targets.numel() and not bool((allowed[at] == targets).all()):
+        bad = targets[allowed[at] != targets][:5].tolist()
+        raise ValueError(f"training targets {bad} are not among the allowed items of the restricted softmax "
+                         "(restrict_training_items)")
+    return at
+
+
 @register_objective("retrieval")
 class Retrieval(nn.Module):
-    """Next-item cross-entropy over the whole catalogue (module docstring). ``impl``: the loss backend."""
+    """Next-item cross-entropy over the whole catalogue (module docstring). ``impl``: the loss backend.
+
+    ``allowed_items`` (None, or sorted 1-based ids [A], set with :meth:`set_allowed_items`; not part of
+    the checkpoint): the softmax runs over those items only, i.e. the loss of a target t is
+    -z_t + log sum_{a in allowed} exp(z_a) (the repeat correction then assumes every history item is
+    allowed, as in the cold-item protocol, where the history items are warm)."""
+
+    allowed_items: Optional[torch.Tensor]
 
     def __init__(self, config: ModelConfig, schema: DataSchema, impl: str = "auto"):
         super().__init__()
         self.num_buckets, self.max_len, self.impl = config.num_repeat_buckets, config.max_len, impl
+        self.register_buffer("allowed_items", None, persistent=False)
+
+    def set_allowed_items(self, items: Optional[torch.Tensor]) -> None:
+        """Restricts the softmax to ``items`` (1-based ids, any order, repeats ignored); None: the whole catalogue."""
+        if items is None:
+            self.allowed_items = None
+            return
+        items = torch.unique(torch.as_tensor(items, dtype=torch.int64).reshape(-1))
+        if items.numel() == 0 or int(items[0]) < 1:
+            raise ValueError("allowed items must be a non-empty set of 1-based item ids")
+        dev = self.allowed_items.device if self.allowed_items is not None else None
+        self.allowed_items = items.to(dev) if dev is not None else items
 
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
         q, tgt, n_hist = next_item_queries(enc, batch)
         impl = ops.resolve_impl(self.impl, "loss")
-        items = None if isinstance(enc.item_rep, ShardedRows) else enc.item_rep[1:].to(q.dtype)
+        sharded = isinstance(enc.item_rep, ShardedRows)
+        allowed = self.allowed_items
+        if allowed is None:
+            items = None if sharded else enc.item_rep[1:].to(q.dtype)
+            tgt0 = tgt - 1
+        elif sharded:
+            raise NotImplementedError("a restricted retrieval softmax (allowed_items) does not take a sharded item "
+                                      "table (shard_items)")
+        else:
+            allowed = allowed.to(q.device)
+            items = take_rows(enc.item_rep, allowed).to(q.dtype)
+            tgt0 = allowed_targets(allowed, tgt)
         count = global_count(tgt.numel(), q.device)
-        if isinstance(enc.item_rep, ShardedRows):
+        if sharded:
             per_row = self.sharded_loss(q, tgt, enc.item_rep)
             if enc.repeat_offsets is not None:
                 per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
                                      per_row[n_hist:]])
             ret = mean_share(per_row.sum(), count)
         elif enc.repeat_offsets is None:
-            ret = mean_share(ops.softmax_cross_entropy(q, items, tgt - 1, reduction="sum", impl=impl), count)
+            ret = mean_share(ops.softmax_cross_entropy(q, items, tgt0, reduction="sum", impl=impl), count)
         else:
-            per_row = ops.softmax_cross_entropy(q, items, tgt - 1, reduction="none", impl=impl).float()
+            per_row = ops.softmax_cross_entropy(q, items, tgt0, reduction="none", impl=impl).float()
             per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
                                  per_row[n_hist:]])
             ret = mean_share(per_row.sum(), count)
@@ -184,4 +227,23 @@ class Ranking(nn.Module):
         return mse + bce, {"rating": float(mse.detach()), "like": float(bce.detach())}
 
 
-__all__ = ["OBJECTIVES", "Retrieval", "SampledRetrieval", "Ranking", "next_item_queries"]
+# Objectives that score their targets against the whole catalogue: a restricted training catalogue
+# (the cold-item protocol) must reach each of them through ``set_allowed_items``.
+CATALOGUE_OBJECTIVES = ("retrieval", "cloze")
+
+
+def restrict_training_items(model, items: Optional[torch.Tensor]) -> None:
+    """Restricts every training softmax over the catalogue of ``model`` (a UniRec) to ``items`` (1-based
+    ids; None: the whole catalogue again). Evaluation and serving still rank the whole catalogue.
+    Objectives with in-batch or no item negatives (sampled_retrieval, ranking, contrastive, ...) need
+    nothing. A ValueError names a catalogue objective of the model that cannot be restricted."""
+    for name, objective in model.objectives.items():
+        if hasattr(objective, "set_allowed_items"):
+            objective.set_allowed_items(items)
+        elif name in CATALOGUE_OBJECTIVES and items is not None:
+            raise ValueError(f"objective {name!r} scores the whole catalogue and cannot leave items out of its "
+                             "softmax yet (no set_allowed_items); the cold-item protocol needs that")
+
+
+__all__ = ["OBJECTIVES", "CATALOGUE_OBJECTIVES", "Retrieval", "SampledRetrieval", "Ranking", "allowed_targets",
+           "next_item_queries", "restrict_training_items"]

@@ -9,15 +9,20 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed
-from ..data import DataConfig, TokenBuilder, TrainBatches, leave_one_out, load_dataset
-from ..evaluation import evaluate_model, evaluate_split
+from ..data import DataConfig, TokenBuilder, TrainBatches, cold_item_split, leave_one_out, load_dataset
+from ..evaluation import evaluate_cases, evaluate_cold, evaluate_model, evaluate_split
 from ..models import ModelConfig, UniRec
+from ..models.objectives import restrict_training_items
 from ..runs import Run, RunConfig, TrainConfig, default_run_dir, write_atomic
 from .trainer import Trainer
 
 PROTOCOL = {"split": "leave-one-out by time", "ranking": "full catalogue", "ties": "pessimistic",
             "valid_mask_history": True, "test_mask_history": True, "test_unmasked_mask_history": False,
             "selection": "best validation NDCG@10"}
+COLD_PROTOCOL = {"split": "cold items: the items first rated latest never train; one third validate, the rest test",
+                 "ranking": "full catalogue", "ties": "pessimistic", "cold_valid_mask_history": True,
+                 "cold_test_mask_history": True, "training_softmax": "warm items only",
+                 "selection": "best cold-validation NDCG@10"}
 
 
 def plot_history(history, path: Path) -> Optional[Path]:
@@ -72,6 +77,11 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     Under torch.distributed (:func:`unirec.distributed.init_from_env`) every process calls it: they
     train data-parallel (:class:`Trainer`), evaluate their parts of the users, and rank 0 alone
     fetches the data first, writes the run folder and logs; every process returns the same metrics.
+
+    ``train_cfg.split == "cold-items"`` runs the cold-item protocol (docs/protocol.md, "Cold items";
+    :class:`unirec.data.ColdItemSplit`): training on the warm events with the cold items left out of the
+    retrieval softmax, model selection on the cold validation cases; the metrics are {"cold_valid",
+    "cold_test", "num_cases", "num_cold_items", "cold_split", ...} and ranks.npz holds per-case ranks.
     """
     t0 = time.perf_counter()
     main = distributed.is_main()
@@ -84,7 +94,12 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     ds = load_dataset(data)
     if main:
         distributed.barrier()
-    split = leave_one_out(ds)
+    cold = train_cfg.split == "cold-items"
+    if cold:
+        cold_split = cold_item_split(ds, train_cfg.cold_share, train_cfg.cold_seed)
+        train_split = cold_split.train
+    else:
+        split = train_split = leave_one_out(ds)
     if resume:
         run = Run.open(run_dir)
         model = run.load_model(impl)
@@ -96,22 +111,45 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or "")) if main else None
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
         f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
-    builder = TokenBuilder.for_config(split, model.config)
+    builder = TokenBuilder.for_config(train_split, model.config)
     batches = TrainBatches(builder, train_cfg.batch_size, model.needs_candidates, train_cfg.seed, train_cfg.windows,
                            train_cfg.augment_data)
 
-    def validate():
-        return evaluate_model(model, builder, "valid", batch_size=train_cfg.eval_batch_size, device=train_cfg.device)
+    if cold:
+        log(repr(cold_split))
+        restrict_training_items(model, torch.from_numpy(cold_split.warm_items()))
+        eval_builder = TokenBuilder.for_config(cold_split.full, model.config)
+        valid_cases = cold_split.cases("cold_valid")
+
+        def validate():
+            return evaluate_cases(model, eval_builder, *valid_cases, stage="cold_valid",
+                                  batch_size=train_cfg.eval_batch_size, device=train_cfg.device)
+    else:
+        def validate():
+            return evaluate_model(model, builder, "valid", batch_size=train_cfg.eval_batch_size,
+                                  device=train_cfg.device)
 
     trainer = Trainer(model, batches, train_cfg, run, validate, progress=progress, log=log)
     history = trainer.fit(resume=resume, on_validation=on_validation)
-    metrics, ranks = evaluate_split(model, split, train_cfg.eval_batch_size, train_cfg.device, test=final_test)
+    if cold:
+        metrics, ranks = evaluate_cold(model, cold_split, train_cfg.eval_batch_size, train_cfg.device,
+                                       test=final_test)
+        summary = cold_split.summary()
+        metrics.update(num_cases=summary["num_cases"], num_cold_items=summary["num_cold_items"], cold_split=summary)
+    else:
+        metrics, ranks = evaluate_split(model, split, train_cfg.eval_batch_size, train_cfg.device, test=final_test)
     if not main:
         distributed.barrier()
         return metrics
-    protocol = dict(PROTOCOL, like=f"rating >= {model.config.like_threshold}")
-    if not final_test:
-        protocol.update(test_mask_history=None, test_unmasked_mask_history=None)
+    if cold:
+        protocol = dict(COLD_PROTOCOL, cold_share=train_cfg.cold_share, cold_seed=train_cfg.cold_seed,
+                        like=f"rating >= {model.config.like_threshold}")
+        if not final_test:
+            protocol.update(cold_test_mask_history=None)
+    else:
+        protocol = dict(PROTOCOL, like=f"rating >= {model.config.like_threshold}")
+        if not final_test:
+            protocol.update(test_mask_history=None, test_unmasked_mask_history=None)
     metrics.update(best_epoch=trainer.state["best_epoch"], epochs_run=trainer.state["epoch"],
                    stopped=trainer.state["stopped"], history=history,
                    train_seconds=sum(h["seconds"] for h in history), total_seconds=time.perf_counter() - t0,
