@@ -119,6 +119,24 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
                         "operator drawn per copy among crop, mask, reorder, substitute (RATE of the events "
                         "replaced by their most co-occurring item) and insert (that item inserted after RATE "
                         "of the events); e.g. crop=0.6,substitute=0.2 (default: none)")
+    t.add_argument("--text", nargs="?", const="lm", default=None, choices=["lm", "random"],
+                   help="fuse each item's text vectors into its representation: lm (all-MiniLM-L6-v2 over the "
+                        "item's title, year and genres; needs the text extra), random (a fixed random vector "
+                        "per item: the control) (default: off; --text alone: lm)")
+    t.add_argument("--text-template", default=None, metavar="TEMPLATE",
+                   help="the text of an item from its fields, e.g. \"{title}. Genres: {genre}.\" "
+                        "(default: the data set's)")
+    t.add_argument("--no-item-ids", action="store_true",
+                   help="no item id table: items are their attributes (and text) alone")
+    t.add_argument("--split", default=None, choices=["leave-one-out", "cold-items"],
+                   help="evaluation protocol: leave-one-out (each user's last events), or cold-items (the "
+                        "15%% of items first rated latest never train; every event on them is a test case) "
+                        "(default: leave-one-out)")
+    t.add_argument("--cold-share", type=float, default=None,
+                   help="with --split cold-items: the share of items that are cold (default: 0.15)")
+    t.add_argument("--cold-seed", type=int, default=None,
+                   help="with --split cold-items: the seed that draws the validation third of the cold items, "
+                        "the same for every arm and training seed (default: 0)")
     t.add_argument("--init", default=None, metavar="RUN",
                    help="start from the weights of a run folder (e.g. written by `unirec pretrain`): every "
                         "parameter whose name and shape match is copied, the others start fresh")
@@ -166,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", metavar="RUN", help="arm A's runs")
     c.add_argument("--against", nargs="+", default=[], metavar="RUN",
                    help="arm B's runs (what follows a bare --: RUN_A... -- RUN_B...)")
-    c.add_argument("--stage", default="test", choices=["test", "test_unmasked", "valid"],
+    c.add_argument("--stage", default="test", choices=["test", "test_unmasked", "valid", "cold_test", "cold_valid"],
                    help="which ranks to compare (default: %(default)s)")
     c.add_argument("--metric", action="append", default=None, metavar="METRIC",
                    help="ndcg@K, hr@K or mrr@K, K <= 20 (repeatable; default: ndcg@10 and hr@10)")
@@ -302,6 +320,12 @@ def cmd_train(args) -> int:
     over = {"dim": args.dim, "num_blocks": args.blocks, "num_heads": args.heads, "max_len": args.max_len,
             "dropout": args.dropout, "attention": args.attention}
     d.update({k: v for k, v in over.items() if v is not None})
+    if args.text is not None:
+        d.update(text=args.text, text_template=args.text_template)
+    elif args.text_template is not None:
+        raise SystemExit("--text-template needs --text")
+    if args.no_item_ids:
+        d["use_item_ids"] = False
     for kv in args.set:
         if "=" not in kv:
             raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
@@ -319,7 +343,8 @@ def cmd_train(args) -> int:
     # The data set's defaults (preset_training) where the command line leaves a setting out.
     opt = {"epochs": 20, "batch_size": 64, "time_budget_s": 480.0, **preset_training(args.config, args.data)}
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-             "time_budget_s": args.time_budget, "windows": args.windows}
+             "time_budget_s": args.time_budget, "windows": args.windows, "split": args.split,
+             "cold_share": args.cold_share, "cold_seed": args.cold_seed}
     opt.update({k: v for k, v in given.items() if v is not None})
     if args.init is not None:
         opt["init_from"] = str(args.init)
@@ -430,7 +455,14 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_split, format_metrics
     t0 = time.perf_counter()
     run, model, split = _open_run(args.run, args.impl)
-    metrics, ranks = evaluate_split(model.to(args.device), split, device=args.device)
+    tc = run.config.train
+    if tc.split == "cold-items":  # the run's own protocol: its cold cases, not each user's last events
+        from .data import cold_item_split
+        from .evaluation import evaluate_cold
+        metrics, ranks = evaluate_cold(model.to(args.device), cold_item_split(split.dataset, tc.cold_share, tc.cold_seed),
+                                       device=args.device)
+    else:
+        metrics, ranks = evaluate_split(model.to(args.device), split, device=args.device)
     if not args.no_record:
         run.save_ranks(ranks)
         try:

@@ -57,7 +57,9 @@ class ModelConfig:
     default), "random" a fixed random vector per item of the same width (the control that tells the
     language model's content from the extra parameters); both enter through a learned adapter
     (:class:`~unirec.models.items.TextAdapter`, ``text_experts`` whitening experts). ``use_item_ids=False``
-    drops the id table: items are their attributes and text alone.
+    drops the id table: items are their attributes and text alone. ``item_id_dropout``: in training, each
+    step leaves out the id row of this share of the items (as DropoutNet does), so that the other sources
+    learn to stand for an item alone, as they must for an item with no trained id row (a new item).
 
     ``feature_mix``: how the item sources are fused: "sum", "mix" (one learned weight per table) or
     "gate" (per-item softmax weights over the tables from their concatenation).
@@ -81,6 +83,7 @@ class ModelConfig:
     # token content
     use_item_features: bool = True
     use_item_ids: bool = True
+    item_id_dropout: float = 0.0
     feature_mix: str = "sum"
     text: Optional[str] = None
     text_model: str = "all-MiniLM-L6-v2"
@@ -116,6 +119,8 @@ class ModelConfig:
             raise ValueError(f"feature_mix must be one of {FEATURE_MIXES}, got {self.feature_mix!r}")
         if self.text not in ITEM_TEXTS:
             raise ValueError(f"text must be one of {ITEM_TEXTS}, got {self.text!r}")
+        if not 0.0 <= self.item_id_dropout < 1.0:
+            raise ValueError(f"item_id_dropout must lie in [0, 1), got {self.item_id_dropout}")
         if self.text_experts < 1:
             raise ValueError(f"text_experts must be >= 1, got {self.text_experts}")
         if not self.use_item_ids and not (self.use_item_features or self.text):

@@ -177,6 +177,7 @@ class ItemEncoder(nn.Module):
         self.tables = sources[0] if sizes else None
         self.text = sources[-1] if config.text else None
         self.fusion = TableMix(len(sizes) + (1 if config.text else 0), config.feature_mix, config.dim)
+        self.id_dropout = config.item_id_dropout if self.with_ids and len(sizes) + bool(config.text) > 1 else 0.0
 
     def set_bags(self, item_features) -> None:
         """Fills the id (+ attribute) bags from a :class:`unirec.data.FeatureTable` (None: ids only)."""
@@ -197,6 +198,12 @@ class ItemEncoder(nn.Module):
 
     def forward(self) -> torch.Tensor:
         pooled = [s() for s in self.sources]
+        if self.training and self.id_dropout > 0:
+            # no rescaling: an item keeps its whole id row at inference, and a new item has none
+            n, T = pooled[0].shape[:2]
+            scale = torch.ones(n, T, 1, device=pooled[0].device, dtype=pooled[0].dtype)
+            scale[:, 0, 0] = (torch.rand(n, device=scale.device) >= self.id_dropout).to(scale.dtype)
+            pooled[0] = pooled[0] * scale
         return self.fusion(pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1))
 
     @torch.no_grad()
