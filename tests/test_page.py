@@ -1,6 +1,7 @@
 """The page `unirec serve` serves at /, in a real browser: headless Chromium (Debian's package) driven
 through Playwright's Python package: pick a user -> see titled recommendations -> dismiss one -> the
-list changes; then search a title and add it to the history. Saves a screenshot.
+list changes; then search a title and add it to the history; then an item added through the API
+(POST /v1/items) is found, tagged new, and viewed. Saves screenshots.
 
 Skips, saying why, when chromium or playwright is missing, unless UNIREC_REQUIRE_BROWSER=1 (CI sets it,
 so there it fails instead). The browser binary: $UNIREC_CHROMIUM, else chromium on PATH.
@@ -111,6 +112,26 @@ def test_pick_user_dismiss_and_search_in_chromium(server, tmp_path):
             page.click("#new-user")
             page.wait_for_function("document.getElementById('source').textContent.includes('popular')")
             page.screenshot(path=str(shots / "page-new-user.png"), full_page=True)
+            # an item added through the API: search finds it, tagged new; viewed, it is in the history by
+            # its title and the model reads it (the new user's recommendations now come from one event)
+            fields = {"title": "A Film Nobody Has Rated", "genre": ["genre2"], "release_year": 1990}
+            for item_id in ("page-new-1", "page-new-2"):
+                assert _call(port, "POST", "/v1/items", {"item_id": item_id, "fields": fields})[0] == 201
+            page.fill("#search", "nobody has rated")
+            page.click("#search-form button")
+            page.wait_for_selector('#search-results li[data-item-id="page-new-2"] .badge')
+            assert page.inner_text('#search-results li[data-item-id="page-new-1"] .badge') == "new"
+            page.click('#search-results li[data-item-id="page-new-1"] button.add')
+            page.wait_for_function("document.getElementById('source').textContent.includes('from 1 events')")
+            page.wait_for_function("document.querySelector('#history li .title')?.textContent === "
+                                   "'A Film Nobody Has Rated'")
+            user = page.input_value("#user")
+            st, api = _call(port, "POST", "/v1/recommend", {"user_id": user, "k": 10})
+            assert _rec_ids(page) == [x["item_id"] for x in api["items"]] and "page-new-1" not in _rec_ids(page)
+            tagged = page.eval_on_selector_all("#recs li", "els => els.filter(e => e.querySelector('.badge'))"
+                                                           ".map(e => e.dataset.itemId)")
+            assert tagged == [x["item_id"] for x in api["items"] if x.get("added")]
+            page.screenshot(path=str(shots / "page-added-item.png"), full_page=True)
             assert not errors, errors
         finally:
             browser.close()

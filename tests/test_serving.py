@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from unirec.cli import build_parser, main  # noqa: E402
 from unirec.data import History, TokenBuilder, event_gaps, live_token_batch, time_buckets  # noqa: E402
-from unirec.serving import EventStore, MicroBatcher, RecommendJob, Recommender, create_app, load_run  # noqa: E402
+from unirec.serving import (ApiError, EventStore, MicroBatcher, RecommendJob, Recommender, create_app,  # noqa: E402
+                            load_run)
 from unirec.serving.batcher import QueueFull  # noqa: E402
 
 from conftest import SYNTHETIC, TINY_MODEL  # noqa: E402
@@ -824,3 +827,333 @@ def test_sighup_reloads_the_run_folder(run_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- items added at serving time
+
+TWIN = {"title": "Twin Peaks Revisited", "genre": ["genre1", "genre4"], "release_year": 1972, "brand": "brand7"}
+
+
+def _add(c, item_id, fields, **kw):
+    return c.post("/v1/items", json={"item_id": item_id, "fields": fields}, **kw)
+
+
+def test_bags_of_values_encode_raw_values_as_the_catalogue_was_encoded(loaded):
+    ft = loaded[1].dataset.item_features
+    ids = list(range(1, 21))
+    rows = []
+    for i in ids:  # each item's values back from its codes (a numeric one: its bucket's lower edge)
+        row = {"title": "ignored"}
+        for f in ft.features:
+            codes = f.indices[f.offsets[i]:f.offsets[i + 1]].tolist()
+            if f.kind == "multi":
+                row[f.name] = [str(f.vocab[c]) for c in codes]
+            elif f.kind == "numeric" and codes:
+                row[f.name] = float(f.boundaries[codes[0] - 2]) if codes[0] >= 2 else float(f.boundaries[0]) - 1
+            elif codes:
+                row[f.name] = str(f.vocab[codes[0]])
+        rows.append(row)
+    got, want = ft.bags_of_values(rows, ignore=["title"]), ft.bags(torch.tensor(ids), include_id=False)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.offsets, want.offsets)
+    assert torch.equal(got.table_offsets, want.table_offsets) and got.names == want.names
+    skipped = []
+    b = ft.bags_of_values([{"genre": "genre2"}, {"genre": ["genre2", "unheard-of"], "brand": "no-brand"}, {}],
+                          skipped=skipped)
+    assert skipped == [(1, "genre", "unheard-of"), (1, "brand", "no-brand")]
+    assert b.offsets.numel() == len(ft.features) * 3 + 1 and b.indices.tolist()[:2] == [3, 3]  # genre2: row 3
+    with pytest.raises(ValueError, match="title: unknown field"):
+        ft.bags_of_values([{"title": "t"}])
+
+
+BAD_ITEMS = [
+    ({"item_id": "n0"}, "fields", "required"),
+    ({"item_id": "n1", "fields": {}}, "fields.title", "required"),
+    ({"item_id": "n2", "fields": {"title": "  "}}, "fields.title", "must not be empty"),
+    ({"item_id": "n3", "fields": {"title": 5}}, "fields.title", "expected a string"),
+    ({"item_id": "n4", "fields": {"title": "x" * 1001}}, "fields.title", "at most 1000"),
+    ({"item_id": "n5", "fields": {"title": "t", "colour": "red"}}, "fields.colour", "unknown field"),
+    ({"item_id": "n6", "fields": {"title": "t", "genre": ["genre1", 7]}}, "fields.genre[1]", "expected a string"),
+    ({"item_id": "n7", "fields": {"title": "t", "genre": {"a": 1}}}, "fields.genre", "expected a list of strings"),
+    ({"item_id": "n8", "fields": {"title": "t", "release_year": "1990"}}, "fields.release_year", "expected a number"),
+    ({"item_id": "n9", "fields": {"title": "t", "release_year": True}}, "fields.release_year", "expected a number"),
+    (b'{"item_id": "n10", "fields": {"title": "t", "release_year": NaN}}', "fields.release_year", "finite"),
+    ({"item_id": "n11", "fields": {"title": "t", "brand": ""}}, "fields.brand", "empty string"),
+    ({"item_id": "n12", "fields": ["title"]}, "fields", "dictionary"),
+    ({"item_id": "", "fields": {"title": "t"}}, "item_id", "at least 1"),
+    ({"item_id": "n13", "fields": {"title": "t"}, "score": 1}, "score", "unknown field"),
+    # a model without item text knows a new item by its attribute values alone: none known is refused
+    ({"item_id": "n14", "fields": {"title": "t", "genre": ["no-such-genre"]}}, "fields", "none of the attribute"),
+]
+
+
+@pytest.mark.parametrize("body,field,text", BAD_ITEMS, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD_ITEMS)])
+def test_add_item_bad_fields_get_422_naming_the_field(client, body, field, text):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post("/v1/items", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(f"{field}: ") and text in detail, detail
+    # nothing was stored or appended: the same id can still be added
+    item_id = json.loads(raw.replace(b"NaN", b"0"))["item_id"] or "n-empty"
+    assert _add(client, item_id, {"title": "fine", "genre": ["genre2"]}).status_code == 201
+    assert client.get("/healthz").json()["added_items"] == 1
+
+
+def test_added_item_is_similar_searchable_and_recommendable(client, loaded):
+    model, split, _ = loaded
+    a = _add(client, "twin-a", TWIN)
+    assert a.status_code == 201, a.text
+    got = a.json()
+    n = split.dataset.num_items
+    assert got["index"] == n + 1 and got["title"] == TWIN["title"] and got["text"] is None
+    assert got["unknown_values"] == {} and 0 < got["seconds"] < 1
+    b = _add(client, "twin-b", {**TWIN, "genre": TWIN["genre"] + ["unheard-of"]}).json()
+    assert b["index"] == n + 2 and b["unknown_values"] == {"genre": ["unheard-of"]}
+    # the model's own representation of the attributes, without an id row
+    bags = split.dataset.item_features.bags_of_values([TWIN], ignore=["title"])
+    with torch.no_grad():
+        want = model.items.represent_new(1, None, (bags.indices, bags.offsets))[0]
+        rep = model.item_representations().float()
+    rec = client.app.state.current()
+    torch.testing.assert_close(rec.item_rep[n + 1], want)
+    torch.testing.assert_close(rec.item_rep[: n + 1], rep)            # the catalogue's rows unchanged
+    # /similar: the twins (the unknown genre left out: the same vector) are each other's nearest
+    s = client.get("/v1/items/twin-a/similar", params={"k": 4}).json()
+    assert s["title"] == TWIN["title"] and s["items"][0]["item_id"] == "twin-b" and s["items"][0]["added"]
+    assert s["items"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    unit = torch.nn.functional.normalize(torch.cat([rep[1:], want.view(1, -1)]), dim=1)
+    cos = unit[:n] @ unit[n]
+    assert _ids(s)[1:] == [str(split.dataset.item_vocab[i + 1]) for i in torch.topk(cos, 3).indices.tolist()]
+    # and a catalogue item's neighbours include them, in their place
+    nearest = _ids(s)[1]
+    full = client.get(f"/v1/items/{nearest}/similar", params={"k": n + 5}).json()
+    assert len(full["items"]) == n + 1 and {"twin-a", "twin-b"} <= set(_ids(full))
+    assert [x.get("added", False) for x in full["items"]].count(True) == 2
+    # search finds them by title (and by id), flagged as added
+    hits = client.get("/v1/items", params={"q": "peaks revis"}).json()["items"]
+    assert [h["item_id"] for h in hits] == ["twin-a", "twin-b"] and all(h["added"] for h in hits)
+    assert client.get("/v1/items", params={"q": "twin-b"}).json()["items"][0]["item_id"] == "twin-b"
+    assert "added" not in client.get("/v1/items", params={"q": str(split.dataset.item_vocab[3])}).json()["items"][0]
+    # recommendable: ranked over the whole catalogue as the model scores its rows
+    r = client.post("/v1/recommend", json={"user_id": "u6", "k": n + 2}).json()
+    assert {"twin-a", "twin-b"} <= set(_ids(r))
+    r = client.post("/v1/recommend", json={"user_id": "u6", "k": 3, "candidates": ["twin-a", "i1", "i2"],
+                                                "exclude_seen": False}).json()
+    assert set(_ids(r)) == {"twin-a", "i1", "i2"}
+    # events on it are accepted, kept in the history with its title, and read as a history token
+    e = client.post("/v1/events", json={"user_id": "u6", "item_id": "twin-a", "rating": 5, "timestamp": 2e9})
+    assert e.status_code == 201
+    h = client.get("/v1/users/u6/history").json()["events"]
+    assert h[-1] == {"item_id": "twin-a", "title": TWIN["title"], "timestamp": 2e9, "rating": 5.0, "kind": "view",
+                     "source": "live"}
+    after = client.post("/v1/recommend", json={"user_id": "u6", "k": 5}).json()
+    hist = History.of_user(split, split.dataset.user_index("u6")).concat(
+        History(np.asarray([n + 1]), np.asarray([5.0], np.float32), np.asarray([2e9])))
+    b = live_token_batch([hist], model.config.max_len, model.config.num_time_buckets)
+    with torch.no_grad():
+        grown = rec.item_rep
+        q = model.predict(b, grown)["queries"]
+        vals, idx = model.scorer.topk(q, grown, 5, b.history_items, b.history_offsets)
+    assert "twin-a" not in _ids(after) and after["history_length"] == len(hist)
+    assert _ids(after) == [rec.item_ids[i] for i in idx[0].tolist()]
+    np.testing.assert_allclose([x["score"] for x in after["items"]], vals[0].tolist(), rtol=1e-4, atol=1e-5)
+    g = client.post("/v1/recommend", json={"history": ["twin-a"], "k": 3}).json()
+    assert g["source"] == "model" and g["history_length"] == 1
+
+
+def test_add_item_conflicts_and_the_api_key(run_dir, tmp_path, loaded):
+    item3 = str(loaded[1].dataset.item_vocab[3])
+    with TestClient(create_app(run_dir, tmp_path / "state", api_key="k")) as c:
+        key = {"X-API-Key": "k"}
+        r = _add(c, "new-1", TWIN)
+        assert r.status_code == 401 and r.json()["detail"].startswith("X-API-Key: missing")
+        assert _add(c, "new-1", TWIN, headers=key).status_code == 201
+        r = _add(c, "new-1", {"title": "another"}, headers=key)
+        assert r.status_code == 409 and r.json()["detail"] == "item_id: item 'new-1' was already added"
+        r = _add(c, item3, TWIN, headers=key)
+        assert r.status_code == 409 and "already in the model's catalogue" in r.json()["detail"]
+        assert c.get("/healthz").json()["added_items"] == 1
+
+
+def test_added_items_survive_a_restart_and_a_reload(run_dir, tmp_path, loaded):
+    other = tmp_path / "run-v2"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("serving"))
+    state, key = tmp_path / "state", {"X-API-Key": "k"}
+    with TestClient(create_app(run_dir, state, api_key="k")) as c:
+        assert _add(c, "kept-1", TWIN, headers=key).status_code == 201
+        assert _add(c, "kept-2", {"title": "Second Coming", "genre": ["genre3"]}, headers=key).status_code == 201
+        assert c.post("/v1/events", json={"user_id": "u8", "item_id": "kept-2"}, headers=key).status_code == 201
+        before = c.get("/v1/items/kept-1/similar", params={"k": 5}).json()
+        rec_before = c.post("/v1/recommend", json={"user_id": "u8", "k": 5}).json()
+    # a new process on the same state: the items are added again, in the same order, with the same vectors
+    with TestClient(create_app(run_dir, state, api_key="k")) as c:
+        rec = c.app.state.current()
+        assert rec.added_items == 2 and rec.item_ids[-2:] == ["kept-1", "kept-2"]
+        assert c.get("/v1/items/kept-1/similar", params={"k": 5}).json() == before
+        assert c.post("/v1/recommend", json={"user_id": "u8", "k": 5}).json() == rec_before
+        h = c.get("/v1/users/u8/history", headers=key).json()["events"]
+        assert h[-1]["item_id"] == "kept-2" and h[-1]["title"] == "Second Coming"
+        assert _add(c, "kept-1", TWIN, headers=key).status_code == 409
+        # a reload (another run folder) adds them to the new model before it serves
+        r = c.post("/v1/admin/reload", json={"run_dir": str(other)}, headers=key)
+        assert r.status_code == 200
+        new = c.app.state.current()
+        assert new is not rec and new.version.startswith("run-v2@") and new.added_items == 2
+        assert [x["item_id"] for x in c.get("/v1/items", params={"q": "second com"}).json()["items"]] == ["kept-2"]
+        assert c.post("/v1/recommend", json={"user_id": "u8", "k": 5}).json()["history_length"] == \
+            rec_before["history_length"]
+        assert _add(c, "kept-3", {"title": "Third", "genre": ["genre5"]}, headers=key).status_code == 201
+    with TestClient(create_app(other, state)) as c:
+        assert c.app.state.current().item_ids[-3:] == ["kept-1", "kept-2", "kept-3"]
+
+
+def test_adds_while_recommending_never_see_a_half_grown_catalogue(client, loaded):
+    n = loaded[1].dataset.num_items
+    stop, errors, seen = threading.Event(), [], []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                r = client.post("/v1/recommend", json={"user_id": "u5", "k": 1000, "exclude_seen": False})
+                s = client.get("/v1/items/i1/similar", params={"k": 1000})
+                assert r.status_code == 200 and s.status_code == 200, (r.text, s.text)
+                # every answer ranks one whole catalogue: the trained one plus the items added so far
+                seen.append((len(r.json()["items"]), len(s.json()["items"]) + 1))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            res = list(pool.map(lambda j: _add(client, f"c{j}", {"title": f"Concurrent {j}", "genre": [f"genre{j}"]}),
+                                range(12)))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert all(r.status_code == 201 for r in res)
+    assert sorted(r.json()["index"] for r in res) == list(range(n + 1, n + 13))
+    assert seen and all(n <= a <= n + 12 and n <= b <= n + 12 for a, b in seen)
+    rec = client.app.state.current()
+    assert rec.item_rep.shape[0] == rec.num_items + 1 == n + 13 and rec._unit_items.shape[0] == n + 12
+    # an add builds a new catalogue: one a reader holds is never changed
+    held = rec.catalogue
+    assert _add(client, "c-last", {"title": "The last one", "brand": "brand3"}).status_code == 201
+    assert rec.catalogue is not held and held.n == n + 12 and held.rep.shape[0] == n + 13
+    assert held.unit.shape[0] == n + 12 and len(held.all_items) == len(held.popular) == n + 12
+
+
+def test_events_stored_before_an_item_was_added_count_once_it_is(client):
+    # e.g. events kept from a model whose catalogue had the item: skipped while unknown, read once added
+    before = client.post("/v1/recommend", json={"user_id": "u9", "k": 3}).json()   # now cached
+    client.app.state.store.append("u9", "back-again", 2e9, 4.0)
+    client.app.state.current().invalidate("u9")
+    assert client.post("/v1/recommend", json={"user_id": "u9", "k": 3}).json()["history_length"] == \
+        before["history_length"]
+    assert _add(client, "back-again", {"title": "Back Again", "genre": ["genre1"]}).status_code == 201
+    after = client.post("/v1/recommend", json={"user_id": "u9", "k": 3}).json()  # the cached state was dropped
+    assert after["history_length"] == before["history_length"] + 1 and "back-again" not in _ids(after)
+
+
+def test_a_model_of_ids_alone_cannot_add_items(loaded, tmp_path):
+    from unirec.models import UniRec, preset
+    split = loaded[1]
+    model = UniRec.from_dataset(split.dataset, preset("sasrec", dim=16, num_blocks=1, max_len=8)).eval()
+    st = EventStore(tmp_path / "e.sqlite3")
+    rec = Recommender(model, split, st)
+    with pytest.raises(ApiError) as e:
+        rec.add_item("x", TWIN)
+    assert e.value.status == 422 and e.value.field == "model" and "by its id alone" in e.value.message
+    assert st.items() == [] and rec.num_items == split.dataset.num_items
+    st.add_item("stored-before", TWIN)  # e.g. stored under another model: kept, not restored
+    assert rec.restore_items() == 0 and st.item("stored-before").fields == TWIN
+    st.close()
+
+
+# A model that knows items by their text alone, on synthetic data whose titles name their taste cluster
+# ("item 7 genre3": cluster c owns genre c). The text encoder is stood in for by fixed vectors: each
+# text is its cluster's direction plus a little noise of its own (the real encoder needs the text extra
+# and its first load takes seconds); the service calls the same functions of unirec.data.text.
+TEXT_DIM = 384
+CLUSTER_DATA = {"num_users": 100, "num_items": 60, "num_clusters": 5, "mean_length": 10.0, "affinity": 0.9,
+                "attr_signal": 1.0, "seed": 3}
+
+
+def _cluster_text_vectors(texts, model="all-MiniLM-L6-v2", **kw):
+    out = np.zeros((len(texts), TEXT_DIM), np.float32)
+    for j, t in enumerate(texts):
+        m = re.search(r"genre(\d+)", t)
+        if m:
+            v = np.random.default_rng(int(m.group(1))).standard_normal(TEXT_DIM) + \
+                0.1 * np.random.default_rng(zlib.crc32(t.encode())).standard_normal(TEXT_DIM)
+            out[j] = v / np.linalg.norm(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    import unirec.data.text as text
+    from unirec.data import DataConfig
+    from unirec.models import preset
+    from unirec.training import TrainConfig, train_run
+    out = tmp_path_factory.mktemp("text") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text, "text_vectors", _cluster_text_vectors)
+        mp.setattr(text, "load_text_encoder", lambda *a, **k: None)
+        cfg = preset("unified", dim=16, num_blocks=1, num_heads=2, max_len=20, dropout=0.0, num_rank_candidates=2,
+                     text="lm", use_item_ids=False, use_item_features=False)
+        train_run(DataConfig("synthetic", CLUSTER_DATA), cfg,
+                  TrainConfig(epochs=10, batch_size=32, lr=5e-3, device="cpu", time_budget_s=None), out,
+                  progress=False, log=lambda msg: None, final_test=False)
+        yield out
+
+
+def test_a_new_item_is_recommended_to_the_users_its_text_matches(text_run, tmp_path):
+    run = text_run
+    with TestClient(create_app(run, tmp_path / "state")) as c:
+        rec = c.app.state.current()
+        assert rec.config.text == "lm" and not rec.model.items.with_ids
+        genre = {i: re.search(r"genre(\d+)", rec.title(i)).group(1) for i in range(1, rec.num_items + 1)}
+        clusters = sorted(set(genre.values()), key=int)
+        assert len(clusters) == CLUSTER_DATA["num_clusters"]
+        for g in clusters:
+            r = _add(c, f"new-{g}", {"title": f"A fresh film genre{g}", "genre": [f"genre{g}"], "release_year": 1990})
+            assert r.status_code == 201, r.text
+            # the text the model's template makes of the fields, and what the encoder was given
+            assert r.json()["text"] == f"A fresh film genre{g} (1990). Genres: genre{g}."
+        for h in clusters:
+            # a user whose history is in cluster h (its 6 most popular items): the new item of h is in the
+            # top k = h's unseen items + 1 (at most 10), the other clusters' new items are not
+            ours = sorted((i for i in genre if genre[i] == h), key=lambda i: -rec.popularity[i])
+            k = len(ours) - 6 + 1
+            assert k <= 10
+            got = c.post("/v1/recommend", json={"history": [rec.item_ids[i] for i in ours[:6]], "k": 100}).json()
+            rank = {g: _ids(got).index(f"new-{g}") + 1 for g in clusters}
+            assert rank[h] <= k, (h, k, rank)
+            assert all(rank[g] > k for g in clusters if g != h), (h, k, rank)
+        for g in clusters:
+            # its nearest items are its cluster's
+            near = c.get(f"/v1/items/new-{g}/similar", params={"k": 5}).json()["items"]
+            assert all(x["title"].endswith(f"genre{g}") for x in near), near
+
+
+def test_text_model_adds_fast_and_says_what_to_install_without_the_text_extra(text_run, tmp_path):
+    import unirec.data.text as text
+    run = text_run
+    with TestClient(create_app(run, tmp_path / "state")) as c:
+        took = [(_add(c, f"speed-{j}", {"title": f"Speed test genre{j % 5}"}).json()["seconds"]) for j in range(20)]
+        assert max(took) < 1.0 and float(np.median(took)) < 0.25, took
+        with pytest.MonkeyPatch.context() as m2:
+            def unavailable(*a, **k):
+                raise text.TextFeaturesUnavailable("item text vectors need the 'text' extra; install it with: "
+                                                   'pip install --no-build-isolation -e ".[text]"')
+            m2.setattr(text, "text_vectors", unavailable)
+            r = _add(c, "no-text", {"title": "Cannot embed genre1"})
+            assert r.status_code == 503 and r.json()["detail"].startswith("text: item text features are unavailable")
+            assert '.[text]' in r.json()["detail"]
+        assert c.get("/v1/items", params={"q": "cannot embed"}).json() == {"items": []}
+        assert _add(c, "no-text", {"title": "Cannot embed genre1"}).status_code == 201  # nothing was kept

@@ -13,7 +13,7 @@ into the (indices, offsets, table_offsets) of ``unirec.ops.table_batched_embeddi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,6 +163,110 @@ class FeatureTable:
         offsets = torch.zeros(all_lens.numel() + 1, dtype=torch.int64, device=device)
         torch.cumsum(all_lens, 0, out=offsets[1:])
         return TBEBags(indices, offsets, self.table_offsets(include_id).to(device), self.table_names(include_id))
+
+    def bags_of_values(self, rows: Sequence[Mapping[str, Any]], ignore: Sequence[str] = (),
+                       skipped: Optional[List[Tuple[int, str, Any]]] = None) -> TBEBags:
+        """Bags of entities outside the table (items added after encoding), from their raw attribute values.
+
+        Args:
+            rows: one mapping per entity, feature name -> value: a categorical feature takes a string
+                (or a number, matched as the encoding formats it: 1998.0 -> "1998"), a multi-valued one a
+                list of strings (or one string), a numeric one a finite number (bucketed by the feature's
+                boundaries). A feature left out, None or an empty list is an empty bag.
+            ignore: other names the rows may hold (e.g. "title"), left alone.
+            skipped: when given, (row, feature, value) is appended for each value not in the feature's
+                vocabulary; such values are left out of the bag (as an unseen category would be).
+
+        Returns:
+            TBEBags over the features only (the layout of :meth:`bags` with ``include_id=False``:
+            feature-major, offsets [len(features) * len(rows) + 1]).
+
+        Raises:
+            FeatureValueError (a ValueError) naming the field: an unknown name, a value of the wrong type
+            (or an empty string, or a number that is not finite).
+        """
+        known = {f.name for f in self.features}
+        allowed = known | set(ignore)
+        for row in rows:
+            for name in row:
+                if name not in allowed:
+                    raise FeatureValueError(str(name), f"unknown field; the fields are {sorted(allowed)}")
+        lookups = self._value_index()
+        indices: List[int] = []
+        lengths: List[int] = []
+        for f in self.features:
+            index = lookups[f.name]
+            for r, row in enumerate(rows):
+                codes = []
+                for v in _feature_values(f, row.get(f.name)):
+                    code = _bucket(f, v) if f.kind == "numeric" else index.get(v)
+                    if code is None:
+                        if skipped is not None:
+                            skipped.append((r, f.name, v))
+                        continue
+                    codes.append(code)
+                indices.extend(codes)
+                lengths.append(len(codes))
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        if lengths:
+            torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
+        return TBEBags(torch.tensor(indices, dtype=torch.int64), offsets, self.table_offsets(False),
+                       self.table_names(False))
+
+    def _value_index(self) -> Dict[str, Dict[str, int]]:
+        if "values" not in self._cache:
+            self._cache["values"] = {f.name: {str(v): i for i, v in enumerate(f.vocab) if i} for f in self.features}
+        return self._cache["values"]
+
+
+class FeatureValueError(ValueError):
+    """A raw attribute value that :meth:`FeatureTable.bags_of_values` cannot encode; ``field`` names it
+    (``genre`` or ``genre[1]``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _feature_values(f: Feature, value: Any) -> List[Any]:
+    """The raw values of one entity's feature ``f``, checked: strings for categorical / multi (a number for a
+    categorical is formatted as :func:`encode_feature` formats a float column), floats for numeric."""
+    if value is None:
+        return []
+    if f.kind == "multi":
+        vals = [value] if isinstance(value, str) else value
+        if not isinstance(vals, (list, tuple)):
+            raise FeatureValueError(f.name, f"expected a list of strings, got {type(value).__name__}")
+        for j, v in enumerate(vals):
+            if not isinstance(v, str):
+                raise FeatureValueError(f"{f.name}[{j}]", f"expected a string, got {type(v).__name__}")
+            if not v.strip():
+                raise FeatureValueError(f"{f.name}[{j}]", "empty string")
+        return list(vals)
+    if f.kind == "numeric":
+        if not _is_number(value):
+            raise FeatureValueError(f.name, f"expected a number, got {type(value).__name__}")
+        if not np.isfinite(float(value)):
+            raise FeatureValueError(f.name, f"expected a finite number, got {value}")
+        return [float(value)]
+    if _is_number(value):
+        if not np.isfinite(float(value)):
+            raise FeatureValueError(f.name, f"expected a string or a finite number, got {value}")
+        return [f"{float(value):g}"]
+    if not isinstance(value, str):
+        raise FeatureValueError(f.name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise FeatureValueError(f.name, "empty string")
+    return [value]
+
+
+def _bucket(f: Feature, value: float) -> int:
+    b = f.boundaries if f.boundaries is not None else np.zeros(0)
+    return int(np.searchsorted(np.asarray(b, dtype=np.float64), value, side="right")) + 1
 
 
 @dataclass

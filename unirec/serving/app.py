@@ -4,6 +4,8 @@ Endpoints (JSON; ids are the data set's own, as strings):
 
 - ``POST /v1/recommend`` {user_id | history, k, exclude_seen, candidates} -> ranked items with titles
 - ``POST /v1/events`` {user_id, item_id, kind?, timestamp?, rating?} -> 201 once the event is durable
+- ``POST /v1/items`` {item_id, fields: {title, <item feature>: value, ...}} -> 201: an item nobody has
+  rated, recommendable and similar to others at once (kept in SQLite, added again to every model loaded)
 - ``GET /v1/items/{item_id}/similar?k=``, ``GET /v1/items?q=&k=`` (title search),
   ``GET /v1/users/{user_id}/history``
 - ``POST /v1/admin/reload`` {run_dir?}: swap in a new model version (also SIGHUP under ``unirec serve``)
@@ -18,6 +20,10 @@ A reload builds the new :class:`Recommender` beside the serving one and then swa
 each request takes the recommender current when it starts and keeps it to the end (its ids are
 translated, ranked and named by that one model), so requests in flight finish on the old model and
 later ones use the new; the new one starts with an empty user-state cache over the same event store.
+
+Adds (``POST /v1/items``) run one at a time in their own thread, under a lock that a reload also takes
+while it adds the stored items to the new model and swaps it in: an add lands either in the old model
+before the new one restores the store, or in the new one.
 """
 from __future__ import annotations
 
@@ -27,11 +33,12 @@ import logging
 import math
 import secrets
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import numpy as np
 from fastapi import Body, Depends, FastAPI, Header, Query, Request
@@ -90,6 +97,7 @@ class ItemScore(BaseModel):
     item_id: str
     score: float
     title: Optional[str] = None
+    added: Optional[bool] = Field(None, description="true for an item added at serving time (absent otherwise)")
 
 
 class RecommendResponse(BaseModel):
@@ -148,6 +156,28 @@ class ItemHit(BaseModel):
     item_id: str
     title: Optional[str] = None
     popularity: float
+    added: Optional[bool] = Field(None, description="true for an item added at serving time (absent otherwise)")
+
+
+class AddItemRequest(BaseModel):
+    """An item nobody has rated yet. ``fields``: "title" (required) and any of the data set's item features
+    (a categorical one a string, a multi-valued one a list of strings, a numeric one a number), e.g.
+    {"title": "Heat", "genre": ["Action", "Crime"], "release_year": 1995}; values the model has no
+    embedding for are left out (and listed in the answer's ``unknown_values``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: Id = Field(description="the new item's id (not in the catalogue, not added before)")
+    fields: Dict[str, Any] = Field(description="title and item feature values (see GET /healthz: item_fields)")
+
+
+class AddItemResponse(BaseModel):
+    model_version: str
+    item_id: str
+    index: int = Field(description="the item's internal 1-based index (after the trained catalogue's)")
+    title: str
+    text: Optional[str] = Field(None, description="the text the model embedded (a model with item text)")
+    unknown_values: Dict[str, List[Any]] = Field(description="field -> values the model does not know, left out")
+    seconds: float = Field(description="how long the add took on the server")
 
 
 class SearchResponse(BaseModel):
@@ -271,6 +301,24 @@ class ServiceMiddleware:
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
+def preload_text(rec: Recommender) -> None:
+    """Loads (and warms up) the text encoder of a model with "lm" item text, so that the first add is fast;
+    logs, and carries on, when it is unavailable (adds then answer 503 saying what to install)."""
+    if rec.config.text != "lm":
+        return
+    try:
+        from ..data import text as T
+        encoder = T.load_text_encoder(rec.config.text_model)
+    except Exception as exc:  # noqa: BLE001 - serving goes on without adds
+        log.warning("unirec: item text encoder %s unavailable, POST /v1/items will answer 503: %s",
+                    rec.config.text_model, exc)
+        return
+    try:  # the encoder's first call costs several of the next ones
+        encoder.encode(["warm up"], show_progress_bar=False)
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
+
+
 def _run_jobs(pairs):
     """The batch function: (recommender, job) pairs, each group run on its own recommender (a batch
     taken during a reload holds jobs for both the old and the new model)."""
@@ -314,13 +362,19 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
 
     def build(model, split, version) -> Recommender:
         return Recommender(model, split, store, version, cache_size=cache_size, metrics=metrics,
-                           dismiss_demotion=dismiss_demotion)
+                           dismiss_demotion=dismiss_demotion, text_home=state_dir)
 
     live = {"rec": build(model, split, version)}  # the serving recommender; a reload replaces it
+    preload_text(live["rec"])
+    live["rec"].restore_items()
     batcher = MicroBatcher(_run_jobs, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.observe_batch,
                            max_queue=max_queue, max_queue_ms=max_queue_ms, timeout_ms=timeout_ms)
     # One writer thread: commits are serialised anyway, and the event loop never waits on an fsync.
     writer = ThreadPoolExecutor(1, thread_name_prefix="unirec-writer")
+    # Adds: one at a time, in their own thread (an add embeds text and commits); items_lock also covers a
+    # reload's restore-and-swap, so that no add falls between the two.
+    adder = ThreadPoolExecutor(1, thread_name_prefix="unirec-items")
+    items_lock = threading.Lock()
     reload_lock = asyncio.Lock()
 
     def current() -> Recommender:
@@ -333,12 +387,20 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         async with reload_lock:
             target = run_dir if path is None else Path(path)
             t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
             try:
-                new = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: build(*load_run(target, impl=impl)))
+                new = await loop.run_in_executor(None, lambda: build(*load_run(target, impl=impl)))
             except Exception as exc:  # noqa: BLE001 - whatever broke, the serving model stays
                 raise ApiError(422, "run_dir", f"cannot load {target}: {exc}") from None
-            old, live["rec"] = current(), new
+
+            def restore_and_swap() -> Recommender:
+                preload_text(new)
+                with items_lock:
+                    new.restore_items()
+                    old, live["rec"] = live["rec"], new
+                return old
+
+            old = await loop.run_in_executor(None, restore_and_swap)
             metrics.reloads.inc()
             return {"model_version": new.version, "previous_version": old.version,
                     "seconds": time.perf_counter() - t0}
@@ -363,6 +425,7 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
             if reload_signal:
                 loop.remove_signal_handler(signal.SIGHUP)
             await batcher.stop()
+            adder.shutdown(wait=True)
             writer.shutdown(wait=True)
             store.close()
 
@@ -413,9 +476,14 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
                                                 "(or reload with SIGHUP)")
         require_key(x_api_key)
 
+    def added(rec: Recommender, i: int, out: dict) -> dict:
+        if i > rec.trained_items:
+            out["added"] = True
+        return out
+
     def items_out(rec: Recommender, items, scores) -> List[dict]:
-        return [{"item_id": rec.item_ids[i], "score": s if math.isfinite(s) else None, "title": rec.title(i)}
-                for i, s in zip(items, scores)]
+        return [added(rec, i, {"item_id": rec.item_ids[i], "score": s if math.isfinite(s) else None,
+                               "title": rec.title(i)}) for i, s in zip(items, scores)]
 
     @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"],
               responses={422: {"description": "a field is invalid (named in detail)"},
@@ -473,8 +541,31 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         """Items whose title contains ``q`` (case-insensitive) or whose id is ``q``, most popular first."""
         rec = current()
         hits = await asyncio.get_running_loop().run_in_executor(None, rec.search, q, k)
-        return JSONResponse({"items": [{"item_id": rec.item_ids[i], "title": rec.title(i),
-                                        "popularity": float(rec.popularity[i])} for i in hits]})
+        return JSONResponse({"items": [added(rec, i, {"item_id": rec.item_ids[i], "title": rec.title(i),
+                                                      "popularity": float(rec.popularity[i])}) for i in hits]})
+
+    @app.post("/v1/items", status_code=201, response_model=AddItemResponse, tags=["items"],
+              dependencies=[Depends(require_key)],
+              responses={401: {"description": "API key missing or wrong"},
+                         409: {"description": "the item id is in the catalogue or was added already"},
+                         422: {"description": "a field is invalid (named in detail), or the model cannot "
+                                              "represent new items (detail: model: why)"},
+                         503: {"description": "the model's item text features are not installed"}})
+    async def add_item(req: AddItemRequest):
+        """Adds an item nobody has rated yet, from its title and attribute values: the model represents it
+        as it represents its catalogue (from its text and attributes, without an id row), and it is
+        recommendable, similar to others and searchable at once. Answered once it is stored: it is added
+        again after a restart or a reload."""
+        t0 = time.perf_counter()
+
+        def add():
+            with items_lock:
+                rec = current()
+                return rec, rec.add_item(req.item_id, req.fields)
+
+        rec, res = await asyncio.get_running_loop().run_in_executor(adder, add)
+        return JSONResponse({"model_version": rec.version, **res, "seconds": time.perf_counter() - t0},
+                            status_code=201)
 
     @app.get("/v1/users/{user_id}/history", response_model=HistoryResponse, tags=["users"],
              dependencies=[Depends(require_key)], responses={401: {"description": "API key missing or wrong"}})
@@ -516,7 +607,8 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         users = rec.split.dataset.user_vocab
         return {"status": "ok", "model_version": rec.version, "items": rec.num_items, "users": len(users) - 1,
                 "example_users": [str(u) for u in users[1:6]], "titles": rec.titles is not None,
-                "queued": batcher.queued}
+                "added_items": rec.added_items, "item_fields": rec.item_fields(),
+                "can_add_items": rec.new_item_problem() is None, "queued": batcher.queued}
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus():

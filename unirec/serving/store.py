@@ -9,15 +9,20 @@ mode, never block the writer nor see a half-written transaction.
 Every event has a kind (:data:`KINDS`). Dismissed items are also kept in their own table,
 one row per (user, item), written in the event's transaction: the set a request must exclude
 is read whole, while the event log it comes from may grow without bound.
+
+Items added at serving time (``POST /v1/items``) are kept in the table ``items``: the item id, its
+fields as given (JSON) and when it was added, committed like an event before the add is answered;
+the service adds them again to every model it loads.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 # view: a (possibly rated) interaction; like / dislike: explicit feedback on an item; dismiss: "not
 # interested", never show it again; skip: shown and passed over.
@@ -39,6 +44,11 @@ CREATE TABLE IF NOT EXISTS dismissed (
     item_id TEXT NOT NULL,
     PRIMARY KEY (user_id, item_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY,
+    fields TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
 """
 
 
@@ -52,6 +62,19 @@ class Event:
     timestamp: float
     rating: Optional[float]
     kind: str = "view"
+
+
+@dataclass
+class StoredItem:
+    """An item added at serving time: its id, its fields (title, attribute values) and when (epoch seconds)."""
+
+    item_id: str
+    fields: Dict[str, Any]
+    added_at: float
+
+
+class ItemExists(KeyError):
+    """An item with this id is stored already."""
 
 
 class EventStore:
@@ -121,6 +144,36 @@ class EventStore:
     def dismissed(self, user_id: str) -> List[str]:
         """The item ids the user has dismissed (each once)."""
         return [r[0] for r in self._reader().execute("SELECT item_id FROM dismissed WHERE user_id = ?", (user_id,))]
+
+    def add_item(self, item_id: str, fields: Dict[str, Any]) -> StoredItem:
+        """Stores an added item (``fields`` must be JSON-serialisable) and returns it once it is durable;
+        :class:`ItemExists` when the id is stored already."""
+        text = json.dumps(fields, ensure_ascii=False, allow_nan=False)
+        now = time.time()
+        with self._write_lock:
+            con = self._writer
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute("INSERT INTO items (item_id, fields, added_at) VALUES (?, ?, ?)", (item_id, text, now))
+                con.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                con.execute("ROLLBACK")
+                raise ItemExists(item_id) from None
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return StoredItem(item_id, json.loads(text), now)
+
+    def item(self, item_id: str) -> Optional[StoredItem]:
+        """The stored added item ``item_id``, or None."""
+        r = self._reader().execute("SELECT item_id, fields, added_at FROM items WHERE item_id = ?",
+                                   (item_id,)).fetchone()
+        return None if r is None else StoredItem(r[0], json.loads(r[1]), r[2])
+
+    def items(self) -> List[StoredItem]:
+        """Every stored added item, in the order they were added."""
+        rows = self._reader().execute("SELECT item_id, fields, added_at FROM items ORDER BY rowid").fetchall()
+        return [StoredItem(r[0], json.loads(r[1]), r[2]) for r in rows]
 
     def count(self) -> int:
         """Number of stored events."""

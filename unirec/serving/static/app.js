@@ -33,6 +33,13 @@ function button(label, cls, title, onclick) {
   return el("button", { className: cls, title, onclick, type: "button" }, label);
 }
 
+// an item's title, with a "new" tag for an item added at serving time (POST /v1/items)
+function titleOf(it) {
+  const t = el("span", { className: "title" }, it.title || `item ${it.item_id}`);
+  if (it.added) t.append(" ", el("span", { className: "badge", title: "added at serving time: nobody has rated it yet" }, "new"));
+  return t;
+}
+
 async function refresh() {
   if (!state.user) return;
   localStorage.setItem("unirec-user", state.user);
@@ -45,7 +52,7 @@ async function refresh() {
     const li = el("li", {});
     li.dataset.itemId = it.item_id;
     li.append(el("div", { className: "row" },
-      el("span", { className: "title" }, it.title || `item ${it.item_id}`),
+      titleOf(it),
       el("span", { className: "score" }, it.score === null ? "" : it.score.toFixed(2)),
       button("Like", "like", "more like this", () => feedback(it, "like")),
       button("Dislike", "dislike", "less like this", () => feedback(it, "dislike")),
@@ -89,7 +96,7 @@ async function search(ev) {
   try {
     const r = await call("GET", `/v1/items?q=${encodeURIComponent(q)}&k=15`);
     $("search-results").replaceChildren(...(r.items.length ? r.items.map((it) => {
-      const li = el("li", {}, el("span", { className: "title" }, it.title || `item ${it.item_id}`),
+      const li = el("li", {}, titleOf(it),
         button("Add to history", "add", "record a view of this item", async () => {
           if (!state.user) { status("pick a user first", true); return; }
           await feedback(it, "view");
