@@ -123,18 +123,17 @@ class TextAdapter(nn.Module):
 
         out(x) = sum_k g_k(x) (x - b_k) W_k,    g(x) = softmax(x G)    (one expert: g = 1)
 
-    b_k [E], W_k [E, D], G [E, K] learned; dropout on x in training. forward() -> [N + 1, 1, D] for the
+    b_k [E], W_k [E, D], G [E, K] learned. forward() -> [N + 1, 1, D] for the
     catalogue (row 0, padding, = 0); :meth:`adapt` maps any vectors [M, E] -> [M, D] (new items)."""
 
     no_weight_decay = ("centre",)
 
-    def __init__(self, num_rows: int, width: int, dim: int, experts: int = 1, dropout: float = 0.0):
+    def __init__(self, num_rows: int, width: int, dim: int, experts: int = 1):
         super().__init__()
         self.register_buffer("vectors", torch.zeros(num_rows, width))
         self.centre = nn.Parameter(torch.zeros(experts, width))
         self.proj = nn.Parameter(torch.randn(experts, width, dim) * 0.02)
         self.gate = nn.Parameter(torch.zeros(width, experts)) if experts > 1 else None
-        self.dropout = nn.Dropout(dropout)
 
     def set_vectors(self, vectors: torch.Tensor) -> None:
         if tuple(vectors.shape) != tuple(self.vectors.shape):
@@ -144,7 +143,7 @@ class TextAdapter(nn.Module):
             self.vectors.copy_(vectors)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.proj.dtype))
+        x = x.to(self.proj.dtype)
         h = torch.einsum("mke,ked->mkd", x.unsqueeze(1) - self.centre, self.proj)          # [M, K, D]
         if self.gate is None:
             return h[:, 0]
@@ -171,8 +170,7 @@ class ItemEncoder(nn.Module):
             (schema.item_bag_nnz - schema.num_items if with_attrs else 0)
         sources = [AttributeTables(sizes, rows, nnz, config.dim, config.item_optimizer, config.item_lr)] if sizes else []
         if config.text:
-            sources.append(TextAdapter(rows, text_width(config.text_model), config.dim, config.text_experts,
-                                       config.dropout))
+            sources.append(TextAdapter(rows, text_width(config.text_model), config.dim, config.text_experts))
         self.sources = nn.ModuleList(sources)
         self.tables = sources[0] if sizes else None
         self.text = sources[-1] if config.text else None
