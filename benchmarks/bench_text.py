@@ -12,7 +12,7 @@ Per data set, two fresh subprocesses share one empty cache folder (a temporary o
   so never load the encoder (the child says whether sentence_transformers got imported).
 
 Targets on the 2-core CPU: ML-100K cold <= 30 s, ML-1M cold <= 60 s, cached <= 1 s. Prints a table and
-appends one JSON line per data set to --out: the machine (CPU model, avx2 / avx512f, load average,
+appends one JSON line per data set to --out: the machine (CPU model, its widest ISA, load average,
 torch threads), the seconds (wall and CPU), the items and the texts/s (per wall and per CPU second: on a
 shared machine the second is the steadier figure). Not a pytest benchmark (no test functions).
 """
@@ -27,22 +27,11 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import machine_info  # noqa: E402  (the benchmarks' one record of the machine)
+
 TARGETS = {"ml-100k": 30.0, "ml-1m": 60.0}
 CACHED_TARGET = 1.0
-
-
-def machine() -> dict:
-    model, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags}
 
 
 def child(args) -> dict:
@@ -108,7 +97,7 @@ def main(argv=None):
             cached = run_child("cached", data, home, args)
             load_after = os.getloadavg()
         rec = {"bench": "text_vectors", "data": data, "model": "all-MiniLM-L6-v2", "date":
-               datetime.datetime.now().isoformat(timespec="seconds"), **machine(),
+               datetime.datetime.now().isoformat(timespec="seconds"), **machine_info("cpu"),
                "load_avg_before": [round(x, 2) for x in load_before],
                "load_avg_after": [round(x, 2) for x in load_after], "torch_threads": cold["threads"],
                "torch": cold["torch"], "batch_size": args.batch_size, "items": cold["items"],
@@ -129,7 +118,7 @@ def main(argv=None):
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
     m = rows[0]
-    print(f"{m['cpu']} ({m['cores']} cores, avx2={m['avx2']}, avx512f={m['avx512f']}), torch {m['torch']}, "
+    print(f"{m['cpu']} ({m['cores']} cores, {m['cpu_flags']}), torch {m['torch']}, "
           f"{m['torch_threads']} threads, batch {m['batch_size']}")
     print(f"{'data':8} {'items':>6} {'load s':>7} {'embed s':>8} {'cold s':>7} {'texts/s':>8} {'/cpu-s':>7} "
           f"{'cached s':>9} "
