@@ -1,9 +1,10 @@
-"""The ``unirec`` command: train, evaluate, compare, recommend, tune, serve, data info.
+"""The ``unirec`` command: train, pretrain, finetune, evaluate, compare, recommend, tune, serve, data info.
 
     unirec train                       # MovieLens-100K, the unified config, ./runs/ml-100k-<time>
     unirec evaluate runs/ml-100k-...   # metrics of a run's best model (+ per-user ranks, a results line)
     unirec compare RUNS_A... -- RUNS_B...   # paired bootstrap interval of the NDCG@10 / HR@10 difference
     unirec recommend runs/ml-100k-... --user 42 -k 10
+    unirec finetune runs/ml-1m-... --data ml-100k --method lora   # adapt a trained run to new data
     unirec data info                   # what the data set holds
     unirec tune --config sasrec --trials 16 --out tune-sasrec   # search on validation NDCG@10
     unirec serve runs/ml-100k-...      # HTTP recommendation service on 127.0.0.1:8000
@@ -31,14 +32,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-length", type=float, default=30.0,
                    help="synthetic data: mean events per user (default: %(default)s)")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic data: generator seed (default: %(default)s)")
+    p.add_argument("--domain", choices=["A", "B"], default=None,
+                   help="one domain of a genre split of the data set (docs/protocol.md, \"Genre domains\"): A = the "
+                        "events on items of no action/adventure/sci-fi/thriller/war/western/crime/horror genre; B = "
+                        "all events, trained on and ranked among those genres' items only (default: the whole data)")
 
 
 def _data_config(args):
     from .data import DataConfig
+    domain = {"domain": args.domain} if getattr(args, "domain", None) else {}
     if args.data == "synthetic":
         return DataConfig("synthetic", {"num_users": args.synthetic_users, "num_items": args.synthetic_items,
-                                        "mean_length": args.synthetic_length, "seed": args.synthetic_seed})
-    return DataConfig(args.data)
+                                        "mean_length": args.synthetic_length, "seed": args.synthetic_seed, **domain})
+    return DataConfig(args.data, domain)
 
 
 def _parse_value(v: str):
@@ -140,6 +146,15 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
     t.add_argument("--init", default=None, metavar="RUN",
                    help="start from the weights of a run folder (e.g. written by `unirec pretrain`): every "
                         "parameter whose name and shape match is copied, the others start fresh")
+    _add_share_args(t)
+
+
+def _add_share_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--user-share", type=float, default=None, metavar="SHARE",
+                   help="train on this share (0, 1] of the users, drawn with --user-seed; every user is still "
+                        "evaluated (default: 1)")
+    t.add_argument("--user-seed", type=int, default=None,
+                   help="the seed that draws the --user-share users, the same for every model (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +178,43 @@ def build_parser() -> argparse.ArgumentParser:
                                     "how the pretrained model ranks on its own), and start later runs from it "
                                     "with `unirec train --init RUN`.")
     _add_train_args(pt, PRESETS)
+
+    from .models.transfer import METHODS
+    ft = sub.add_parser("finetune", help="adapt a trained run to another data set or domain (LoRA, adapters...)",
+                        description="Start from a trained run (e.g. on MovieLens-1M), match the new data set's "
+                                    "items to its items by title and year (unmatched items start from their "
+                                    "attributes and text), and fine-tune with METHOD: full (every parameter), "
+                                    "frozen (the item side only), adapter (the text adapter only), lora (low-rank "
+                                    "updates of the attention, --lora-ffn also the feed-forward layers), "
+                                    "lora+adapter. The run folder holds only the trained weights and its base's "
+                                    "hash; evaluate, recommend and serve load base + adapter.")
+    ft.add_argument("base", metavar="PRETRAINED_RUN", help="run folder written by `unirec train`")
+    _add_data_args(ft)
+    ft.add_argument("--method", default="lora", choices=METHODS, help="what trains (default: %(default)s)")
+    ft.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    ft.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / r "
+                                                                   "(default: r, a scale of 1)")
+    ft.add_argument("--lora-ffn", action="store_true", help="LoRA on the feed-forward layers too")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a ModelConfig field of the base that does not change a weight's shape, e.g. "
+                         "--set dropout=0.3 --set item_id_dropout=0 (repeatable)")
+    ft.add_argument("--impl", default="auto", choices=IMPLS, help="kernel backend (default: %(default)s)")
+    for flag, kind, default, text in (
+            ("--epochs", int, 20, "maximum epochs"), ("--batch-size", int, None, "users per step (default: the base's)"),
+            ("--lr", float, None, "peak AdamW learning rate (default: the base's)"),
+            ("--weight-decay", float, None, "AdamW weight decay (default: the base's)"),
+            ("--warmup-steps", int, 50, "linear warm-up steps"), ("--patience", int, 5, "early-stopping patience"),
+            ("--time-budget", float, 480.0, "stop after the epoch that passes this many seconds; 0 = no limit"),
+            ("--seed", int, 0, "seed"), ("--threads", int, None, "torch CPU threads")):
+        ft.add_argument(flag, type=kind, default=default, help=text + (" (default: %(default)s)" if default is not None
+                                                                      and "default" not in text else ""))
+    ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    ft.add_argument("--out", default=None, help="run folder (default: ./runs/<dataset>-<UTC time>)")
+    ft.add_argument("--arm", default=None, help="name of the run in the results file (default: finetune-METHOD)")
+    ft.add_argument("--results", default=None, metavar="FILE", help="results file (default: results.jsonl beside "
+                                                                    "the run folder)")
+    ft.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    _add_share_args(ft)
 
     e = sub.add_parser("evaluate", help="evaluate a run's best model on validation and test",
                        description="Recompute a run's metrics (full ranking, history masked and unmasked, "
@@ -344,7 +396,8 @@ def cmd_train(args) -> int:
     opt = {"epochs": 20, "batch_size": 64, "time_budget_s": 480.0, **preset_training(args.config, args.data)}
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
              "time_budget_s": args.time_budget, "windows": args.windows, "split": args.split,
-             "cold_share": args.cold_share, "cold_seed": args.cold_seed}
+             "cold_share": args.cold_share, "cold_seed": args.cold_seed, "user_share": args.user_share,
+             "user_seed": args.user_seed}
     opt.update({k: v for k, v in given.items() if v is not None})
     if args.init is not None:
         opt["init_from"] = str(args.init)
@@ -374,6 +427,49 @@ def cmd_train(args) -> int:
 
 
 PRETRAIN_OBJECTIVES = {"contrastive": 1.0, "cloze": 1.0}
+
+
+def cmd_finetune(args) -> int:
+    from .evaluation import format_metrics
+    from .models import ModelConfig
+    from .models.transfer import FinetuneSpec
+    from .runs import Run, default_run_dir, weights_sha256
+    from .training import TrainConfig, train_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = Run.open(args.base)
+    spec = FinetuneSpec(str(base.path.resolve()), weights_sha256(base.path), args.method, args.lora_rank,
+                        args.lora_alpha, args.lora_ffn)
+    d = base.model_spec()[0].to_dict()
+    for kv in args.set:
+        if "=" not in kv:
+            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        d[k] = _parse_value(v)
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    bt = base.config.train
+    given = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+             "user_share": args.user_share, "user_seed": args.user_seed}
+    tc = TrainConfig(epochs=args.epochs, batch_size=bt.batch_size, lr=bt.lr, weight_decay=bt.weight_decay,
+                     warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
+                     time_budget_s=args.time_budget or None,
+                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                     **{k: v for k, v in given.items() if v is not None})
+    data = _data_config(args)
+    run_dir = Path(args.out) if args.out else default_run_dir(data)
+    metrics = train_run(data, cfg, tc, run_dir, progress=not args.no_progress, impl=args.impl,
+                        arm=args.arm or f"finetune-{args.method}", results_file=args.results, finetune=spec)
+    print()
+    print(format_metrics(metrics))
+    n = metrics["parameters"]
+    print(f"\nbest epoch {metrics['best_epoch']} of {metrics['epochs_run']}; {metrics['total_seconds']:.0f}s in all; "
+          f"{n['trainable']:,} of {n['total']:,} parameters trained ({n['trainable'] / n['total']:.1%}); "
+          f"run folder {run_dir} ({metrics.get('checkpoint_bytes', 0) / 1e6:.2f} MB of weights)")
+    return 0
 
 
 def _named_rates(text: str, flag: str) -> dict:
@@ -525,7 +621,7 @@ def cmd_data_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "pretrain": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "recommend": cmd_recommend,
+COMMANDS = {"train": cmd_train, "pretrain": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "compare": cmd_compare, "recommend": cmd_recommend,
             "tune": cmd_tune, "serve": cmd_serve, "data": cmd_data_info}
 
 

@@ -37,6 +37,7 @@ import torch
 
 from .data import SPLITS, DataConfig, LeaveOneOutSplit, leave_one_out, load_dataset, strict_from_dict
 from .models import DataSchema, ModelConfig, UniRec, upgrade_legacy
+from .models.transfer import FinetuneSpec, build_finetuned, trained_state
 from .models.config import upgrade_flat_config
 
 PathLike = Union[str, Path]
@@ -72,6 +73,9 @@ class TrainConfig:
     split: str = "leave-one-out"
     cold_share: float = 0.15
     cold_seed: int = 0
+    # train on this share of the users with training events, drawn with user_seed (all users are evaluated)
+    user_share: float = 1.0
+    user_seed: int = 0
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -81,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"train config: cold_share must be a number in (0, 1), got {self.cold_share!r}")
         if isinstance(self.cold_seed, bool) or not isinstance(self.cold_seed, int) or self.cold_seed < 0:
             raise ValueError(f"train config: cold_seed must be an integer >= 0, got {self.cold_seed!r}")
+        if isinstance(self.user_share, bool) or not isinstance(self.user_share, (int, float)) \
+                or not 0.0 < float(self.user_share) <= 1.0:
+            raise ValueError(f"train config: user_share must be a number in (0, 1], got {self.user_share!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -97,25 +104,30 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     arm: str = ""
+    # a fine-tuned run (`unirec finetune`): its base run and method (unirec.models.transfer.FinetuneSpec)
+    finetune: Optional[FinetuneSpec] = None
 
     def to_dict(self) -> dict:
-        return {"arm": self.arm, "data": self.data.to_dict(), "model": self.model.to_dict(),
-                "train": asdict(self.train)}
+        d = {"arm": self.arm, "data": self.data.to_dict(), "model": self.model.to_dict(), "train": asdict(self.train)}
+        if self.finetune is not None:
+            d["finetune"] = self.finetune.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict):
             raise ValueError(f"run config: expected a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"arm", "data", "model", "train"})
+        unknown = sorted(set(d) - {"arm", "data", "model", "train", "finetune"})
         if unknown:
-            raise ValueError(f"run config: unknown key {unknown[0]!r}; known keys: arm, data, model, train")
+            raise ValueError(f"run config: unknown key {unknown[0]!r}; known keys: arm, data, finetune, model, train")
         model = d.get("model", {})
         if "num_items" in model:  # the flat model section of folders written by the single-class model
             model = upgrade_flat_config(model)[0]
         else:
             model = ModelConfig.from_dict(model)
+        finetune = FinetuneSpec.from_dict(d["finetune"]) if d.get("finetune") is not None else None
         return cls(DataConfig.from_dict(d.get("data", {})), model, TrainConfig.from_dict(d.get("train", {})),
-                   d.get("arm") or "")
+                   d.get("arm") or "", finetune)
 
 
 def write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -158,6 +170,29 @@ def source_commit() -> str:
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def weights_sha256(run_dir: PathLike, name: str = "model.pt") -> str:
+    """The sha256 (hex) of a run folder's weights file; FileNotFoundError when it has none."""
+    import hashlib
+    f = Path(run_dir) / name
+    if not f.exists():
+        raise FileNotFoundError(f"{run_dir}: no {name}; the run has no saved model")
+    return hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def open_base(spec: FinetuneSpec, where: PathLike = "finetune") -> "Run":
+    """The base run of a fine-tuning, after checking that its model.pt is the one ``spec`` names
+    (ValueError naming both hashes when it differs, FileNotFoundError when it is gone, ValueError when
+    the base is itself fine-tuned)."""
+    base = Run.open(spec.base)
+    if base.config.finetune is not None:
+        raise ValueError(f"{where}: base run {spec.base} is itself fine-tuned; fine-tune from a run of `unirec train`")
+    digest = weights_sha256(base.path)
+    if digest != spec.base_sha256:
+        raise ValueError(f"{where}: base run {spec.base} has model.pt sha256 {digest[:16]}..., but "
+                         f"{spec.base_sha256[:16]}... was fine-tuned: the base changed since")
+    return base
 
 
 def default_run_dir(data: DataConfig, root: PathLike = "runs") -> Path:
@@ -231,8 +266,10 @@ class Run:
         return leave_one_out(self.load_dataset())
 
     def save_model(self, model: UniRec, name: str = "model.pt") -> Path:
-        """Writes the state dict ``name`` and model.json (config and schema)."""
-        write_atomic(self.path / name, lambda f: torch.save(model.state_dict(), f))
+        """Writes the state dict ``name`` and model.json (config and schema); a fine-tuned run's holds only
+        the parameters that train (the rest is rebuilt from its base, :meth:`load_model`)."""
+        state = trained_state(model) if self.config.finetune is not None else model.state_dict()
+        write_atomic(self.path / name, lambda f: torch.save(state, f))
         write_json(self.path / "model.json", {"format": MODEL_FORMAT, "model": model.config.to_dict(),
                                               "schema": model.schema.to_dict()})
         return self.path / name
@@ -246,11 +283,37 @@ class Run:
             state = upgrade_legacy(json.loads((self.path / "model_config.json").read_text()), state)[2]
         return state
 
-    def load_model(self, impl: str = "auto", name: str = "model.pt", map_location="cpu") -> UniRec:
-        """The saved model in eval mode, on backend ``impl``."""
+    def load_model(self, impl: str = "auto", name: str = "model.pt", map_location="cpu", merge: bool = True) -> UniRec:
+        """The saved model in eval mode, on backend ``impl``. A fine-tuned run's is its base run's model
+        rebuilt for this run's data (:meth:`base_run`, :func:`unirec.models.transfer.build_finetuned`) with
+        the trained parameters loaded over it, LoRA merged into the weights unless ``merge=False``."""
+        if self.config.finetune is not None:
+            return self._load_finetuned(impl, name, map_location, merge)
         config, schema = self.model_spec()
         model = UniRec(config, schema, impl)
         model.load_state_dict(self.load_state(name, map_location))
+        return model.eval()
+
+    def base_run(self) -> "Run":
+        """The base run of a fine-tuned run (:func:`open_base`)."""
+        if self.config.finetune is None:
+            raise ValueError(f"{self.path}: not a fine-tuned run (its config.json has no finetune section)")
+        return open_base(self.config.finetune, self.path)
+
+    def _load_finetuned(self, impl, name, map_location, merge) -> UniRec:
+        base = self.base_run()
+        config, _ = self.model_spec()
+        model, report = build_finetuned(base.load_model(impl, map_location=map_location), base.load_dataset(),
+                                        self.load_dataset(), self.config.finetune, config, impl)
+        state = self.load_state(name, map_location)
+        missing = sorted(set(report["trainable"]) - set(state))
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if missing or unexpected:
+            raise ValueError(f"{self.path / name}: does not fit the fine-tuned model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        if merge:
+            from .nn.lora import merge_lora
+            merge_lora(model)
         return model.eval()
 
     def model_version(self, name: str = "model.pt") -> str:
@@ -262,7 +325,10 @@ class Run:
     # ------------------------------------------------------------------ training state
 
     def save_training_state(self, model, optimizer, state: dict, name: str = "last.pt") -> None:
-        """The resumable state: model and optimizer state dicts plus plain ``state`` (epoch, history...)."""
+        """The resumable state: model and optimizer state dicts plus plain ``state`` (epoch, history...).
+        A fine-tuned run keeps none (it holds only what it trained, and fine-tunes again instead)."""
+        if self.config.finetune is not None:
+            return
         ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": json.dumps(state)}
         write_atomic(self.path / name, lambda f: torch.save(ck, f))
 
@@ -304,6 +370,9 @@ class Run:
             "metrics": {k: v for k, v in metrics.items()
                         if k in ("valid", "test", "test_unmasked", "popularity_test", "cold_valid", "cold_test")},
             "best_epoch": metrics.get("best_epoch"), "wall_seconds": round(float(wall_seconds), 3),
+            "seconds_to_best": metrics.get("seconds_to_best"), "parameters": metrics.get("parameters"),
+            "user_share": self.config.train.user_share,
+            "method": self.config.finetune.method if self.config.finetune is not None else None,
             "commit": source_commit(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         line = (json.dumps(record) + "\n").encode()

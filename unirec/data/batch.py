@@ -160,8 +160,20 @@ class TokenBuilder:
         sp = self.split
         users = np.asarray(users, dtype=np.int64)
         limit = sp.user_offsets[users] + sp.train_len[users]
-        return pack_streams(users, sp.items, sp.ratings, self.gap_bucket, hist, cands, limit, device, targets,
-                            history)
+        batch = pack_streams(users, sp.items, sp.ratings, self.gap_bucket, hist, cands, limit, device, targets,
+                             history)
+        return batch if getattr(sp, "target_items", None) is None else self.target_only(batch)
+
+    def target_only(self, batch: TokenBatch) -> TokenBatch:
+        """A split with ``target_items`` (a cross-domain data set): a next item or profile target that is not
+        a target item becomes 0 (no retrieval loss, as padding) and a candidate on such an item loses its
+        rating label (NaN: no ranking loss). The tokens themselves stay (context)."""
+        is_t = torch.from_numpy(np.asarray(self.split.target_items, dtype=bool)).to(batch.next_items.device)
+        batch.next_items = torch.where(is_t[batch.next_items], batch.next_items, 0)
+        batch.first_items = torch.where(is_t[batch.first_items], batch.first_items, 0)
+        if batch.cand_ratings is not None:
+            batch.cand_ratings = torch.where(is_t[batch.cand_items], batch.cand_ratings, float("nan"))
+        return batch
 
     def train_batch(self, users, rng: Optional[np.random.Generator] = None, candidates: bool = True,
                     device=None, windows=None, shifts=None) -> TokenBatch:
@@ -234,6 +246,15 @@ class TokenBuilder:
         return self._pack(users, hist, [(e, e) for _, e in hist], device)
 
 
+def training_users(train_len: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """The sorted ids of ``share`` (rounded up) of the users with at least two training events
+    (``train_len`` [num_users + 1]), drawn with ``np.random.default_rng(seed)``: the same users for every
+    model and training seed, so that runs on a share of the data pair user by user."""
+    users = np.nonzero(np.asarray(train_len) >= 2)[0]
+    k = int(np.ceil(share * len(users)))
+    return np.sort(np.random.default_rng(seed).permutation(users)[:k])
+
+
 class TrainBatches:
     """The trainer's batch source: each epoch, every training window once, in batches.
 
@@ -248,6 +269,8 @@ class TrainBatches:
     ``epoch(e, rank=r, world=n)`` yields, of each global batch of ``batch_size`` windows, the windows
     r, r + n, r + 2n, ... (so n processes see the same global batches as one).
 
+    ``users``: only these users' windows train (e.g. :func:`training_users`); None: every user's.
+
     ``augment`` (operator -> rate, :mod:`unirec.data.augment`): data augmentation, each batch followed
     by an augmented copy of every stream (:meth:`with_augmented_copies`); substitute and insert use
     item correlations counted over the training events only.
@@ -256,7 +279,8 @@ class TrainBatches:
     WINDOWS = ("last", "all")
 
     def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0,
-                 windows: str = "last", augment: Optional[Dict[str, float]] = None):
+                 windows: str = "last", augment: Optional[Dict[str, float]] = None,
+                 users: Optional[np.ndarray] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if windows not in self.WINDOWS:
@@ -275,6 +299,8 @@ class TrainBatches:
                                                 torch.from_numpy(off), int(sp.items.max(initial=0)))
         self.builder, self.batch_size, self.candidates, self.seed = builder, batch_size, candidates, seed
         self.users = np.nonzero(builder.split.train_len >= 2)[0]
+        if users is not None:  # a subset of the users trains (training_users)
+            self.users = np.intersect1d(self.users, np.asarray(users, dtype=np.int64))
         counts = self.num_windows(builder.split.train_len[self.users], builder.max_len) if windows == "all" \
             else np.ones(len(self.users), dtype=np.int64)
         self.unit_users = np.repeat(self.users, counts)
@@ -326,6 +352,8 @@ class TrainBatches:
         nxt[:-1] = items[1:]
         has = lens > 0
         nxt[off[1:][has] - 1] = batch.next_items[batch.offsets[1:][has] - 1]
+        if getattr(self.builder.split, "target_items", None) is not None:  # cross-domain: as TokenBuilder.target_only
+            nxt = torch.where(torch.from_numpy(self.builder.split.target_items).to(nxt.device)[nxt], nxt, 0)
         B = batch.batch_size
         cat = torch.cat
         return TokenBatch(

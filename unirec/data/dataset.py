@@ -66,6 +66,8 @@ class Feature:
         indices: [nnz] int64 in [1, V).
         offsets: [num_rows + 1] int64, CSR over entities (row 0 = padding, empty).
         boundaries: numeric features: the [V - 2] bucket edges.
+        values: numeric features: [num_rows] float64, each entity's value before bucketing (NaN when
+            missing), e.g. a film's exact release year for matching items across data sets.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Feature:
     indices: np.ndarray
     offsets: np.ndarray
     boundaries: Optional[np.ndarray] = None
+    values: Optional[np.ndarray] = None
 
     @property
     def size(self) -> int:
@@ -281,6 +284,10 @@ class Dataset:
         rating: [n] float32, or None when the data has no ratings.
         item_features / user_features: per-entity feature bags (None when absent).
         item_text: [num_items + 1] str (e.g. titles; "" when unknown), or None.
+        target_items: [num_items + 1] bool, the target domain's items (row 0 False), or None: set on a
+            cross-domain data set (:func:`unirec.data.domains.domain_dataset`, domain "B"), it makes the
+            leave-one-out split, the training targets and the rankings target-domain only. Derived in
+            memory; :func:`save_encoded` does not write it.
     """
 
     name: str
@@ -293,6 +300,7 @@ class Dataset:
     item_features: Optional[FeatureTable] = None
     user_features: Optional[FeatureTable] = None
     item_text: Optional[np.ndarray] = None
+    target_items: Optional[np.ndarray] = None
     _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -426,7 +434,12 @@ def encode_feature(table: Table, row_entity: np.ndarray, spec: FeatureSpec, num_
     else:
         raise ValueError(f"feature {spec.name!r}: text features are not bags (use Dataset.item_text)")
     indices, offsets = _csr_rows_to_entities(row_entity, lens, flat, num_rows)
-    return Feature(spec.name, spec.kind, vocab, indices, offsets, boundaries)
+    raw = None
+    if spec.kind == "numeric":
+        raw = np.full(num_rows, np.nan)
+        hit = row_entity > 0
+        raw[row_entity[hit]] = values[hit]
+    return Feature(spec.name, spec.kind, vocab, indices, offsets, boundaries, raw)
 
 
 def default_feature_specs(table: Table, key: str, text_field: Optional[str] = None) -> List[FeatureSpec]:
@@ -505,7 +518,7 @@ def encode(raw: RawData, item_features: Optional[Sequence[FeatureSpec]] = None,
 
 # --------------------------------------------------------------------------- the encoded form on disk
 
-_NPZ_VERSION = 1
+_NPZ_VERSION = 2  # 2: numeric features keep their raw values
 
 
 def save_encoded(ds: Dataset, path) -> None:
@@ -529,6 +542,8 @@ def save_encoded(ds: Dataset, path) -> None:
             arrays[k + "vocab"], arrays[k + "indices"], arrays[k + "offsets"] = f.vocab, f.indices, f.offsets
             if f.boundaries is not None:
                 arrays[k + "boundaries"] = f.boundaries
+            if f.values is not None:
+                arrays[k + "values"] = f.values
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".encoding-", suffix=".npz")
     try:
@@ -556,7 +571,8 @@ def load_encoded(path) -> Dataset:
         for j in range(int(nf)):
             k = f"{side}.{j}."
             name, kind = a[k + "meta"].tolist()
-            feats.append(Feature(name, kind, a[k + "vocab"], a[k + "indices"], a[k + "offsets"], a.get(k + "boundaries")))
+            feats.append(Feature(name, kind, a[k + "vocab"], a[k + "indices"], a[k + "offsets"], a.get(k + "boundaries"),
+                                 a.get(k + "values")))
         tables[side] = FeatureTable(id_name, int(num_rows), feats)
     return Dataset(str(a["name"]), a["user_vocab"], a["item_vocab"], a["user"], a["item"], a["timestamp"],
                    a.get("rating"), tables["item"], tables["user"], a.get("item_text"))

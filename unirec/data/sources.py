@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict
 
 from .dataset import Dataset, encode, load_encoded, save_encoded
+from .domains import B_GENRES, DOMAINS, domain_dataset
 from .fetch import fetch_movielens_1m, fetch_movielens_100k
 from .readers import read_atomic, read_recbole_movielens
 from .synthetic import synthetic
@@ -29,16 +30,23 @@ def strict_from_dict(cls, d: dict, where: str):
 @dataclass
 class DataConfig:
     """The data set of a run: ``source`` is "ml-100k" or "ml-1m" (fetched on first use), "synthetic" (``options`` go
-    to :func:`unirec.data.synthetic`), or a path for :func:`unirec.data.read_path` (``options`` go there)."""
+    to :func:`unirec.data.synthetic`), or a path for :func:`unirec.data.read_path` (``options`` go there).
+
+    Two options are the loader's own, for any source: ``domain`` ("A" or "B") and ``b_genres`` (a list of
+    genre names, default :data:`unirec.data.domains.B_GENRES`) take one domain of a genre split of the
+    data set (:func:`unirec.data.domains.domain_dataset`; docs/protocol.md, "Genre domains (cross-domain)")."""
 
     source: str = "ml-100k"
     options: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        """A short name for run folders and result records: the built-in name or the path's last part."""
+        """A short name for run folders and result records: the built-in name or the path's last part, with
+        "-A" / "-B" for a domain ("ml-1m-B")."""
         from pathlib import Path
-        return self.source if self.source in BUILT_IN else Path(self.source).name
+        base = self.source if self.source in BUILT_IN else Path(self.source).name
+        domain = self.options.get("domain")
+        return f"{base}-{domain}" if domain is not None else base
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +63,16 @@ def load_dataset(source="ml-100k", **options) -> Dataset:
     """The Dataset of a DataConfig, or of a source name / path with its options."""
     if isinstance(source, DataConfig):
         source, options = source.source, {**source.options, **options}
+    domain, b_genres = options.pop("domain", None), options.pop("b_genres", None)
+    if domain is None and b_genres is not None:
+        raise ValueError("data option b_genres needs the option domain ('A' or 'B')")
+    if domain is not None and domain not in DOMAINS:  # before a fetch
+        raise ValueError(f"data option domain must be one of {DOMAINS}, got {domain!r}")
+    ds = _load(source, options)
+    return ds if domain is None else domain_dataset(ds, domain, B_GENRES if b_genres is None else b_genres)
+
+
+def _load(source: str, options: dict) -> Dataset:
     if source == "ml-100k":
         return _encoded_once(fetch_movielens_100k(), "ml-100k", read_atomic)
     if source == "ml-1m":

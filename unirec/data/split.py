@@ -6,6 +6,13 @@ target, and the first n - 2 are training events; users with fewer than 3 events 
 Validation ranks the validation item given the training events; test ranks the test item given the
 training events and the validation event.
 
+Target domain (docs/protocol.md, "Genre domains (cross-domain)"): when the data set has
+``target_items`` (:func:`unirec.data.domains.domain_dataset`), each user's events after the user's last
+event on a target item are left out (they are the future of the test case); a user with m >= 3 target
+events is validated on the second-last and tested on the last of them, and trains on every event (target
+or not) before the validation event; users with fewer than 3 target events only train. Histories keep
+events of both domains.
+
 Cold items (:class:`ColdItemSplit`): the ``share`` of items first rated latest are cold; every event
 on a cold item leaves training, and each event on a cold item (after at least one earlier event of
 its user) is an evaluation case, ranked given all of the user's earlier events.
@@ -44,7 +51,8 @@ class LeaveOneOutSplit:
     ``keep``: an optional [num_interactions] bool mask of the data set's events the split holds (the
     others are left out entirely, as if absent from the data); ``hold_out=False``: every event is a
     training event (no validation or test event, no ``eval_users``), e.g. the training part of a
-    :class:`ColdItemSplit`.
+    :class:`ColdItemSplit`. A data set with ``target_items`` is split by its target events (module
+    docstring).
 
     Attributes:
         dataset: the Dataset.
@@ -53,6 +61,8 @@ class LeaveOneOutSplit:
         user_offsets: [num_users + 2] int64; user u's events are [user_offsets[u], user_offsets[u+1]).
         train_len: [num_users + 1] int64 training events per user.
         eval_users: [E] int64 users with a validation and a test event, ascending.
+        target_items: the data set's [num_items + 1] bool target items, or None (every item a target).
+        is_target: [n] bool whether each sorted event is on a target item (all True without target_items).
     """
 
     def __init__(self, dataset: Dataset, keep: Optional[np.ndarray] = None, hold_out: bool = True):
@@ -67,20 +77,44 @@ class LeaveOneOutSplit:
                                  f"got {keep.dtype} {keep.shape}")
             rows = np.flatnonzero(keep)
             order = rows[np.lexsort((rows, ds.timestamp[rows], ds.user[rows]))]
+        self.target_items = ds.target_items
+        if self.target_items is not None:
+            target = np.asarray(self.target_items)
+            if target.dtype != np.bool_ or target.shape != (ds.num_items + 1,):
+                raise ValueError(f"dataset.target_items must be a bool mask of shape ({ds.num_items + 1},), got "
+                                 f"{target.dtype} {target.shape}")
+            # drop each user's events after the user's last target event
+            is_t = target[ds.item[order]]
+            last = np.full(ds.num_users + 1, -1, dtype=np.int64)
+            np.maximum.at(last, ds.user[order][is_t], np.flatnonzero(is_t))
+            order = order[np.arange(len(order)) <= last[ds.user[order]]]
         self.event_rows = order.astype(np.int64)
         self.hold_out = bool(hold_out)
         self.users_sorted = ds.user[order]
         self.items = ds.item[order].astype(np.int64)
         self.timestamps = ds.timestamp[order].astype(np.float64)
         self.ratings = None if ds.rating is None else ds.rating[order].astype(np.float32)
+        self.is_target = np.ones(len(order), dtype=bool) if self.target_items is None else target[self.items]
         counts = np.bincount(ds.user[order], minlength=ds.num_users + 1).astype(np.int64)
         self.user_offsets = _offsets(counts)
-        if hold_out:
+        if not hold_out:
+            self.train_len = counts
+            self.eval_users = np.zeros(0, dtype=np.int64)
+        elif self.target_items is None:
             self.train_len = np.where(counts >= 3, counts - 2, counts)
             self.eval_users = np.nonzero(counts >= 3)[0].astype(np.int64)
         else:
-            self.train_len = counts
-            self.eval_users = np.zeros(0, dtype=np.int64)
+            t_pos = np.flatnonzero(self.is_target)                       # target events, grouped by user
+            t_count = np.bincount(self.users_sorted[t_pos], minlength=ds.num_users + 1).astype(np.int64)
+            t_end = np.cumsum(t_count)              # user u's target events: t_pos[t_end[u] - t_count[u]:t_end[u]]
+            self.eval_users = np.nonzero(t_count >= 3)[0].astype(np.int64)
+            self.train_len = counts.copy()
+            valid_pos = t_pos[t_end[self.eval_users] - 2]                # the second-last target event
+            self.train_len[self.eval_users] = valid_pos - self.user_offsets[self.eval_users]
+        # each user's validation / test event, relative to the user's first event (eval_users only)
+        self._stage_offset = {"valid": self.train_len.copy(), "test": self.train_len + 1}
+        if hold_out and self.target_items is not None:
+            self._stage_offset["test"][self.eval_users] = counts[self.eval_users] - 1  # the last event: a target
 
     # ----------------------------------------------------------------- views
 
@@ -90,7 +124,7 @@ class LeaveOneOutSplit:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         if not self.hold_out:
             raise ValueError("this split holds out no validation or test events (hold_out=False)")
-        return self.user_offsets[users] + self.train_len[users] + (1 if stage == "test" else 0)
+        return self.user_offsets[users] + self._stage_offset[stage][users]
 
     def train_positions(self) -> np.ndarray:
         """[N_train] positions (into the sorted arrays) of all training events."""
@@ -120,8 +154,9 @@ class LeaveOneOutSplit:
         if not self.hold_out:
             return (f"LeaveOneOutSplit({self.dataset.name}: {int(self.train_len.sum())} train events, "
                     "no held-out events)")
+        domain = "" if self.target_items is None else f", ranked among {int(self.target_items.sum())} target items"
         return (f"LeaveOneOutSplit({self.dataset.name}: {int(self.train_len.sum())} train events, "
-                f"{len(self.eval_users)} validation / test users)")
+                f"{len(self.eval_users)} validation / test users{domain})")
 
 
 def leave_one_out(dataset: Dataset) -> LeaveOneOutSplit:
@@ -162,6 +197,9 @@ class ColdItemSplit:
         share = float(share)
         if not 0.0 < share < 1.0:
             raise ValueError(f"cold share must lie in (0, 1), got {share}")
+        if dataset.target_items is not None:
+            raise ValueError(f"the cold-item split does not take a target-domain data set ({dataset.name!r} has "
+                             "target_items); use the leave-one-out split")
         if int(seed) != seed:
             raise ValueError(f"cold seed must be an integer, got {seed!r}")
         self.dataset, self.share, self.seed = dataset, share, int(seed)

@@ -12,6 +12,10 @@ Every protocol evaluates cases, an event at a (user, position) pair given the us
 (:func:`evaluate_model`, :func:`evaluate_split`), the cold-item split one per event on a cold item
 (:func:`evaluate_cases`, :func:`evaluate_cold`).
 
+A split of a target-domain data set (``split.dataset.target_items`` set; docs/protocol.md, "Genre domains
+(cross-domain)") ranks each target among the target items only (:func:`target_ranks_within`): other items
+never enter a top-k nor count in a rank, in every protocol here and in the popularity floor.
+
 Under torch.distributed every process evaluates a contiguous part of the cases and the parts are
 gathered, so each case is ranked exactly once and every process gets the same metrics.
 """
@@ -23,13 +27,68 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import ops
 from ..data import TokenBuilder
 from ..distributed import all_gather_rows, rank, world_size
+from ..nn.sharded import ShardedRows
 from .metrics import DEFAULT_KS, auc, gauc, mae, ndcg_at_k, ranking_metrics, rmse
 
 
 def _nan_to_none(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def target_ranks_within(scorer, queries: torch.Tensor, item_rep: torch.Tensor, targets: torch.Tensor,
+                        history_items: torch.Tensor, history_offsets: torch.Tensor, allowed: torch.Tensor,
+                        mask_history: bool = True, kmax: int = 20) -> torch.Tensor:
+    """:meth:`unirec.models.Scorer.target_ranks` with the catalogue restricted to the ``allowed`` items.
+
+    queries [B, D]; item_rep [N + 1, D]; targets [B] int64 1-based, each allowed; history CSR (items [H],
+    offsets [B + 1]) of the events before each target (items of any domain: their recency still sets the
+    repeat offsets); allowed: [N + 1] bool (row 0 False). rank = 1 + #{allowed unseen items scoring >= the
+    target} + (unmasked) #{other allowed history items scoring >= it}, pessimistic, clipped at kmax + 1.
+    Returns [B] int64.
+    """
+    if isinstance(item_rep, ShardedRows):
+        raise NotImplementedError("ranking among target items does not take a sharded item table (shard_items)")
+    dev = queries.device
+    allowed = allowed.to(dev)
+    if targets.numel() and not bool(allowed[targets].all()):
+        bad = targets[~allowed[targets]][:5].tolist()
+        raise ValueError(f"targets {bad} are not target items: they cannot be ranked among the target items")
+    ids = allowed.nonzero().view(-1)                                         # [T] 1-based allowed items
+    place = torch.full((allowed.numel(),), -1, dtype=torch.int64, device=dev)
+    place[ids] = torch.arange(ids.numel(), device=dev)                       # item -> 0-based row of ids
+    t_score = scorer.item_scores(queries, item_rep, targets.view(-1, 1), history_items, history_offsets)[:, 0]
+    # exclusions of each row (0-based rows of ids): its allowed history items, then its target
+    B = targets.numel()
+    h_place = place[history_items]
+    h_row = torch.repeat_interleave(torch.arange(B, device=dev), torch.diff(history_offsets),
+                                    output_size=history_items.numel())
+    ok = h_place >= 0
+    lens = torch.bincount(h_row[ok], minlength=B) + 1
+    ex_off = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(lens, 0, out=ex_off[1:])
+    ex_idx = torch.empty(int(ex_off[-1]), dtype=torch.int64, device=dev)
+    is_target = torch.zeros_like(ex_idx, dtype=torch.bool)
+    is_target[ex_off[1:] - 1] = True
+    ex_idx[is_target] = place[targets]
+    ex_idx[~is_target] = h_place[ok]                                         # h_row is sorted: rows stay in order
+    k = min(kmax + 1, ids.numel())
+    vals, idx = ops.topk_scores(queries.float(), item_rep[ids].float(), k, exclude_offsets=ex_off,
+                                exclude_indices=ex_idx, impl=ops.resolve_impl(scorer.impl, "retrieval"))
+    ahead = ((vals >= t_score.view(-1, 1)) & (idx >= 0)).sum(1)
+    if not mask_history and history_items.numel():
+        r, it, hs = scorer.history_scores(queries, item_rep, history_items, history_offsets)
+        other = (it != targets[r]) & allowed[it]
+        ahead = ahead.index_add(0, r[other], (hs[other] >= t_score[r[other]]).long())
+    return torch.clamp(1 + ahead, max=kmax + 1)
+
+
+def _target_mask(split, device) -> Optional[torch.Tensor]:
+    """The [N + 1] bool target items of a target-domain split, on ``device``; None for any other split."""
+    target = getattr(split.dataset, "target_items", None)
+    return None if target is None else torch.from_numpy(np.asarray(target, dtype=bool)).to(device)
 
 
 def _run_cases(model, builder, users: np.ndarray, positions: np.ndarray, item_rep, *, batch_size: int, device,
@@ -39,8 +98,10 @@ def _run_cases(model, builder, users: np.ndarray, positions: np.ndarray, item_re
     Under torch.distributed each process takes a contiguous part of the cases and every process runs
     as many batches (a sharded model makes collectives in each); the results are gathered.
     Returns (ranks [n] int64 or None without ``rank_kw`` (the keyword arguments of
-    ``Scorer.target_ranks``), preds [rating, like, label, user] tensors [n] or None).
+    ``Scorer.target_ranks``), preds [rating, like, label, user] tensors [n] or None). A target-domain
+    split ranks among its target items (:func:`target_ranks_within`).
     """
+    allowed = _target_mask(builder.split, device)
     world = world_size()
     idx = np.arange(len(users))
     part = np.array_split(idx, world)[rank()]
@@ -52,8 +113,12 @@ def _run_cases(model, builder, users: np.ndarray, positions: np.ndarray, item_re
         b = builder.case_batch(users[chunk], positions[chunk]).to(device)
         p = model.predict(b, item_rep)
         if rank_kw is not None:
-            r = model.scorer.target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
-                                          b.history_offsets, **rank_kw)
+            if allowed is None:
+                r = model.scorer.target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
+                                              b.history_offsets, **rank_kw)
+            else:
+                r = target_ranks_within(model.scorer, p["queries"], p["item_rep"], b.targets, b.history_items,
+                                        b.history_offsets, allowed, **rank_kw)
             ranks.append(r.cpu())
         if "rating" in p and b.cand_ratings is not None:
             rows.append((p["rating"].cpu(), p["like"].cpu(), b.cand_ratings.cpu(), b.users.cpu()))
@@ -105,6 +170,8 @@ def evaluate_model(model, builder, stage: str = "test", *, mask_history: bool = 
             preds[st] = p
     out: Dict[str, object] = dict(ranking_metrics(all_ranks, ks))
     out.update(num_users=int(len(users)), mask_history=bool(mask_history), stage=stage)
+    if split.dataset.target_items is not None:
+        out.update(num_ranked_items=int(split.dataset.target_items.sum()))
     if split.ratings is not None and len(users):
         out.update(feedback_metrics(all_ranks, split.ratings[split.stage_positions(stage, users)]))
     if stage in preds:
@@ -148,6 +215,8 @@ def evaluate_cases(model, builder, users, positions, *, stage: str = "cases", ma
     out: Dict[str, object] = dict(ranking_metrics(ranks, ks))
     out.update(num_cases=int(len(users)), mask_history=bool(mask_history), stage=stage)
     split = builder.split
+    if split.dataset.target_items is not None:
+        out.update(num_ranked_items=int(split.dataset.target_items.sum()))
     if split.ratings is not None and len(users):
         out.update(feedback_metrics(ranks, split.ratings[positions]))
     if preds is not None:
@@ -218,9 +287,12 @@ def evaluate_cold(model, cold, batch_size: int = 256, device="cpu", test: bool =
 
 
 def popularity_baseline(split, stage: str = "test", mask_history: bool = True, ks: Sequence[int] = DEFAULT_KS):
-    """Ranking metrics of scoring items by training popularity (a sanity floor for any model)."""
+    """Ranking metrics of scoring items by training popularity (a sanity floor for any model); a
+    target-domain split ranks among its target items (the others score -inf)."""
     from .metrics import evaluate_full_ranking
     pop = torch.from_numpy(split.item_popularity().astype(np.float32))
+    if split.dataset.target_items is not None:
+        pop[torch.from_numpy(~np.asarray(split.dataset.target_items, dtype=bool))] = float("-inf")
     targets = torch.from_numpy(split.targets(stage))
     hi, ho = split.history(stage)
     scores = lambda s, e: pop.expand(e - s, -1)  # noqa: E731
@@ -241,8 +313,10 @@ def format_metrics(metrics: dict) -> str:
         if all(v is None for v in vals):
             continue
         lines.append(f"{key:<16}" + "".join(f"{v:>15.4f}" if isinstance(v, float) else f"{'-':>15}" for v in vals))
+    ranked = next((metrics[c]["num_ranked_items"] for c, _ in cols if "num_ranked_items" in metrics[c]), None)
+    catalogue = "full-catalogue ranking" if ranked is None else f"ranking among the {ranked} target-domain items"
     if any(c in metrics for c in ("valid", "test")):
-        lines.append("history masked: valid yes, test yes, test unmasked no; ties pessimistic; full-catalogue ranking")
+        lines.append(f"history masked: valid yes, test yes, test unmasked no; ties pessimistic; {catalogue}")
     if any(c in metrics for c in ("cold_valid", "cold_test")):
         n = {c: metrics[c].get("num_cases") for c in ("cold_valid", "cold_test") if c in metrics}
         lines.append("cold items: each event on a cold item (never trained on) ranked given the user's earlier "

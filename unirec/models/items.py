@@ -172,10 +172,27 @@ class ItemEncoder(nn.Module):
         if config.text:
             sources.append(TextAdapter(rows, text_width(config.text_model), config.dim, config.text_experts))
         self.sources = nn.ModuleList(sources)
-        self.tables = sources[0] if sizes else None
-        self.text = sources[-1] if config.text else None
+        self._has_tables, self._has_text = bool(sizes), bool(config.text)
+        self._register_load_state_dict_pre_hook(self._drop_aliases)
         self.fusion = TableMix(len(sizes) + (1 if config.text else 0), config.feature_mix, config.dim)
         self.id_dropout = config.item_id_dropout if self.with_ids and len(sizes) + bool(config.text) > 1 else 0.0
+
+    @property
+    def tables(self) -> Optional[AttributeTables]:
+        """The id + attribute tables (``sources[0]``), or None. A property, not a second registered name,
+        so that the state dict holds each table once."""
+        return self.sources[0] if self._has_tables else None
+
+    @property
+    def text(self) -> Optional[TextAdapter]:
+        """The text adapter (``sources[-1]``), or None."""
+        return self.sources[-1] if self._has_text else None
+
+    @staticmethod
+    def _drop_aliases(state, prefix, *args):
+        # Checkpoints written while the sources were registered under two names hold each table twice.
+        for key in [k for k in state if k.startswith((prefix + "tables.", prefix + "text."))]:
+            del state[key]
 
     def set_bags(self, item_features) -> None:
         """Fills the id (+ attribute) bags from a :class:`unirec.data.FeatureTable` (None: ids only)."""

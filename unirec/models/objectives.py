@@ -160,6 +160,8 @@ class Retrieval(nn.Module):
         i_ = ar.view(1, -1, 1)
         j_ = ar.view(1, 1, -1)
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
+        if self.allowed_items is not None:  # history items outside a restricted softmax add no mass to it
+            pair = pair & torch.isin(it, self.allowed_items.to(dev)).unsqueeze(1)
         beta = enc.repeat_offsets[recency_bucket(i_ - j_, self.num_buckets, self.max_len)]
         rows = valid & (nxt > 0)                                                 # tokens with a target
         z_t = (h * item_rows(rep, nxt)).sum(-1)                                 # [B, L]

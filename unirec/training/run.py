@@ -9,11 +9,12 @@ from typing import Callable, Optional
 import torch
 
 from .. import distributed
-from ..data import DataConfig, TokenBuilder, TrainBatches, cold_item_split, leave_one_out, load_dataset
+from ..data import DataConfig, TokenBuilder, TrainBatches, cold_item_split, leave_one_out, load_dataset, training_users
 from ..evaluation import evaluate_cases, evaluate_cold, evaluate_model, evaluate_split
 from ..models import ModelConfig, UniRec
 from ..models.objectives import restrict_training_items
-from ..runs import Run, RunConfig, TrainConfig, default_run_dir, write_atomic
+from ..models.transfer import FinetuneSpec, build_finetuned, parameter_counts
+from ..runs import Run, RunConfig, TrainConfig, default_run_dir, open_base, write_atomic
 from .trainer import Trainer
 
 PROTOCOL = {"split": "leave-one-out by time", "ranking": "full catalogue", "ties": "pessimistic",
@@ -66,13 +67,18 @@ def init_from_run(model: UniRec, run_dir) -> tuple:
 def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Optional[Path] = None,
               resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
               on_validation: Optional[Callable[[int, float], None]] = None, final_test: bool = True,
-              impl: str = "auto", arm: Optional[str] = None, results_file: Optional[Path] = None) -> dict:
+              impl: str = "auto", arm: Optional[str] = None, results_file: Optional[Path] = None,
+              finetune: Optional[FinetuneSpec] = None) -> dict:
     """Loads data, trains (or resumes), evaluates, writes the run folder; returns the metrics dict.
 
     ``on_validation(epoch, val_ndcg10)``: called after each validation (see ``Trainer.fit``).
     ``final_test=False`` evaluates the best model on validation only (hyper-parameter search) and
     appends no result line. ``impl``: the kernel backend of every op (not saved with the run).
     ``arm``: the name of the run in the results file (default: the folder's name).
+    ``finetune``: fine-tune the base run it names (:mod:`unirec.models.transfer`) instead of starting
+    fresh: the model is the base's, transferred to ``data`` and set up for the method; the folder keeps
+    only what trains. ``train_cfg.user_share`` < 1 trains on that share of the users
+    (:func:`unirec.data.training_users`); every user is still evaluated.
 
     Under torch.distributed (:func:`unirec.distributed.init_from_env`) every process calls it: they
     train data-parallel (:class:`Trainer`), evaluate their parts of the users, and rank 0 alone
@@ -100,20 +106,36 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         train_split = cold_split.train
     else:
         split = train_split = leave_one_out(ds)
+    transfer = None
     if resume:
         run = Run.open(run_dir)
+        if run.config.finetune is not None:
+            raise ValueError(f"{run_dir}: a fine-tuned run does not resume; fine-tune again")
         model = run.load_model(impl)
+    elif finetune is not None:
+        base = open_base(finetune)
+        model, transfer = build_finetuned(base.load_model(impl, merge=False), base.load_dataset(), ds, finetune,
+                                          model_cfg, impl)
+        log(f"fine-tuning {finetune.base} ({finetune.method}): {transfer['matched_items']} of {ds.num_items} items "
+            f"matched a base item, features {transfer['features']}" +
+            (f"; starting fresh: {transfer['fresh']}" if transfer["fresh"] else ""))
+        run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or "", finetune)) if main else None
     else:
         model = UniRec.from_dataset(ds, model_cfg, impl)
         if train_cfg.init_from:
             n, total = init_from_run(model, train_cfg.init_from)
             log(f"initialised {n} of {total} parameter tensors from {train_cfg.init_from}")
         run = Run.create(run_dir, RunConfig(data, model.config, train_cfg, arm or "")) if main else None
+    counts = parameter_counts(model)
     log(f"run folder {run_dir}; {ds.name}: {ds.num_users} users, {ds.num_items} items, "
-        f"{ds.num_interactions} events; {sum(p.numel() for p in model.parameters()):,} parameters")
+        f"{ds.num_interactions} events; {counts['total']:,} parameters, {counts['trainable']:,} trained")
     builder = TokenBuilder.for_config(train_split, model.config)
+    users = None
+    if train_cfg.user_share < 1:
+        users = training_users(train_split.train_len, train_cfg.user_share, train_cfg.user_seed)
+        log(f"training on {len(users)} users ({train_cfg.user_share:g} of those with training events)")
     batches = TrainBatches(builder, train_cfg.batch_size, model.needs_candidates, train_cfg.seed, train_cfg.windows,
-                           train_cfg.augment_data)
+                           train_cfg.augment_data, users)
 
     if cold:
         log(repr(cold_split))
@@ -125,6 +147,9 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             return evaluate_cases(model, eval_builder, *valid_cases, stage="cold_valid",
                                   batch_size=train_cfg.eval_batch_size, device=train_cfg.device)
     else:
+        if ds.target_items is not None:  # a target domain (unirec.data.domains): its items alone in the softmax
+            restrict_training_items(model, torch.from_numpy(ds.target_items).nonzero().view(-1))
+
         def validate():
             return evaluate_model(model, builder, "valid", batch_size=train_cfg.eval_batch_size,
                                   device=train_cfg.device)
@@ -150,10 +175,16 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         protocol = dict(PROTOCOL, like=f"rating >= {model.config.like_threshold}")
         if not final_test:
             protocol.update(test_mask_history=None, test_unmasked_mask_history=None)
-    metrics.update(best_epoch=trainer.state["best_epoch"], epochs_run=trainer.state["epoch"],
+    best = trainer.state["best_epoch"]
+    metrics.update(best_epoch=best, epochs_run=trainer.state["epoch"],
                    stopped=trainer.state["stopped"], history=history,
-                   train_seconds=sum(h["seconds"] for h in history), total_seconds=time.perf_counter() - t0,
-                   protocol=protocol)
+                   train_seconds=sum(h["seconds"] for h in history),
+                   seconds_to_best=sum(h["seconds"] for h in history if h["epoch"] <= best),
+                   total_seconds=time.perf_counter() - t0, parameters=counts, protocol=protocol)
+    if transfer is not None:
+        metrics["transfer"] = {k: transfer[k] for k in ("matched_items", "num_items", "features", "fresh")}
+    if (run_dir / "model.pt").exists():
+        metrics["checkpoint_bytes"] = (run_dir / "model.pt").stat().st_size
     run.write_metrics(metrics)
     run.save_ranks(ranks)
     if final_test:
