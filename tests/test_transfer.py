@@ -224,7 +224,7 @@ def test_pretrain_finetune_evaluate_serve_end_to_end(tmp_path):
     main(["train", *syn, "--dim", "16", "--blocks", "1", "--max-len", "12", "--text", "random", *common,
           "--out", str(base_dir)])
     main(["finetune", str(base_dir), *syn[:-2], "--synthetic-length", "8", "--method", "lora+adapter",
-          "--lora-rank", "2", "--lora-ffn", "--user-share", "0.5", *common, "--out", str(ft_dir)])
+          "--lora-rank", "2", "--lora-ffn", "--user-share", "0.5", "--lr", "3e-3", "--batch-size", "16", *common, "--out", str(ft_dir)])
     run = Run.open(ft_dir)
     metrics = json.loads((ft_dir / "metrics.json").read_text())
     assert run.config.finetune.method == "lora+adapter" and run.config.train.user_share == 0.5
@@ -240,6 +240,12 @@ def test_pretrain_finetune_evaluate_serve_end_to_end(tmp_path):
     pm, pu = merged.predict(b), unmerged.predict(b)
     torch.testing.assert_close(pm["queries"], pu["queries"], atol=1e-5, rtol=0)
     torch.testing.assert_close(pm["item_rep"], pu["item_rep"], atol=1e-5, rtol=0)
+    # serving loads base + adapter, LoRA merged into the weights
+    from unirec.nn.lora import LoRALinear
+    from unirec.serving.engine import load_run
+    served, _, version = load_run(ft_dir)
+    layers = [m for m in served.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(m.merged for m in layers) and version.startswith("ft@")
     # a fresh process loads it and evaluates to the recorded metrics
     code = ("import json,sys; from unirec.runs import Run; from unirec.evaluation import evaluate_split; "
             f"r = Run.open({str(ft_dir)!r}); m, _ = evaluate_split(r.load_model(), r.load_split()); "

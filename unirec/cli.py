@@ -454,11 +454,11 @@ def cmd_finetune(args) -> int:
     bt = base.config.train
     given = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
              "user_share": args.user_share, "user_seed": args.user_seed}
-    tc = TrainConfig(epochs=args.epochs, batch_size=bt.batch_size, lr=bt.lr, weight_decay=bt.weight_decay,
-                     warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
+    opt = {"batch_size": bt.batch_size, "lr": bt.lr, "weight_decay": bt.weight_decay}  # the base's, unless given
+    opt.update({k: v for k, v in given.items() if v is not None})
+    tc = TrainConfig(epochs=args.epochs, warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                      time_budget_s=args.time_budget or None,
-                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                     **{k: v for k, v in given.items() if v is not None})
+                     device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), **opt)
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     metrics = train_run(data, cfg, tc, run_dir, progress=not args.no_progress, impl=args.impl,
