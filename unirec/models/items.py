@@ -176,6 +176,33 @@ class ItemEncoder(nn.Module):
         self._register_load_state_dict_pre_hook(self._drop_aliases)
         self.fusion = TableMix(len(sizes) + (1 if config.text else 0), config.feature_mix, config.dim)
         self.id_dropout = config.item_id_dropout if self.with_ids and len(sizes) + bool(config.text) > 1 else 0.0
+        self.id_lora = None  # a LoRARows update of the id table (add_id_lora), for fine-tuning
+
+    def add_id_lora(self, rank: int, alpha: Optional[float] = None) -> None:
+        """Adds a rank-``rank`` LoRA update of the item id table (:class:`unirec.nn.lora.LoRARows`):
+        r parameters per item and one shared [r, D], the id table itself frozen or not by the caller."""
+        from ..nn.lora import LoRARows
+        if not self.with_ids:
+            raise ValueError("the model has no item id table to adapt (use_item_ids=False)")
+        self.id_lora = LoRARows(self.tables.num_entities, self.tables.tables.dim, rank, alpha).to(
+            self.tables.tables.weight.device)
+
+    def _id_rows(self) -> torch.Tensor:
+        w, off = self.tables.tables.weight, self.tables.tables.table_offsets
+        return w[int(off[0]):int(off[1])]  # the id table is table 0
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Folds the id table's LoRA update into the table (serving: no extra work per call)."""
+        if self.id_lora is not None and not self.id_lora.merged:
+            self._id_rows().add_(self.id_lora.delta().to(self.tables.tables.weight.dtype))
+            self.id_lora.merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        if self.id_lora is not None and self.id_lora.merged:
+            self._id_rows().sub_(self.id_lora.delta().to(self.tables.tables.weight.dtype))
+            self.id_lora.merged = False
 
     @property
     def tables(self) -> Optional[AttributeTables]:
@@ -213,6 +240,9 @@ class ItemEncoder(nn.Module):
 
     def forward(self) -> torch.Tensor:
         pooled = [s() for s in self.sources]
+        if self.id_lora is not None and not self.id_lora.merged:  # item i's id bag is row i alone
+            p = pooled[0]
+            pooled[0] = torch.cat([p[:, :1] + self.id_lora.delta().to(p.dtype).unsqueeze(1), p[:, 1:]], 1)
         if self.training and self.id_dropout > 0:
             # no rescaling: an item keeps its whole id row at inference, and a new item has none
             n, T = pooled[0].shape[:2]

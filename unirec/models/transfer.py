@@ -15,7 +15,8 @@ Users need not overlap: the profile is built from the users' attributes, never t
   Transformer frozen;
 - "adapter": the text adapter only (UniSRec's parameter-efficient mode);
 - "lora": rank-r LoRA updates of the attention projections (and of the feed-forward layers with
-  ``lora_ffn``), nothing else;
+  ``lora_ffn``) and of the item id table (:class:`unirec.nn.lora.LoRARows`: r numbers per item, so
+  that items can move where the new data puts them), nothing else;
 - "lora+adapter": LoRA and the text adapter.
 """
 from __future__ import annotations
@@ -31,8 +32,6 @@ from ..nn.lora import add_lora
 METHODS = ("full", "frozen", "adapter", "lora", "lora+adapter")
 LORA_ATTENTION = ("attn.qkv", "attn.out")
 LORA_FFN = ("ffn.0", "ffn.3")
-# Per-entity state: rows follow the data set, filled by matching (tables) or from the data (bags, text).
-_ENTITY_PREFIXES = ("items.sources.0.", "items.text.vectors", "profile.attributes.")
 
 
 @dataclass
@@ -100,9 +99,15 @@ def transfer_weights(base_model, base_ds, model, ds) -> Dict[str, object]:
     anew, "matched_items", "num_items", "features": {target feature: base feature or None}}."""
     from ..data.matching import match_items, match_values, matching_feature
     own, base = model.state_dict(), base_model.state_dict()
+    # per-entity state, whose rows follow the data set: the tables (mapped below), bags and text vectors
+    entity = ["profile.attributes."]
+    if model.items.tables is not None:
+        entity.append("items.sources.0.")
+    if model.items.text is not None:
+        entity.append(f"items.sources.{len(model.items.sources) - 1}.vectors")
     copied, fresh = 0, []
     for name, value in own.items():
-        if name.startswith(_ENTITY_PREFIXES):
+        if name.startswith(tuple(entity)):
             continue
         if name in base and base[name].shape == value.shape:
             value.copy_(base[name])
@@ -150,6 +155,8 @@ def apply_method(model, spec: FinetuneSpec) -> List[str]:
                          "(pretrain it with --text)")
     if spec.uses_lora:
         add_lora(model.stream, LORA_ATTENTION + (LORA_FFN if spec.lora_ffn else ()), spec.lora_rank, spec.lora_alpha)
+        if getattr(model.items, "with_ids", False):
+            model.items.add_id_lora(spec.lora_rank, spec.lora_alpha)
     text_prefix = "items.sources.%d." % (len(model.items.sources) - 1)
     for name, p in model.named_parameters():
         lora = ".lora_" in name

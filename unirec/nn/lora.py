@@ -69,6 +69,27 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
 
+class LoRARows(nn.Module):
+    """A rank-``rank`` update of an embedding table's ``rows`` x ``dim`` rows (LoRA on an embedding, as
+    peft adapts one): delta = scale * A B, A [rows, r] starting at zero (so the table starts as its
+    base), B [r, dim] Gaussian; row 0 (padding) stays zero. Few parameters per row (r), one shared
+    [r, dim]: each row moves in a learned r-dimensional subspace."""
+
+    def __init__(self, rows: int, dim: int, rank: int, alpha: float = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.rank, self.scale = rank, (alpha if alpha is not None else rank) / rank
+        self.lora_a = nn.Parameter(torch.zeros(rows, rank))
+        self.lora_b = nn.Parameter(torch.randn(rank, dim))
+        self.merged = False
+
+    def delta(self) -> torch.Tensor:
+        """[rows, dim] the update, row 0 zero."""
+        d = self.scale * (self.lora_a @ self.lora_b)
+        return torch.cat([d.new_zeros(1, d.shape[1]), d[1:]])
+
+
 def add_lora(module: nn.Module, targets: Iterable[str], rank: int, alpha: float = None) -> List[str]:
     """Replaces each ``nn.Linear`` of ``module`` whose name ends with one of ``targets`` (e.g. "attn.qkv",
     "ffn.0") by a :class:`LoRALinear` over the same weights; returns the replaced names (ValueError when
@@ -84,16 +105,24 @@ def add_lora(module: nn.Module, targets: Iterable[str], rank: int, alpha: float 
     return names
 
 
+def _mergeable(module: nn.Module):
+    """The modules of ``module`` that fold a low-rank update into their weights: LoRALinear layers and
+    modules with ``merge_lora`` / ``unmerge_lora`` methods (the item encoder's id table)."""
+    return [m for m in module.modules() if isinstance(m, LoRALinear) or hasattr(m, "merge_lora")]
+
+
 def merge_lora(module: nn.Module) -> int:
-    """Merges every LoRALinear of ``module`` (see :meth:`LoRALinear.merge`); returns how many."""
-    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    """Merges every LoRA update of ``module`` into its base weights (see :meth:`LoRALinear.merge`);
+    returns how many modules merged."""
+    layers = _mergeable(module)
     for m in layers:
-        m.merge()
+        m.merge() if isinstance(m, LoRALinear) else m.merge_lora()
     return len(layers)
 
 
 def unmerge_lora(module: nn.Module) -> int:
-    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    """Takes every merged LoRA update of ``module`` back out of its base weights."""
+    layers = _mergeable(module)
     for m in layers:
-        m.unmerge()
+        m.unmerge() if isinstance(m, LoRALinear) else m.unmerge_lora()
     return len(layers)
