@@ -150,6 +150,8 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
 
 
 def _add_share_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS",
+                   help="validate every this many epochs (early stopping counts validations) (default: 1)")
     t.add_argument("--user-share", type=float, default=None, metavar="SHARE",
                    help="train on this share (0, 1] of the users, drawn with --user-seed; every user is still "
                         "evaluated (default: 1)")
@@ -397,7 +399,7 @@ def cmd_train(args) -> int:
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
              "time_budget_s": args.time_budget, "windows": args.windows, "split": args.split,
              "cold_share": args.cold_share, "cold_seed": args.cold_seed, "user_share": args.user_share,
-             "user_seed": args.user_seed}
+             "user_seed": args.user_seed, "eval_every": args.eval_every}
     opt.update({k: v for k, v in given.items() if v is not None})
     if args.init is not None:
         opt["init_from"] = str(args.init)
@@ -453,7 +455,7 @@ def cmd_finetune(args) -> int:
         raise SystemExit(f"--set: {exc}") from None
     bt = base.config.train
     given = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-             "user_share": args.user_share, "user_seed": args.user_seed}
+             "user_share": args.user_share, "user_seed": args.user_seed, "eval_every": args.eval_every}
     opt = {"batch_size": bt.batch_size, "lr": bt.lr, "weight_decay": bt.weight_decay}  # the base's, unless given
     opt.update({k: v for k, v in given.items() if v is not None})
     tc = TrainConfig(epochs=args.epochs, warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
