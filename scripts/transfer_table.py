@@ -2,10 +2,10 @@
 
 usage: python scripts/transfer_table.py ROOT [--records FILE] [--setting NAME]
 
-Every run folder under ROOT (written by `unirec train` / `unirec finetune` with --arm as above and
-seeds 0, 1, 2) is grouped by (method, share, candidate). Each method's candidate at each share is
-the one with the best mean validation NDCG@10 over its seeds (the same rule and the same number of
-candidates for every method, "scratch" included). Prints a markdown table (test NDCG@10 mean and
+Every run folder under ROOT (written by `unirec train` / `unirec finetune` with --arm as above) is
+grouped by (method, share, candidate). Each method's candidate at each share is the one with the best
+seed-0 validation NDCG@10 (the same rule and the same number of candidates for every method,
+"scratch" included); its runs of every seed are reported. Prints a markdown table (test NDCG@10 mean and
 standard deviation over seeds, trainable and total parameters, seconds to the best epoch, weights
 file size) and, for each share, the paired interval (users x seeds, `unirec compare`) of each
 method against "scratch"; --records appends one JSON line per (method, share) to FILE.
@@ -33,8 +33,12 @@ for cfg in sorted(Path(args.root).glob("*/config.json")):
     c, m = json.loads(cfg.read_text()), json.loads((run / "metrics.json").read_text())
     if "test" not in m:
         continue
-    method, cand, share = c["arm"].rsplit("-", 2)[0].split("-", 1)[0], c["arm"].rsplit("-", 2)[1], \
-        float(c["arm"].rsplit("-", 1)[1])
+    try:
+        method, cand, share = c["arm"].rsplit("-", 2)
+        share = float(share)
+    except ValueError:
+        print(f"skipped {run}: arm {c['arm']!r} is not <method>-<candidate>-<share>", file=sys.stderr)
+        continue
     groups[(method, share, cand)].append(dict(run=str(run), seed=c["train"]["seed"], valid=m["valid"]["ndcg@10"],
                                               test=m["test"]["ndcg@10"], hr=m["test"]["hr@10"],
                                               params=m.get("parameters") or {}, to_best=m.get("seconds_to_best"),
@@ -42,7 +46,10 @@ for cfg in sorted(Path(args.root).glob("*/config.json")):
 
 best = {}
 for (method, share, cand), runs in groups.items():
-    score = st.mean(r["valid"] for r in runs)
+    seed0 = [r["valid"] for r in runs if r["seed"] == 0]
+    if not seed0:
+        continue
+    score = seed0[0]
     if (method, share) not in best or score > best[(method, share)][0]:
         best[(method, share)] = (score, cand, sorted(runs, key=lambda r: r["seed"]))
 
@@ -66,8 +73,10 @@ for method in sorted({m for m, _ in best}, key=lambda m: order.index(m) if m in 
                    params=runs[0]["params"], seconds_to_best=st.mean(r["to_best"] or 0 for r in runs),
                    weights_bytes=runs[0]["bytes"])
         if method != "scratch" and ("scratch", share) in best:
-            base = best[("scratch", share)][2]
-            cmp = compare_runs([r["run"] for r in runs], [r["run"] for r in base], metrics=("ndcg@10",))
+            seeds = {r["seed"] for r in runs}
+            base = [r for r in best[("scratch", share)][2] if r["seed"] in seeds]
+            runs_paired = [r for r in runs if r["seed"] in {b["seed"] for b in base}]
+            cmp = compare_runs([r["run"] for r in runs_paired], [r["run"] for r in base], metrics=("ndcg@10",))
             d = cmp["metrics"]["ndcg@10"]
             rel = d["relative"] if d["relative"] is not None else float("nan")
             vs = f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({rel:+.1%})"

@@ -47,6 +47,15 @@ def _data_config(args):
     return DataConfig(args.data, domain)
 
 
+def _apply_sets(d: dict, settings: List[str]) -> None:
+    """Applies each --set KEY=VALUE to the config dict ``d`` (values parsed as JSON when they are)."""
+    for kv in settings:
+        if "=" not in kv:
+            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        d[k] = _parse_value(v)
+
+
 def _parse_value(v: str):
     try:
         return json.loads(v)
@@ -380,11 +389,7 @@ def cmd_train(args) -> int:
         raise SystemExit("--text-template needs --text")
     if args.no_item_ids:
         d["use_item_ids"] = False
-    for kv in args.set:
-        if "=" not in kv:
-            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        d[k] = _parse_value(v)
+    _apply_sets(d, args.set)
     if args.command == "pretrain":  # self-supervised objectives only, unless --objective says otherwise
         d["objectives"] = dict(PRETRAIN_OBJECTIVES)
     d["objectives"] = _objective_weights(d["objectives"], args.objective)
@@ -444,11 +449,7 @@ def cmd_finetune(args) -> int:
     spec = FinetuneSpec(str(base.path.resolve()), weights_sha256(base.path), args.method, args.lora_rank,
                         args.lora_alpha, args.lora_ffn)
     d = base.model_spec()[0].to_dict()
-    for kv in args.set:
-        if "=" not in kv:
-            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        d[k] = _parse_value(v)
+    _apply_sets(d, args.set)
     try:
         cfg = ModelConfig.from_dict(d)
     except (TypeError, ValueError) as exc:
