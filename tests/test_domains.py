@@ -387,3 +387,40 @@ def test_cli_train_on_domain_b(tmp_path, capsys):
     assert f"ranking among the {n_b} target-domain items" in capsys.readouterr().out  # the table says so
     assert main(["evaluate", str(out), "--json", "--no-record"]) == 0  # the run reloads its domain
     assert f'"num_ranked_items": {n_b}' in capsys.readouterr().out
+
+
+def test_recommend_and_serve_a_domain_run_answer_from_its_domain(tmp_path, capsys):
+    """`unirec recommend` and the service rank the target domain's items alone, as evaluation does, even
+    when the other domain's items would score far above them."""
+    from unirec.cli import _top_for_user, main
+    from unirec.serving.engine import RecommendJob, Recommender, load_run
+    from unirec.serving.store import EventStore
+    data = tmp_path / "toy"
+    write_atomic(data)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--domain", "B", *TINY_MODEL, "--epochs", "1", "--max-len", "16",
+                 "--out", str(out)]) == 0
+    model, split, version = load_run(out)
+    ds = split.dataset
+    target = set(np.flatnonzero(ds.target_items).tolist())
+    with torch.no_grad():  # the A items pushed along every user's state: a whole-catalogue top-k takes them first
+        rep = model.item_representations().float()
+        b = TokenBuilder.for_config(split, model.config).eval_batch("test", split.eval_users)
+        rep[~torch.from_numpy(ds.target_items) & (torch.arange(len(rep)) > 0)] += 50 * model.predict(b, rep)[
+            "queries"].mean(0)
+    model.item_representations = lambda: rep
+    users = [str(ds.user_vocab[u]) for u in split.eval_users[:4]]
+    for user in users:
+        for exclude in (True, False):
+            u, _, top = _top_for_user(model, split, user, 5, exclude=exclude)
+            hist = set(split.items[split.user_offsets[u]:split.user_offsets[u + 1]].tolist())
+            assert len(top) == min(5, len(target - hist) if exclude else len(target))
+            assert {i for i, _ in top} <= target and (not exclude or not {i for i, _ in top} & hist)
+            assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    rec = Recommender(model, split, EventStore(tmp_path / "e.sqlite3"), version, cache_size=0)
+    jobs = [RecommendJob(k=5, user_id=u) for u in users] + [RecommendJob(k=3, history=[1, 2]),
+                                                             RecommendJob(k=3, candidates=np.asarray([1, 2, 3]))]
+    res = rec.run_batch(jobs)
+    for r in res[:-1]:
+        assert not isinstance(r, Exception) and r.items and set(r.items) <= target
+    assert set(res[-1].items) == {1, 2, 3}  # explicit candidates are the caller's, domain or not

@@ -339,6 +339,8 @@ def _title(ds, item: int) -> str:
 
 def _top_for_user(model, split, user_id: Optional[str], k: int, exclude: bool = True):
     """(user index, last five item ids, [(item, score)] top k) after all the user's events."""
+    import numpy as np
+
     from .data import TokenBuilder
     ds = split.dataset
     u = ds.user_index(user_id) if user_id is not None else int(split.eval_users[0])
@@ -347,8 +349,19 @@ def _top_for_user(model, split, user_id: Optional[str], k: int, exclude: bool = 
     hist_items = split.items[s:e]
     b.history_items = torch.from_numpy(hist_items.copy())
     b.history_offsets = torch.tensor([0, len(hist_items)])
-    vals, idx = model.recommend(b, k, exclude_history=exclude)
-    top = [(int(i), float(v)) for i, v in zip(idx[0], vals[0]) if int(i) > 0]
+    if ds.target_items is None:
+        vals, idx = model.recommend(b, k, exclude_history=exclude)
+        top = [(int(i), float(v)) for i, v in zip(idx[0], vals[0]) if int(i) > 0]
+    else:  # a target-domain run: its domain's items alone, as evaluation ranks them
+        cands = np.flatnonzero(ds.target_items)
+        if exclude:
+            cands = cands[~np.isin(cands, hist_items)]
+        with torch.no_grad():
+            p = model.predict(b)
+            s = model.scorer.item_scores(p["queries"], p["item_rep"], torch.from_numpy(cands).view(1, -1),
+                                         b.history_items, b.history_offsets)[0]
+        vals, order = torch.topk(s, min(k, len(cands)))
+        top = [(int(cands[o]), float(v)) for o, v in zip(order.tolist(), vals.tolist())]
     return u, hist_items[-5:], top
 
 

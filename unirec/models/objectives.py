@@ -236,7 +236,8 @@ CATALOGUE_OBJECTIVES = ("retrieval", "cloze")
 
 def restrict_training_items(model, items: Optional[torch.Tensor]) -> None:
     """Restricts every training softmax over the catalogue of ``model`` (a UniRec) to ``items`` (1-based
-    ids; None: the whole catalogue again). Evaluation and serving still rank the whole catalogue.
+    ids; None: the whole catalogue again). Training only: what evaluation and serving rank is the data set's
+    (``Dataset.target_items`` where set, else the whole catalogue).
     Objectives with in-batch or no item negatives (sampled_retrieval, ranking, contrastive, ...) need
     nothing. A ValueError names a catalogue objective of the model that cannot be restricted."""
     for name, objective in model.objectives.items():

@@ -29,6 +29,9 @@ stored; a state computed from a history read under an older version is never ser
 stored, or it is found stale), so a recommend that starts after an event was acknowledged always
 sees that event.
 
+A run of a target domain (``Dataset.target_items``, e.g. ``--domain B``) answers from that domain's
+items (and items added through the API): a request without candidates ranks those, as evaluation does.
+
 Items added at serving time (:meth:`Recommender.add_item`: an item nobody has rated, known by its
 title, text and attribute values) are represented as the model represents its catalogue, less the
 id row (``model.items.represent_new``), and appended to the item side: the representations, the unit
@@ -45,7 +48,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -242,6 +245,8 @@ class Recommender:
         pop[0] = -1.0
         self._cat = Catalogue.of(rep, pop)
         self.trained_items = self._cat.n
+        # a target-domain run ranks its domain's items only (1-based ids; None: the whole catalogue)
+        self.target_items = None if ds.target_items is None else np.flatnonzero(ds.target_items).astype(np.int64)
         # append-only; entries past the catalogue's n (an add in progress) are not read
         self.item_ids = [str(v) for v in ds.item_vocab]
         self.titles = None if ds.item_text is None else [str(t) or None for t in ds.item_text]
@@ -412,6 +417,9 @@ class Recommender:
         # read under the new epoch was read from the new catalogue (and an older one is not cached)
         epoch = self._epoch
         cat = self._cat
+        if self.target_items is not None:
+            domain = np.concatenate([self.target_items, np.arange(self.trained_items + 1, cat.n + 1, dtype=np.int64)])
+            jobs = [job if job.candidates is not None else replace(job, candidates=domain) for job in jobs]
         out: List[Union[Ranked, Exception, None]] = [None] * len(jobs)
         preps: List[Optional[_Prepared]] = [None] * len(jobs)
         for j, job in enumerate(jobs):
