@@ -57,7 +57,8 @@ def chosen(root: Path, method: str, cands) -> str | None:
 
 def job1(method, cand, share, seed):
     run = OUT / "runs1" / f"{method}-{cand}-{share}-s{seed}"
-    common = ["--data", "ml-100k", *SCHED1, "--user-share", share, "--seed", str(seed), "--arm", f"{method}-{cand}-{share}"]
+    common = ["--data", "ml-100k", *SCHED1, "--user-share", share, "--seed", str(seed),
+              "--arm", f"{method}-{cand}-{share}"]
     if method == "scratch":
         return run, [], ["unirec", "train", *TEXT, *SCRATCH[cand], *common]
     lr = LR["lora"][cand] if method == "loraadapter" else LR.get(method, {}).get(cand, "2e-3")
@@ -119,7 +120,8 @@ running, failed = {}, set()  # run folder -> Popen; folders left as they are
 while True:
     for run, proc in list(running.items()):
         if proc.poll() is not None:
-            log(f"end {run.name} rc={proc.returncode}" + (f" valid {valid(run):.4f}" if done(run) else ""))
+            log(f"end {run.parent.name}/{run.name} rc={proc.returncode}"
+                + (f" valid {valid(run):.4f}" if done(run) else ""))
             del running[run]
     pending = [(run, needs, cmd) for run, needs, cmd in jobs() if run is None or not done(run)]
     if not pending and not running:
@@ -130,10 +132,10 @@ while True:
         if run is None or run in running or run in failed or cmd is None or not all(done(n) for n in needs):
             continue
         if run.exists():
-            log(f"{run.name} has a run folder but no test metrics (a failed run?); not rerun")
+            log(f"{run.parent.name}/{run.name} has a run folder but no test metrics (a failed run?); not rerun")
             failed.add(run)
             continue
-        log(f"start {run.name}")
+        log(f"start {run.parent.name}/{run.name}")
         logf = open(OUT / "logs" / f"{run.parent.name}-{run.name}.log", "w")
         running[run] = subprocess.Popen([*cmd, *EACH, "--out", str(run)], stdout=logf, stderr=subprocess.STDOUT,
                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
