@@ -6,8 +6,9 @@ Every run folder under ROOT (written by `unirec train` / `unirec finetune` with 
 grouped by (method, share, candidate). Each method's candidate at each share is the one with the best
 seed-0 validation NDCG@10 (the same rule and the same number of candidates for every method,
 "scratch" included); its runs of every seed are reported. Prints a markdown table (test NDCG@10 mean and
-standard deviation over seeds, trainable and total parameters, seconds to the best epoch, weights
-file size) and, for each share, the paired interval (users x seeds, `unirec compare`) of each
+standard deviation over seeds, trainable and total parameters, training seconds to the best epoch and,
+for a transfer method, to the first epoch whose validation NDCG@10 reaches the from-scratch run's best
+(same share and seed; "-" when some seed never does), weights file size) and, for each share, the paired interval (users x seeds, `unirec compare`) of each
 method against "scratch"; --records appends one JSON line per (method, share) to FILE.
 """
 import argparse
@@ -42,7 +43,18 @@ for cfg in sorted(Path(args.root).glob("*/config.json")):
     groups[(method, share, cand)].append(dict(run=str(run), seed=c["train"]["seed"], valid=m["valid"]["ndcg@10"],
                                               test=m["test"]["ndcg@10"], hr=m["test"]["hr@10"],
                                               params=m.get("parameters") or {}, to_best=m.get("seconds_to_best"),
-                                              bytes=m.get("checkpoint_bytes"), epoch=m.get("best_epoch")))
+                                              bytes=m.get("checkpoint_bytes"), epoch=m.get("best_epoch"),
+                                              history=m.get("history") or []))
+
+
+def seconds_to_reach(run, target):
+    """Training seconds until the first epoch whose validation NDCG@10 is at least ``target`` (None: never)."""
+    t = 0.0
+    for h in run["history"]:
+        t += h["seconds"]
+        if h.get("val_ndcg@10") is not None and h["val_ndcg@10"] >= target:
+            return t
+    return None
 
 best = {}
 for (method, share, cand), runs in groups.items():
@@ -56,8 +68,8 @@ for (method, share, cand), runs in groups.items():
 order = ["scratch", "full", "frozen", "adapter", "lora", "loraadapter"]
 shares = sorted({s for _, s in best})
 print(f"| method | share | candidate | seeds | test NDCG@10 | vs scratch (paired 95% interval) | trained / total "
-      f"parameters | s to best epoch | weights MB |")
-print("|---|---|---|---|---|---|---|---|---|")
+      f"parameters | s to best epoch | s to scratch's best | weights MB |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 out = []
 for method in sorted({m for m, _ in best}, key=lambda m: order.index(m) if m in order else 99):
     for share in shares:
@@ -66,7 +78,7 @@ for method in sorted({m for m, _ in best}, key=lambda m: order.index(m) if m in 
         _, cand, runs = best[(method, share)]
         tests = [r["test"] for r in runs]
         sd = st.stdev(tests) if len(tests) > 1 else 0.0
-        vs = ""
+        vs, reach = "", ""
         rec = dict(setting=args.setting, method=method, share=share, candidate=cand, seeds=[r["seed"] for r in runs],
                    runs=[r["run"] for r in runs], test_ndcg10=st.mean(tests), test_ndcg10_sd=sd,
                    test_hr10=st.mean(r["hr"] for r in runs), valid_ndcg10=st.mean(r["valid"] for r in runs),
@@ -81,10 +93,13 @@ for method in sorted({m for m, _ in best}, key=lambda m: order.index(m) if m in 
             rel = d["relative"] if d["relative"] is not None else float("nan")
             vs = f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({rel:+.1%})"
             rec["vs_scratch"] = {k: d[k] for k in ("diff", "low", "high", "relative", "num_users", "num_seeds")}
+            times = [seconds_to_reach(r, b["valid"]) for r, b in zip(runs_paired, base)]
+            rec["seconds_to_scratch_best"] = None if None in times else st.mean(times)
+            reach = "-" if None in times else f"{st.mean(times):.0f}"
         pr = runs[0]["params"]
         ptxt = f"{pr.get('trainable', 0):,} / {pr.get('total', 0):,}" if pr else "-"
         print(f"| {method} | {share:g} | {cand} | {len(runs)} | {st.mean(tests):.4f} ± {sd:.4f} | {vs} | {ptxt} | "
-              f"{rec['seconds_to_best']:.0f} | {(runs[0]['bytes'] or 0) / 1e6:.2f} |")
+              f"{rec['seconds_to_best']:.0f} | {reach} | {(runs[0]['bytes'] or 0) / 1e6:.2f} |")
         out.append(rec)
 if args.records:
     with open(args.records, "a") as f:
