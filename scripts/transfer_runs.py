@@ -33,9 +33,12 @@ SCHED2 = ("--data ml-1m --domain B --batch-size 64 --epochs 200 --patience 4 --e
 TEXT = ["--text", "--set", "item_id_dropout=0.5"]
 SCRATCH = {"s1": [], "s2": "--dim 64 --blocks 2 --max-len 200".split()}  # the ML-100K preset / the base's shape
 LR = {"full": {"c1": "1e-3", "c2": "2e-3"}, "lora": {"c1": "2e-3", "c2": "5e-3"}}
+CANDIDATES = {"scratch": SCRATCH, **LR}
 SHARES = ("0.1", "0.25", "0.5", "1.0")
 SEEDS = (0, 1, 2)
 BASE1, BASE2 = OUT / "base-ml1m", OUT / "base-ml1m-A"
+SETTINGS = {"runs1": (BASE1, ["--data", "ml-100k", *SCHED1]), "runs2": (BASE2, SCHED2)}
+NOT_YET = (None, [], None)  # a job whose candidate is not chosen yet
 
 
 def done(run: Path) -> bool:
@@ -47,61 +50,56 @@ def valid(run: Path) -> float:
     return json.loads((run / "metrics.json").read_text())["valid"]["ndcg@10"]
 
 
-def chosen(root: Path, method: str, cands) -> str | None:
-    """The candidate with the best seed-0 validation NDCG@10 at 10%, once all of them have run."""
-    runs = {c: root / f"{method}-{c}-0.1-s0" for c in cands}
+def chosen(method: str):
+    """Setting 1's candidate of ``method`` with the best seed-0 validation NDCG@10 at 10%, once all have run."""
+    runs = {c: OUT / "runs1" / f"{method}-{c}-0.1-s0" for c in CANDIDATES[method]}
     if not all(done(r) for r in runs.values()):
         return None
-    return max(cands, key=lambda c: valid(runs[c]))
+    return max(runs, key=lambda c: valid(runs[c]))
 
 
-def job1(method, cand, share, seed):
-    run = OUT / "runs1" / f"{method}-{cand}-{share}-s{seed}"
-    common = ["--data", "ml-100k", *SCHED1, "--user-share", share, "--seed", str(seed),
-              "--arm", f"{method}-{cand}-{share}"]
+def job(setting, method, cand, share, seed):
+    """(run folder, runs it needs, command). method "loraadapter" is `--method lora+adapter` with LoRA's lr;
+    frozen and adapter have one candidate, lr 2e-3."""
+    if cand is None:
+        return NOT_YET
+    base, sched = SETTINGS[setting]
+    run = OUT / setting / f"{method}-{cand}-{share}-s{seed}"
+    common = [*sched, "--user-share", share, "--seed", str(seed), "--arm", f"{method}-{cand}-{share}"]
     if method == "scratch":
         return run, [], ["unirec", "train", *TEXT, *SCRATCH[cand], *common]
-    lr = LR["lora"][cand] if method == "loraadapter" else LR.get(method, {}).get(cand, "2e-3")
+    lr = LR.get("lora" if method == "loraadapter" else method, {}).get(cand, "2e-3")
     m = "lora+adapter" if method == "loraadapter" else method
-    return run, [BASE1], ["unirec", "finetune", str(BASE1), "--method", m, "--lr", lr, *common]
-
-
-def job2(method, cand, share, seed):
-    run = OUT / "runs2" / f"{method}-{cand}-{share}-s{seed}"
-    common = [*SCHED2, "--user-share", share, "--seed", str(seed), "--arm", f"{method}-{cand}-{share}"]
-    if method == "scratch":
-        return run, [], ["unirec", "train", *TEXT, *SCRATCH[cand], *common]
-    return run, [BASE2], ["unirec", "finetune", str(BASE2), "--method", method, "--lr", LR[method][cand], *common]
+    return run, [base], ["unirec", "finetune", str(base), "--method", m, "--lr", lr, *common]
 
 
 def jobs():
-    """(run folder, runs it needs, command) in priority order; None where the command is not known yet."""
+    """(run folder, runs it needs, command) in priority order; NOT_YET where the command is not known yet."""
     yield BASE1, [], ["unirec", "train", "--data", "ml-1m", *TEXT, "--time-budget", "1500"]
     yield BASE2, [], ["unirec", "train", "--data", "ml-1m", "--domain", "A", *TEXT, "--time-budget", "1200"]
-    r1 = OUT / "runs1"
-    for method, cands in (("scratch", SCRATCH), ("full", LR["full"]), ("lora", LR["lora"])):
+    for method, cands in CANDIDATES.items():
         for c in cands:
-            yield job1(method, c, "0.1", 0)
-    yield job2("scratch", "s2", "0.1", 0)
-    yield job2("full", "c1", "0.1", 0)
-    yield job2("lora", "c1", "0.1", 0)
-    pick = {m: chosen(r1, m, cands) for m, cands in (("scratch", SCRATCH), ("full", LR["full"]), ("lora", LR["lora"]))}
+            yield job("runs1", method, c, "0.1", 0)
+    setting2 = (("scratch", "s2"), ("full", "c1"), ("lora", "c1"))  # one candidate each
+    for m, c in setting2:
+        yield job("runs2", m, c, "0.1", 0)
+    pick = {m: chosen(m) for m in CANDIDATES}
     for share in SHARES:
         for seed in SEEDS:
-            for m in ("scratch", "full", "lora"):
-                yield job1(m, pick[m], share, seed) if pick[m] else (None, [], None)
+            for m in CANDIDATES:
+                yield job("runs1", m, pick[m], share, seed)
         if share == "0.1":
-            yield job1("frozen", "c1", "0.1", 0)
-            yield job1("adapter", "c1", "0.1", 0)
+            yield job("runs1", "frozen", "c1", "0.1", 0)
+            yield job("runs1", "adapter", "c1", "0.1", 0)
         if share in ("0.1", "1.0"):
-            yield job1("loraadapter", pick["lora"], share, 0) if pick["lora"] else (None, [], None)
+            yield job("runs1", "loraadapter", pick["lora"], share, 0)
         if share == "0.25":
-            for m, c in (("scratch", "s2"), ("full", "c1"), ("lora", "c1")):
-                yield job2(m, c, "0.25", 0)
+            for m, c in setting2:
+                yield job("runs2", m, c, "0.25", 0)
     for seed in [int(s) for s in args.seeds2.split(",") if s and s != "0"]:
         for share in ("0.1", "0.25"):
-            for m, c in (("scratch", "s2"), ("full", "c1"), ("lora", "c1")):
-                yield job2(m, c, share, seed)
+            for m, c in setting2:
+                yield job("runs2", m, c, share, seed)
 
 
 def log(msg):

@@ -8,8 +8,9 @@ seed-0 validation NDCG@10 (the same rule and the same number of candidates for e
 "scratch" included); its runs of every seed are reported. Prints a markdown table (test NDCG@10 mean and
 standard deviation over seeds, trainable and total parameters, training seconds to the best epoch and,
 for a transfer method, to the first epoch whose validation NDCG@10 reaches the from-scratch run's best
-(same share and seed; "-" when some seed never does), weights file size) and, for each share, the paired interval (users x seeds, `unirec compare`) of each
-method against "scratch"; --records appends one JSON line per (method, share) to FILE.
+(same share and seed; "-" when some seed never does), weights file size) and, for each share, the
+paired interval (users x seeds, `unirec compare`) of each method against "scratch"; --records appends
+one JSON line per (method, share) to FILE.
 """
 import argparse
 import json
