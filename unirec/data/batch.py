@@ -44,6 +44,9 @@ class TokenBatch:
     and serving; the items to exclude from a ranking and the repeat offsets' input).
     seed: the training batch's random key (from the run's seed, the epoch and the step, the same in
     every process), which augmented views combine with each user; None outside training.
+    next_ratings: [L] float32 the rating of each ``next_items`` event, first_ratings: [B] of each
+    ``first_items`` event (NaN = unknown or no target), or None: what tells negative feedback targets
+    from positive ones (``ModelConfig.negative_max_rating``).
     """
 
     users: torch.Tensor
@@ -61,6 +64,8 @@ class TokenBatch:
     history_items: Optional[torch.Tensor] = None
     history_offsets: Optional[torch.Tensor] = None
     seed: Optional[int] = None
+    next_ratings: Optional[torch.Tensor] = None
+    first_ratings: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -129,6 +134,11 @@ def pack_streams(users, items: np.ndarray, ratings: Optional[np.ndarray], gap_bu
     has_next = hp + 1 < np.repeat(np.asarray(next_limit, dtype=np.int64), hl)
     nxt[has_next] = items[hp[has_next] + 1]
     first = np.asarray([items[a] if b > a else 0 for a, b in hist], dtype=np.int64)
+    nxt_r = first_r = None
+    if ratings is not None:
+        nxt_r = np.full(len(hp), np.nan, dtype=np.float32)
+        nxt_r[has_next] = ratings[hp[has_next] + 1]
+        first_r = np.asarray([ratings[a] if b > a else np.nan for a, b in hist], dtype=np.float32)
     t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
     return TokenBatch(
         users=t(np.asarray(users, dtype=np.int64)), items=t(items[hp].astype(np.int64)),
@@ -139,6 +149,7 @@ def pack_streams(users, items: np.ndarray, ratings: Optional[np.ndarray], gap_bu
         targets=None if targets is None else t(targets),
         history_items=None if history is None else t(history[0]),
         history_offsets=None if history is None else t(history[1]),
+        next_ratings=None if nxt_r is None else t(nxt_r), first_ratings=None if first_r is None else t(first_r),
     )
 
 
@@ -351,7 +362,13 @@ class TrainBatches:
         nxt = torch.zeros_like(items)
         nxt[:-1] = items[1:]
         has = lens > 0
-        nxt[off[1:][has] - 1] = batch.next_items[batch.offsets[1:][has] - 1]
+        last, orig_last = off[1:][has] - 1, batch.offsets[1:][has] - 1
+        nxt[last] = batch.next_items[orig_last]
+        nxt_r = None
+        if batch.next_ratings is not None:  # the copy's next event's rating, as its next item
+            nxt_r = torch.full(items.shape, float("nan"), device=items.device)
+            nxt_r[:-1] = batch.ratings[src[1:]]
+            nxt_r[last] = batch.next_ratings[orig_last]
         if getattr(self.builder.split, "target_items", None) is not None:  # cross-domain: as TokenBuilder.target_only
             nxt = torch.where(torch.from_numpy(self.builder.split.target_items).to(nxt.device)[nxt], nxt, 0)
         B = batch.batch_size
@@ -363,7 +380,10 @@ class TrainBatches:
             next_items=cat([batch.next_items, nxt]), first_items=cat([batch.first_items, torch.zeros_like(batch.first_items)]),
             cand_items=batch.cand_items, cand_gaps=batch.cand_gaps,
             cand_offsets=cat([batch.cand_offsets, batch.cand_offsets[-1].repeat(B)]),
-            cand_ratings=batch.cand_ratings, seed=batch.seed)
+            cand_ratings=batch.cand_ratings, seed=batch.seed,
+            next_ratings=None if nxt_r is None else cat([batch.next_ratings, nxt_r]),
+            first_ratings=None if batch.first_ratings is None else cat([batch.first_ratings,
+                                                                        torch.full_like(batch.first_ratings, float("nan"))]))
 
 
 # --------------------------------------------------------------------------- live histories

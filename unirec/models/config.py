@@ -31,7 +31,14 @@ class ModelConfig:
 
     ``objectives``: name -> weight of each training objective (:data:`OBJECTIVES`):
     "retrieval" (next item, full-catalogue softmax), "sampled_retrieval" (softmax over the batch's
-    targets), "ranking" (candidates' rating and like). The loss is sum_o weight_o * loss_o.
+    targets), "ranking" (candidates' rating and like), "not_to_recommend" (negatively rated next
+    items pushed down). The loss is sum_o weight_o * loss_o.
+
+    ``negative_max_rating``: negative feedback. None: every event is a positive next-item target (a
+    low rating is still a token of the history, through its rating level). A number (2 on
+    MovieLens' 1-5 stars): an event rated at most this stays a token of the history but is no target
+    of "retrieval"; "not_to_recommend" takes it as a target of -log(1 - p), p its softmax
+    probability over the catalogue (Wang et al., RecSys 2023).
 
     The SASRec-equivalent baseline is ``use_item_features=False, use_rating=False, use_time=False,
     use_profile=False, attention="softmax", objectives={"retrieval": 1.0}, repeat_bias=False``
@@ -99,6 +106,7 @@ class ModelConfig:
     num_rank_candidates: int = 4
     rank_shift: int = 4
     like_threshold: float = 4.0
+    negative_max_rating: Optional[float] = None
     # self-supervised objectives (unirec.models.ssl): the views' operators and rates, the InfoNCE temperature
     augment: Dict[str, float] = field(default_factory=lambda: {"crop": 0.6, "mask": 0.3, "reorder": 0.6})
     ssl_temperature: float = 0.2
@@ -136,6 +144,9 @@ class ModelConfig:
                 raise ValueError(f"objectives: unknown objective {name!r}; have {sorted(OBJECTIVES)}")
             if not isinstance(w, (int, float)) or w < 0:
                 raise ValueError(f"objectives: the weight of {name!r} must be a number >= 0, got {w!r}")
+        if "not_to_recommend" in self.objectives and self.negative_max_rating is None:
+            raise ValueError("objectives: 'not_to_recommend' needs negative_max_rating (the highest rating that "
+                             "counts as negative feedback, e.g. 2 on MovieLens)")
         from ..data.augment import OPERATORS
         bad = [k for k, v in dict(self.augment).items() if k not in OPERATORS or not 0.0 <= float(v) <= 1.0]
         if bad:

@@ -11,6 +11,10 @@ is sum_o weight_o * loss_o. A new objective is a class here, registered under it
   cold-item protocol leaves the cold items out of the training softmax).
 - ``sampled_retrieval``: the same over the batch's distinct targets only (in-batch negatives).
 - ``ranking``: each candidate's hidden state -> MLP -> (rating, like logit); MSE + BCE.
+- ``not_to_recommend``: with ``ModelConfig.negative_max_rating``, the next items rated at most it are
+  no targets of ``retrieval`` but of -log(1 - p), p = their softmax probability over the same catalogue
+  (with the same repeat offsets): the model learns to put what a user will dislike low ("Learning from
+  Negative User Feedback and Measuring Responsiveness for Sequential Recommenders", RecSys 2023).
 
 Every mean is over the targets of the whole global batch: under data parallelism each process
 returns its share, sum over its own terms / the count over all processes
@@ -20,6 +24,7 @@ same order, whatever its batch holds.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -50,6 +55,20 @@ def next_item_queries(enc: Encoded, batch: TokenBatch):
     return take_rows(enc.hidden, q_pos[keep]), tgt[keep], int(keep[:enc.hist_pos.numel()].sum())
 
 
+def feedback_targets(batch: TokenBatch, negative_max: Optional[float], negative: bool) -> TokenBatch:
+    """The batch with only its positive (``negative`` False) or only its negative next-item and profile
+    targets: a target whose rating is <= ``negative_max`` is negative, any other (unrated included)
+    positive; the others become 0 (no target). ``negative_max`` None: every target is positive."""
+    if negative_max is None or batch.next_ratings is None:
+        return replace(batch, next_items=torch.zeros_like(batch.next_items),
+                       first_items=torch.zeros_like(batch.first_items)) if negative else batch
+
+    def keep(items, ratings):
+        return torch.where((ratings <= negative_max) == negative, items, 0)  # NaN <= x is False: positive
+    return replace(batch, next_items=keep(batch.next_items, batch.next_ratings),
+                   first_items=keep(batch.first_items, batch.first_ratings))
+
+
 def allowed_targets(allowed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """0-based places in ``allowed`` (sorted 1-based item ids [A]) of the 1-based ``targets`` [M]; a
     ValueError when a target is not allowed (a restricted softmax has no term for it)."""
@@ -75,6 +94,7 @@ class Retrieval(nn.Module):
     def __init__(self, config: ModelConfig, schema: DataSchema, impl: str = "auto"):
         super().__init__()
         self.num_buckets, self.max_len, self.impl = config.num_repeat_buckets, config.max_len, impl
+        self.negative_max = config.negative_max_rating
         self.register_buffer("allowed_items", None, persistent=False)
 
     def set_allowed_items(self, items: Optional[torch.Tensor]) -> None:
@@ -89,6 +109,14 @@ class Retrieval(nn.Module):
         self.allowed_items = items.to(dev) if dev is not None else items
 
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
+        total, count = self.target_losses(enc, feedback_targets(batch, self.negative_max, negative=False), "sum")
+        ret = mean_share(total, count)
+        return ret, {"retrieval": float(ret.detach())}
+
+    def target_losses(self, enc: Encoded, batch: TokenBatch, reduction: str):
+        """(loss, count): -log p of each next-item and profile target of ``batch`` (its softmax over the
+        catalogue or the allowed items, with the repeat offsets), summed (``reduction`` "sum") or [M]
+        float32 ("none"); count: the number of targets over all processes."""
         q, tgt, n_hist = next_item_queries(enc, batch)
         impl = ops.resolve_impl(self.impl, "loss")
         sharded = isinstance(enc.item_rep, ShardedRows)
@@ -104,20 +132,16 @@ class Retrieval(nn.Module):
             items = take_rows(enc.item_rep, allowed).to(q.dtype)
             tgt0 = allowed_targets(allowed, tgt)
         count = global_count(tgt.numel(), q.device)
+        if not sharded and enc.repeat_offsets is None and reduction == "sum":
+            return ops.softmax_cross_entropy(q, items, tgt0, reduction="sum", impl=impl), count
         if sharded:
             per_row = self.sharded_loss(q, tgt, enc.item_rep)
-            if enc.repeat_offsets is not None:
-                per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
-                                     per_row[n_hist:]])
-            ret = mean_share(per_row.sum(), count)
-        elif enc.repeat_offsets is None:
-            ret = mean_share(ops.softmax_cross_entropy(q, items, tgt0, reduction="sum", impl=impl), count)
         else:
             per_row = ops.softmax_cross_entropy(q, items, tgt0, reduction="none", impl=impl).float()
+        if enc.repeat_offsets is not None:
             per_row = torch.cat([per_row[:n_hist] + self.repeat_correction(enc, batch, per_row[:n_hist]),
                                  per_row[n_hist:]])
-            ret = mean_share(per_row.sum(), count)
-        return ret, {"retrieval": float(ret.detach())}
+        return (per_row.sum() if reduction == "sum" else per_row), count
 
     @staticmethod
     def sharded_loss(q: torch.Tensor, tgt: torch.Tensor, table: ShardedRows) -> torch.Tensor:
@@ -173,15 +197,33 @@ class Retrieval(nn.Module):
         return corr[rows]
 
 
+@register_objective("not_to_recommend")
+class NotToRecommend(Retrieval):
+    """-log(1 - p) of each negatively rated next item (rating <= ``negative_max_rating``), p its
+    probability under the retrieval softmax (the same catalogue, allowed items and repeat offsets); the
+    mean over those targets. In terms of the softmax loss l = -log p: -log(1 - e^-l)."""
+
+    def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
+        neg = feedback_targets(batch, self.negative_max, negative=True)
+        # Decided on the count over all processes, so that every process takes the same branch.
+        if not global_count(int((neg.next_items > 0).sum()) + int((neg.first_items > 0).sum())) > 0:
+            return None, {}
+        per_row, count = self.target_losses(enc, neg, "none")
+        # 1 - p = -expm1(-l); l is clamped above 0 so that a target at p = 1 costs a large finite loss
+        ret = mean_share(-torch.log(-torch.expm1(-per_row.clamp_min(1e-6))).sum(), count)
+        return ret, {"not_to_recommend": float(ret.detach())}
+
+
 @register_objective("sampled_retrieval")
 class SampledRetrieval(nn.Module):
-    """Next-item softmax over the batch's distinct targets (in-batch negatives, no logQ correction)."""
+    """Next-item softmax over the batch's distinct positive targets (in-batch negatives, no logQ correction)."""
 
     def __init__(self, config: ModelConfig, schema: DataSchema):
         super().__init__()
+        self.negative_max = config.negative_max_rating
 
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
-        q, tgt, _ = next_item_queries(enc, batch)
+        q, tgt, _ = next_item_queries(enc, feedback_targets(batch, self.negative_max, negative=False))
         uniq, inv = torch.unique(tgt, return_inverse=True)
         # The negatives are this process's batch's targets (a process sees only its own batch).
         total = F.cross_entropy((q @ item_rows(enc.item_rep, uniq).to(q.dtype).T).float(), inv, reduction="sum")
@@ -231,7 +273,7 @@ class Ranking(nn.Module):
 
 # Objectives that score their targets against the whole catalogue: a restricted training catalogue
 # (the cold-item protocol) must reach each of them through ``set_allowed_items``.
-CATALOGUE_OBJECTIVES = ("retrieval", "cloze")
+CATALOGUE_OBJECTIVES = ("retrieval", "not_to_recommend", "cloze")
 
 
 def restrict_training_items(model, items: Optional[torch.Tensor]) -> None:
@@ -248,5 +290,5 @@ def restrict_training_items(model, items: Optional[torch.Tensor]) -> None:
                              "softmax yet (no set_allowed_items); the cold-item protocol needs that")
 
 
-__all__ = ["OBJECTIVES", "CATALOGUE_OBJECTIVES", "Retrieval", "SampledRetrieval", "Ranking", "allowed_targets",
-           "next_item_queries", "restrict_training_items"]
+__all__ = ["OBJECTIVES", "CATALOGUE_OBJECTIVES", "Retrieval", "NotToRecommend", "SampledRetrieval", "Ranking",
+           "allowed_targets", "feedback_targets", "next_item_queries", "restrict_training_items"]
