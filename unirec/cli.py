@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results file the line is appended to (default: results.jsonl beside the run folder)")
     e.add_argument("--no-record", action="store_true",
                    help="write neither RUN/ranks.npz nor a results line (default: both)")
+    e.add_argument("--responsiveness", action="store_true",
+                   help="also simulate one piece of feedback per test user (a dislike, a neutral event or a "
+                        "dismiss of one of their top 10) and report how far the item and its nearest items "
+                        "fall and what it costs NDCG@10 (docs/protocol.md, \"Feedback and responsiveness\"; "
+                        "under \"responsiveness\" in the results line)")
+    e.add_argument("--demotion", type=float, default=None, metavar="STRENGTH",
+                   help="dismiss demotion strength of the simulation (default: the service's, 1.5)")
 
     c = sub.add_parser("compare", help="paired comparison of two arms' runs, user by user",
                        description="The mean difference of test NDCG@10 and HR@10 between arm A and arm B with a "
@@ -575,6 +582,10 @@ def cmd_evaluate(args) -> int:
                                        device=args.device)
     else:
         metrics, ranks = evaluate_split(model.to(args.device), split, device=args.device)
+    if args.responsiveness:
+        from .evaluation.responsiveness import DEFAULT_DISMISS_DEMOTION, format_responsiveness, responsiveness
+        demotion = DEFAULT_DISMISS_DEMOTION if args.demotion is None else args.demotion
+        metrics["responsiveness"] = responsiveness(model, split, demotion=demotion, device=args.device)
     if not args.no_record:
         run.save_ranks(ranks)
         try:
@@ -586,6 +597,9 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         print(format_metrics(metrics))
+        if "responsiveness" in metrics:
+            print("\nresponsiveness (one event on an item of each test user's top 10):")
+            print(format_responsiveness(metrics["responsiveness"]))
     return 0
 
 

@@ -25,6 +25,31 @@ def recency_bucket(distance: torch.Tensor, num_buckets: int, max_len: int) -> to
     return torch.floor(torch.log2(1.0 + d)).long().clamp(0, num_buckets - 1)
 
 
+DEFAULT_DISMISS_DEMOTION = 1.5
+
+
+def dismissal_demotion(queries: torch.Tensor, unit_items: torch.Tensor, cov: torch.Tensor,
+                       dismissed: torch.Tensor, strength: float = DEFAULT_DISMISS_DEMOTION) -> torch.Tensor:
+    """[B, N] the score each item loses for users who dismissed an item ("not interested"):
+    strength x max(0, cos(item, d))^2 x the standard deviation of the user's scores over the catalogue,
+    sqrt(q' C q), so that the demotion is on the scale of each user's scores whatever the model.
+
+    queries [B, D]; unit_items [N, D] L2-normalised item representations of items 1..N; cov [D, D] their
+    covariance; dismissed [B, m] 1-based (0 = none), the max taken over each row's m dismissed items.
+    """
+    q = queries.float()
+    spread = torch.sqrt(torch.clamp(((q @ cov) * q).sum(1), min=0.0))                  # [B]
+    cos = torch.einsum("bmd,nd->bmn", unit_items[(dismissed - 1).clamp(min=0)], unit_items)
+    cos = torch.where((dismissed > 0).unsqueeze(2), cos.clamp_min(0.0), 0.0)
+    return strength * spread.unsqueeze(1) * cos.amax(1).square()
+
+
+def item_covariance(items: torch.Tensor) -> torch.Tensor:
+    """[D, D] covariance of item representations [N, D] (a user's score variance over them is q' C q)."""
+    centred = items - items.mean(0)
+    return centred.T @ centred / max(items.shape[0], 1)
+
+
 def distinct_history(history_items: torch.Tensor, history_offsets: torch.Tensor):
     """Each row's distinct items and how many events ago each last occurred.
 

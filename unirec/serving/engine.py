@@ -57,13 +57,13 @@ import torch
 
 from ..data import History, live_token_batch
 from ..data.dataset import FeatureValueError
+from ..models.scorer import DEFAULT_DISMISS_DEMOTION, dismissal_demotion, item_covariance
 from ..runs import Run
 from .store import EventStore, ItemExists
 
 log = logging.getLogger("uvicorn.error")
 
 TOKEN_KINDS = ("view", "like", "dislike")
-DEFAULT_DISMISS_DEMOTION = 1.5
 VERSION_SLOTS = 1 << 16
 _EMPTY = np.zeros(0, dtype=np.int64)
 TITLE = "title"
@@ -172,9 +172,8 @@ class Catalogue:
     def of(cls, rep: torch.Tensor, popularity: np.ndarray) -> "Catalogue":
         items = rep[1:]
         n = items.shape[0]
-        centred = items - items.mean(0)
         # the scores' variance over the catalogue is q' C q: a user's spread costs D^2, not N x D
-        cov = centred.T @ centred / max(n, 1)
+        cov = item_covariance(items)
         d = items.double()
         popular = np.argsort(-popularity[1:], kind="stable") + 1
         return cls(n, rep, torch.nn.functional.normalize(items, dim=1).contiguous(), cov, d.sum(0), d.T @ d,
@@ -485,13 +484,10 @@ class Recommender:
 
     def demotion(self, query: torch.Tensor, dismissed: np.ndarray, cat: Optional[Catalogue] = None) -> torch.Tensor:
         """[N] the score each item loses for a user with state ``query`` [D] who dismissed ``dismissed``
-        (1-based): dismiss_demotion x max over dismissed d of max(0, cos(item, d))^2 x the standard
-        deviation of the user's scores over the catalogue."""
+        (1-based): :func:`unirec.models.scorer.dismissal_demotion` at ``dismiss_demotion``."""
         cat = cat or self._cat
-        q = query.float()
-        spread = torch.sqrt(torch.clamp(q @ cat.cov @ q, min=0.0))
-        cos = cat.unit[torch.from_numpy(dismissed) - 1] @ cat.unit.T       # [m, N]
-        return self.dismiss_demotion * spread * cos.clamp_min(0.0).amax(0).square()
+        return dismissal_demotion(query.view(1, -1), cat.unit, cat.cov, torch.from_numpy(dismissed).view(1, -1),
+                                  self.dismiss_demotion)[0]
 
     def _rank_scored(self, job: RecommendJob, p: _Prepared, cat: Catalogue) -> Ranked:
         """Ranks the candidates (or the whole catalogue) from explicit scores: dismissals demote neighbours."""

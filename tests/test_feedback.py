@@ -1,0 +1,207 @@
+"""Negative feedback: targets split by rating, the not-to-recommend objective against a direct computation
+on materialised logits, and the counterfactual responsiveness measure."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unirec.data import TokenBuilder, TrainBatches, leave_one_out, synthetic
+from unirec.models import ModelConfig, UniRec, preset
+from unirec.models.objectives import feedback_targets
+
+
+@pytest.fixture(scope="module")
+def small():
+    ds = synthetic(num_users=120, num_items=150, num_clusters=5, mean_length=15, seed=3)
+    return ds, leave_one_out(ds)
+
+
+def tiny(**kw):
+    return preset("unified", **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 20, "dropout": 0.0, **kw})
+
+
+def test_batches_carry_the_rating_of_each_target(small):
+    ds, sp = small
+    tb = TokenBuilder.for_config(sp, tiny())
+    users = np.nonzero(sp.train_len >= 4)[0][:12]
+    b = tb.train_batch(users, np.random.default_rng(0), candidates=False)
+    for u in range(len(users)):
+        s, e = int(b.offsets[u]), int(b.offsets[u + 1])
+        for i in range(s, e - 1):  # inside a stream the next event is the next token
+            if b.next_items[i] > 0:
+                assert b.next_ratings[i] == b.ratings[i + 1]
+        assert b.first_ratings[u] == b.ratings[s]
+    # the last token's target is the event after the window: its rating from the split
+    ev = sp.user_offsets[users] + sp.train_len[users] - 1
+    last = b.offsets[1:] - 1
+    assert torch.equal(b.next_items[last], torch.from_numpy(sp.items[ev]).long())
+    assert torch.equal(b.next_ratings[last], torch.from_numpy(sp.ratings[ev]))
+
+
+def test_augmented_copies_carry_the_rating_of_each_target(small):
+    ds, sp = small
+    cfg = tiny()
+    tb = TrainBatches(TokenBuilder.for_config(sp, cfg), batch_size=16, seed=1, candidates=False,
+                      augment={"crop": 0.5, "reorder": 0.5, "mask": 0.3})
+    b = next(iter(tb.epoch(0)))
+    n = b.batch_size // 2
+    for u in range(n, 2 * n):
+        s, e = int(b.offsets[u]), int(b.offsets[u + 1])
+        for i in range(s, e - 1):
+            if b.next_items[i] > 0:
+                assert b.next_ratings[i] == b.ratings[i + 1]
+        if e > s:  # the copy's last event predicts the original's last target
+            o = int(b.offsets[u - n + 1]) - 1
+            assert b.next_items[e - 1] == b.next_items[o]
+            assert torch.equal(b.next_ratings[e - 1], b.next_ratings[o]) or (
+                torch.isnan(b.next_ratings[e - 1]) and torch.isnan(b.next_ratings[o]))
+
+
+def test_feedback_targets_split_by_rating():
+    from unirec.data.batch import pack_streams
+    items = np.array([1, 2, 3, 4, 5, 6], dtype=np.int64)
+    ratings = np.array([5, 1, 2, np.nan, 4, 3], dtype=np.float32)
+    b = pack_streams([0, 1], items, ratings, np.zeros(6, np.int64), [(0, 3), (3, 6)], [(3, 3), (6, 6)],
+                     np.array([3, 6]))
+    pos, neg = feedback_targets(b, 2.0, False), feedback_targets(b, 2.0, True)
+    assert pos.next_items.tolist() == [0, 0, 0, 5, 6, 0] and neg.next_items.tolist() == [2, 3, 0, 0, 0, 0]
+    assert pos.first_items.tolist() == [1, 4] and neg.first_items.tolist() == [0, 0]  # NaN counts as positive
+    assert feedback_targets(b, None, False) is b
+    assert int((feedback_targets(b, None, True).next_items > 0).sum()) == 0
+
+
+def test_not_to_recommend_needs_a_negative_rating():
+    with pytest.raises(ValueError, match="negative_max_rating"):
+        ModelConfig(objectives={"retrieval": 1.0, "not_to_recommend": 0.5})
+
+
+@pytest.mark.parametrize("repeat_bias", [False, True])
+def test_feedback_losses_match_materialised_softmax(small, repeat_bias):
+    """retrieval over the positive targets + w * mean over the negative ones of -log(1 - p), with p the
+    softmax over the catalogue (with the repeat offsets of each token's seen items; profile targets
+    without), equals the model's loss in value and in every gradient."""
+    ds, sp = small
+    torch.manual_seed(0)
+    w, neg_max = 0.7, 3.0
+    cfg = tiny(repeat_bias=repeat_bias, num_repeat_buckets=4, objectives={"retrieval": 1.0, "not_to_recommend": w},
+               negative_max_rating=neg_max)
+    m = UniRec.from_dataset(ds, cfg).eval()
+    if repeat_bias:
+        m.scorer.repeat_raw.data.copy_(torch.tensor([-2.0, 1.5, -0.5, 0.7]) / m.scorer.REPEAT_SCALE)
+    tb = TokenBuilder.for_config(sp, cfg)
+    b = tb.train_batch(np.nonzero(sp.train_len >= 6)[0][:10], None, candidates=False)
+    assert bool((b.next_ratings <= neg_max).any()) and bool((b.next_ratings > neg_max).any())
+    loss, parts = m(b)
+    loss.backward()
+    params = [p for p in m.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in params]
+    m.zero_grad()
+
+    enc = m.encode(b)
+    z = enc.hidden @ enc.item_rep.T
+    z[:, 0] = float("-inf")
+    pos_rows, neg_rows = [], []
+
+    def add(logits, target, rating):
+        ce = F.cross_entropy(logits.unsqueeze(0), torch.tensor([target]))
+        if rating <= neg_max:
+            neg_rows.append(-torch.log1p(-torch.exp(-ce)))
+        else:
+            pos_rows.append(ce)
+
+    for u in range(b.batch_size):
+        s, e = int(b.offsets[u]), int(b.offsets[u + 1])
+        for i in range(s, e):
+            if b.next_items[i] == 0:
+                continue
+            bias = torch.zeros(ds.num_items + 1)
+            if repeat_bias:
+                seen = b.items[s:i + 1].tolist()
+                for it in set(seen):
+                    d = (i - s) - max(j for j, x in enumerate(seen) if x == it)
+                    bias[it] = m.scorer.repeat_offsets()[min(int(math.log2(1 + d)), 3)]
+            add(z[enc.hist_pos[i]] + bias, int(b.next_items[i]), float(b.next_ratings[i]))
+        add(z[enc.profile_pos[u]], int(b.first_items[u]), float(b.first_ratings[u]))
+    want = torch.stack(pos_rows).mean() + w * torch.stack(neg_rows).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert parts["not_to_recommend"] == pytest.approx(float(torch.stack(neg_rows).mean().detach()), rel=1e-4)
+    want.backward()
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_not_to_recommend_is_skipped_without_negative_targets(small):
+    ds, sp = small
+    cfg = tiny(objectives={"retrieval": 1.0, "not_to_recommend": 1.0}, negative_max_rating=0.5)
+    m = UniRec.from_dataset(ds, cfg)
+    b = TokenBuilder.for_config(sp, cfg).train_batch(np.nonzero(sp.train_len >= 4)[0][:8], None, candidates=False)
+    loss, parts = m(b)
+    assert "not_to_recommend" not in parts and torch.isfinite(loss)
+
+
+@pytest.fixture(scope="module")
+def trained(small):
+    from unirec.training import TrainConfig, Trainer
+    ds, sp = small
+    torch.manual_seed(0)
+    cfg = tiny(repeat_bias=True)
+    m = UniRec.from_dataset(ds, cfg)
+    Trainer(m, TrainBatches(TokenBuilder.for_config(sp, cfg), 32, m.needs_candidates),
+            TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_steps=2), progress=False, log=lambda s: None).fit()
+    return m
+
+
+def test_responsiveness_single_user_matches_direct_scoring(small, trained):
+    """One user at a time: x (drawn from the top 10, not the test item), its rank after a dislike token
+    and the test item's NDCG, from scorer.item_scores over the whole catalogue."""
+    from unirec.data import History, live_token_batch
+    from unirec.evaluation.metrics import ndcg_at_k
+    from unirec.evaluation.responsiveness import responsiveness
+    ds, sp = small
+    m = trained.eval()
+    rep = m.item_representations().float()
+    all_items = torch.arange(1, ds.num_items + 1).view(1, -1)
+    for u in sp.eval_users[:4]:
+        r = responsiveness(m, sp, users=[u], seed=3)
+        h = History.of_user(sp, int(u), "valid")
+        pos = sp.stage_positions("test", np.array([u]))[0]
+        target = int(sp.items[pos])
+
+        def scores(hist):
+            b = live_token_batch([hist], m.config.max_len, m.config.num_time_buckets)
+            q = m.predict(b, rep)["queries"]
+            s = m.scorer.item_scores(q, rep, all_items, b.history_items, b.history_offsets)[0]
+            s[torch.from_numpy(h.items - 1)] = float("-inf")
+            return s
+        s0 = scores(h)
+        top = (torch.topk(s0, 10).indices + 1).tolist()
+        cand = [i for i in top if i != target]
+        x = cand[int(np.random.default_rng(3).random(1)[0] * len(cand))]
+        ev = History(np.array([x]), np.array([float(sp.ratings.min())], np.float32), np.array([h.timestamps[-1] + 60]))
+        s1 = scores(h.concat(ev))
+        assert r["dislike"]["item_rank_median"] == int((s1 >= s1[x - 1]).sum())
+        assert r["dislike"]["item_in_top10"] == float(x in (torch.topk(s1, 10).indices + 1).tolist())
+        if sp.ratings[pos] > 2:
+            want = float(ndcg_at_k(torch.tensor([int((s1 >= s1[target - 1]).sum())]), 10)[0])
+            assert r["dislike"]["ndcg@10_positive"] == pytest.approx(want)
+
+
+def test_dismiss_never_returns_and_demotion_moves_neighbours(small, trained):
+    from unirec.evaluation.responsiveness import responsiveness
+    ds, sp = small
+    out = {d: responsiveness(trained, sp, demotion=d)["dismiss"] for d in (0.0, 1.5, 1e6)}
+    assert all(o["item_in_top10"] == 0.0 for o in out.values())
+    assert out[0.0]["neighbours_left"] == 0.0  # without demotion only x leaves: the others move up
+    assert out[0.0]["neighbours_left"] <= out[1.5]["neighbours_left"] <= out[1e6]["neighbours_left"]
+    assert out[1e6]["neighbours_left"] > 0.5 and out[1.5]["neighbours_in_top10"] > 0
+
+
+def test_responsiveness_needs_ratings(small, trained):
+    from unirec.evaluation.responsiveness import responsiveness
+    ds, sp = small
+    sp2 = leave_one_out(synthetic(num_users=120, num_items=150, num_clusters=5, mean_length=15, seed=3))
+    sp2.ratings = None
+    with pytest.raises(ValueError, match="ratings"):
+        responsiveness(trained, sp2)
