@@ -7,10 +7,11 @@ overload with a reload, a soak, and the effect of a dismissal on the recommendat
 
 Lone: N requests one after another (nothing else in flight) on one keep-alive connection, cache
 off, against GET /healthz and against the same computation in this process
-(`Recommender.run_batch` of one job): the medians show what the HTTP path adds.
+(`Recommender.run_batch` of one job): the medians show what the HTTP path adds, and so does the
+median of the per-user differences (each user's job in process, then over HTTP).
 
-Overload: the server with its defaults but the cache off (every request runs the model) and an
-API key, at twice the capacity (--capacity, else the batched sweep's highest sustained rate, else
+Overload: the server with its defaults (and --server-args) but the cache off (every request runs
+the model) and an API key, at twice the capacity (--capacity, else the batched sweep's highest sustained rate, else
 a short saturating probe) for --overload seconds: 5xx, unanswered, the 429 share, p50/p99 of the
 accepted requests, the server's RSS every second, and a POST /v1/admin/reload halfway (the run
 folder again: a full load and swap) whose requests in flight must all be answered.
@@ -477,6 +478,8 @@ def lone(run: str, users: List[str], n: int, server_args: List[str], seed: int) 
     # the lower decile: on a machine shared with other work, the closest to an unloaded figure
     out.update({f"{k}_p10": float(np.percentile(v[50:], 10) * 1000) for k, v in times.items()})
     out["overhead_p10"] = out["recommend_p10"] - out["in_process_p10"]
+    # per user (the same job both ways, one right after the other): the history length's effect cancels
+    out["overhead_paired"] = float(np.median(np.subtract(times["recommend"][50:], times["in_process"][50:])) * 1000)
     return out
 
 
@@ -496,10 +499,10 @@ def probe_capacity(run: str, users: List[str], rate: float, seconds: float, seed
         srv.stop()
 
 
-def overload(run: str, users: List[str], rate: float, seconds: float, seed: int) -> dict:
+def overload(run: str, users: List[str], rate: float, seconds: float, seed: int, server_args=()) -> dict:
     """``rate`` req/s for ``seconds`` against the server (cache off, API key), a reload halfway."""
     key = "bench-key"
-    srv = Server(run, "--cache-size", "0", "--api-key", key)
+    srv = Server(run, "--cache-size", "0", "--api-key", key, *server_args)
     try:
         bodies = [post_json("/v1/recommend", {"user_id": u, "k": 10}) for u in users]
         rng = random.Random(seed)
@@ -613,8 +616,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="the batched mode's --max-wait-ms (default: %(default)s)")
     p.add_argument("--lone", type=int, default=300,
                    help="lone requests timed one by one, 0 = none (default: %(default)s)")
-    p.add_argument("--server-args", default="", help="extra `unirec serve` arguments of the lone and sweep servers, "
-                                                    "space-separated (default: none)")
+    p.add_argument("--server-args", default="", help="extra `unirec serve` arguments of the lone, sweep and "
+                                                    "overload servers, space-separated (default: none)")
     p.add_argument("--overload", type=float, default=60.0,
                    help="seconds of the overload run at twice the capacity, 0 = none (default: %(default)s)")
     p.add_argument("--capacity", type=float, default=None,
@@ -641,7 +644,7 @@ def main(argv=None) -> int:
         print(f"lone requests ({args.lone}, medians): recommend over HTTP {lo['recommend']:.2f} ms, the same in "
               f"process {lo['in_process']:.2f} ms (HTTP adds {lo['overhead']:.2f} ms), /healthz {lo['healthz']:.2f} ms; "
               f"lower deciles {lo['recommend_p10']:.2f} / {lo['in_process_p10']:.2f} (adds {lo['overhead_p10']:.2f}) / "
-              f"{lo['healthz_p10']:.2f} ms")
+              f"{lo['healthz_p10']:.2f} ms; median of the per-user differences {lo['overhead_paired']:.2f} ms")
     batched = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *extra]
     modes = {"batched": batched + ["--cache-size", "0"], "single": ["--max-batch", "1", "--cache-size", "0", *extra],
              "cached": batched}
@@ -669,7 +672,7 @@ def main(argv=None) -> int:
               f"{s['p99']:.1f} ms; server RSS {s['rss_start']:.0f} -> {s['rss_mid']:.0f} -> {s['rss_end']:.0f} MB")
     if args.overload:
         cap = args.capacity or best.get("batched") or probe_capacity(args.run, users, args.probe_rate, 5.0, args.seed)
-        o = overload(args.run, users, 2 * cap, args.overload, args.seed)
+        o = overload(args.run, users, 2 * cap, args.overload, args.seed, extra)
         out["overload"] = dict(o, capacity=cap)
         print(f"overload: {o['offered']:.0f} req/s (2 x {cap:.0f}) for {o['seconds']:.0f} s, {o['n']} requests: "
               f"{o['5xx']} 5xx, {o['unanswered']} unanswered, {o['other']} other non-2xx, 429 share "

@@ -675,7 +675,7 @@ def _until(cond, what):
                                        (dict(max_queue=100, max_queue_ms=50), "the oldest queued request has waited")])
 def test_full_queue_gets_429_with_retry_after(run_dir, tmp_path, loaded, bound, why):
     item1 = str(loaded[1].dataset.item_vocab[1])
-    app = create_app(run_dir, tmp_path / "state", max_batch=1, **bound)
+    app = create_app(run_dir, tmp_path / "state", max_batch=1, inline=False, **bound)  # gated in the model thread
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
         gate = Gate(app.state.current())
         a = pool.submit(c.post, "/v1/recommend", json={"user_id": "u1"})
@@ -694,7 +694,7 @@ def test_full_queue_gets_429_with_retry_after(run_dir, tmp_path, loaded, bound, 
 
 
 def test_deadline_gets_503_and_expired_jobs_are_not_run(run_dir, tmp_path):
-    app = create_app(run_dir, tmp_path / "state", max_batch=1, timeout_ms=300, max_queue_ms=None)
+    app = create_app(run_dir, tmp_path / "state", max_batch=1, timeout_ms=300, max_queue_ms=None, inline=False)
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
         gate = Gate(app.state.current())
         a = pool.submit(c.post, "/v1/recommend", json={"user_id": "u1"})
@@ -719,7 +719,7 @@ def test_micro_batcher_bounds():
         return list(jobs)
 
     async def go():
-        b = MicroBatcher(fn, max_batch=1, max_queue=2, timeout_ms=5000)
+        b = MicroBatcher(fn, max_batch=1, max_queue=2, timeout_ms=5000, inline=False)
         b.start()
         first = asyncio.ensure_future(b.submit(0))
         while not started.is_set():  # the model thread takes job 0
@@ -748,7 +748,7 @@ def test_reload_with_requests_in_flight(run_dir, tmp_path, loaded, monkeypatch):
     other = tmp_path / "run-v2"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("serving"))
     key = {"X-API-Key": "k"}
-    app = create_app(run_dir, tmp_path / "state", api_key="k", max_batch=1, max_queue_ms=None)
+    app = create_app(run_dir, tmp_path / "state", api_key="k", max_batch=1, max_queue_ms=None, inline=False)
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
         old = app.state.current()
         item = old.item_ids[3]
@@ -1160,3 +1160,130 @@ def test_text_model_adds_fast_and_says_what_to_install_without_the_text_extra(te
             assert '.[text]' in r.json()["detail"]
         assert c.get("/v1/items", params={"q": "cannot embed"}).json() == {"items": []}
         assert _add(c, "no-text", {"title": "Cannot embed genre1"}).status_code == 201  # nothing was kept
+
+
+# --------------------------------------------------------------------------- the fast path, admission, memory
+
+
+def test_recommend_fast_path_answers_as_the_route(client, loaded):
+    items = [str(i) for i in loaded[1].dataset.item_vocab[1:]]
+    counts = client.app.state.fast_counts
+    bodies = [{"user_id": "u3", "k": 6}, {"user_id": 7, "k": 3, "exclude_seen": False},
+              {"history": items[:4], "k": 4}, {"user_id": "u3", "k": 3, "candidates": items[10:20]},
+              {"user_id": "brand-new-user", "k": 2}]
+    for body in bodies:
+        data = json.dumps(body).encode()
+        before = dict(counts)
+        fast = client.post("/v1/recommend", content=data, headers={"Content-Type": "application/json; charset=utf-8"})
+        assert counts["fast"] == before["fast"] + 1 and counts["routed"] == before["routed"]
+        # FastAPI takes any application/*+json as JSON; the fast path leaves those to the route
+        routed = client.post("/v1/recommend", content=data, headers={"Content-Type": "application/vnd.x+json"})
+        assert counts["routed"] == before["routed"] + 1
+        assert fast.status_code == routed.status_code == 200
+        assert fast.content == routed.content and fast.headers["content-type"] == routed.headers["content-type"]
+    # a bad body goes on to the route, which names the field
+    before = dict(counts)
+    r = client.post("/v1/recommend", json={"user_id": "u3", "k": 0})
+    assert r.status_code == 422 and r.json()["detail"].startswith("k: ") and counts["routed"] == before["routed"] + 1
+    # a valid body whose ids are unknown is refused by the fast path itself, as the route refuses it
+    before = dict(counts)
+    r = client.post("/v1/recommend", json={"history": [items[0], "no-such-item"]})
+    assert r.status_code == 422 and r.json()["detail"].startswith("history[1]: unknown item id")
+    assert counts["fast"] == before["fast"] + 1
+    m = client.get("/metrics").text
+    assert 'unirec_requests_total{endpoint="/v1/recommend",method="POST",status="422"}' in m
+
+
+def test_micro_batcher_refuses_while_the_batches_ahead_take_too_long():
+    release = threading.Event()
+
+    def fn(jobs):
+        if jobs[0] == 0:
+            time.sleep(0.3)          # the last batch's time: each full batch ahead is taken to cost as much
+        else:
+            release.wait(10)
+        return list(jobs)
+
+    async def go():
+        b = MicroBatcher(fn, max_batch=2, max_queue_ms=250)
+        b.start()
+        assert await b.submit(0) == 0
+        assert b._last_batch_seconds >= 0.3
+        running = asyncio.ensure_future(b.submit(1))
+        while b.queued:              # the model thread takes job 1 and blocks in it
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        one = asyncio.ensure_future(b.submit(2))
+        await asyncio.sleep(0)
+        assert b.full() is None      # one queued: it makes the next batch
+        two = asyncio.ensure_future(b.submit(3))
+        await asyncio.sleep(0)
+        why = b.full()               # two queued = one full batch ahead of a new job, ~300 ms > 250 ms
+        assert why is not None and why.startswith("2 requests are queued, about 3")
+        with pytest.raises(QueueFull):
+            await b.submit(4)
+        release.set()
+        out = await asyncio.gather(running, one, two)
+        await b.stop()
+        return out
+
+    assert asyncio.run(go()) == [1, 2, 3]
+
+
+def test_serve_bounds_the_onednn_kernel_cache(run_dir, tmp_path, monkeypatch):
+    import uvicorn
+    import unirec.serving.app as app_module
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))
+    threads = torch.get_num_threads()
+    for preset, want in ((None, str(app_module.ONEDNN_CACHE)), ("5", "5")):
+        if preset is None:
+            monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", preset)  # the operator's own setting is kept
+        try:
+            app_module.serve(run_dir, threads=threads, state_dir=tmp_path / "state")
+        finally:
+            gc.unfreeze()
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == want
+    assert len(served) == 2 and isinstance(served[0], app_module.ServiceApp)
+
+
+def test_a_lone_job_runs_in_the_callers_thread_and_a_busy_model_batches():
+    threads, release = [], threading.Event()
+
+    def fn(jobs):
+        threads.append((threading.get_ident(), list(jobs)))
+        if jobs[0] == "slow":
+            time.sleep(0.2)
+        if jobs[0] == "gate":
+            assert release.wait(10)
+        return [ValueError("bad") if j == "bad" else j for j in jobs]
+
+    async def go(inline):
+        threads.clear()
+        release.clear()
+        here = threading.get_ident()
+        b = MicroBatcher(fn, max_batch=8, inline=inline)
+        b.start()
+        assert await b.submit("slow") == "slow"               # lone: in this thread when inline
+        # just after a 200 ms batch the model is not idle for longer than a batch: the model thread
+        gate = asyncio.ensure_future(b.submit("gate"))
+        while not threads or threads[-1][1] != ["gate"]:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b.submit(j)) for j in ("x", "bad", "y")]
+        await asyncio.sleep(0.01)
+        release.set()
+        out = await asyncio.gather(gate, *rest, return_exceptions=True)
+        await asyncio.sleep(0.25)                              # idle for longer than the last batch took
+        with pytest.raises(ValueError, match="bad"):
+            await b.submit("bad")                              # a lone job's exception is raised to its caller
+        await b.stop()
+        return here, out
+
+    here, out = asyncio.run(go(True))
+    assert out[:2] == ["gate", "x"] and isinstance(out[2], ValueError) and out[3] == "y"
+    assert [(t == here, jobs) for t, jobs in threads] == [(True, ["slow"]), (False, ["gate"]),
+                                                          (False, ["x", "bad", "y"]), (True, ["bad"])]
+    here, out = asyncio.run(go(False))
+    assert all(t != here for t, _ in threads) and len(threads) == 4

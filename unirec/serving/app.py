@@ -12,6 +12,11 @@ Endpoints (JSON; ids are the data set's own, as strings):
 - ``GET /`` a page to try the service on; ``GET /healthz``, ``GET /metrics`` (Prometheus text),
   ``GET /openapi.json``, ``GET /docs``
 
+``POST /v1/recommend``, the hot endpoint, is answered by :class:`ServiceMiddleware` ahead of FastAPI's
+own layers and routing (the same validation, answer and errors; a body it cannot take goes on to the
+route, which names what is wrong), and a lone request runs its model call in the event loop's thread
+(see :mod:`unirec.serving.batcher`); the route stays for the OpenAPI docs and for those bodies.
+
 Every client error is a 4xx whose ``detail`` names the field ("k: Input should be less than or
 equal to 1000"), with the list of ``errors`` ({field, message}) for validation errors. Overload is
 a 429 (the request queue is full) and a missed deadline a 503, both with ``Retry-After``.
@@ -28,9 +33,12 @@ before the new one restores the store, or in the new one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import json
 import logging
 import math
+import os
 import secrets
 import signal
 import threading
@@ -60,6 +68,7 @@ MAX_K = 1000
 MAX_LIST = 10000
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = 1
+ONEDNN_CACHE = 16  # oneDNN kernels kept by `unirec serve` (see serve)
 log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: shown at its log level
 
 
@@ -235,6 +244,41 @@ def _busy(message: str) -> JSONResponse:
                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _late(exc: DeadlineExceeded) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": f"deadline: {exc} (server overloaded); retry after "
+                                                            f"{RETRY_AFTER_S} s"},
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _refusal(exc: Exception) -> JSONResponse:
+    """The answer to a request that raised ApiError, QueueFull or DeadlineExceeded."""
+    if isinstance(exc, ApiError):
+        return _error(exc.status, [{"field": exc.field, "message": exc.message}])
+    if isinstance(exc, QueueFull):
+        return _busy(str(exc))
+    return _late(exc)
+
+
+def _json_body(headers: dict) -> bool:
+    """Whether the request says its body is JSON in the usual way (Content-Type: application/json, any
+    parameters); FastAPI takes more (any application/*+json), which the fast path leaves to it."""
+    ct = headers.get(b"content-type")
+    return ct is not None and ct.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def _replay(body: bytes, receive):
+    """A receive callable that gives ``body`` (already read) first, then whatever ``receive`` gives."""
+    given = False
+
+    async def again():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return again
+
+
 class _BodyTooLarge(StarletteHTTPException):
     # an HTTPException, so that FastAPI's body reading passes it on to the handler unchanged
     def __init__(self, limit: int):
@@ -243,12 +287,21 @@ class _BodyTooLarge(StarletteHTTPException):
 
 class ServiceMiddleware:
     """Pure ASGI middleware: request metrics (count, latency by endpoint), the request body size limit
-    (413, from Content-Length before reading, or while a body without one streams in), and a 429 for
+    (413, from Content-Length before reading, or while a body without one streams in), a 429 for
     a recommend request while the batcher's queue is full (before its body is read or parsed: under
-    overload a refusal must cost far less than an answer)."""
+    overload a refusal must cost far less than an answer), and the fast paths.
 
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int, queue_full=None):
+    fast: {path: handler} of POST endpoints answered here rather than by FastAPI's routing (whose
+    dependency solving, request objects and exception handlers cost more than the rest of a lone
+    request's HTTP path): the body is read, and ``await handler(body)`` gives the response, or None
+    when the request is not one it answers (a bad body: the route then gets the body as read and
+    answers it, with its error message). fast_counts: how many requests to those paths went each way
+    ("fast", "routed")."""
+
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, queue_full=None, fast=None):
         self.app, self.metrics, self.max_body, self.queue_full = app, metrics, max_body_bytes, queue_full
+        self.fast = fast or {}
+        self.fast_counts = {"fast": 0, "routed": 0}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -273,7 +326,8 @@ class ServiceMiddleware:
             why = self.queue_full() if endpoint == "/v1/recommend" and self.queue_full is not None else None
             if why is not None:
                 return await _busy(why)(scope, receive, send_wrapper)
-            length = dict(scope["headers"]).get(b"content-length")
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 if length.isdigit():
                     return await reject(413, f"request body of {int(length)} bytes exceeds the limit of "
@@ -290,8 +344,28 @@ class ServiceMiddleware:
                         raise _BodyTooLarge(self.max_body)
                 return msg
 
+            inner = limited_receive
+            fast = self.fast.get(endpoint) if scope["method"] == "POST" else None
+            if fast is not None and _json_body(headers):
+                chunks = []
+                while True:
+                    try:
+                        msg = await limited_receive()
+                    except _BodyTooLarge as exc:
+                        return await reject(413, exc.detail)
+                    chunks.append(msg.get("body", b""))
+                    if msg["type"] != "http.request" or not msg.get("more_body", False):
+                        break  # the whole body, or the client went away (the route answers what came)
+                body = b"".join(chunks)
+                response = await fast(body)
+                if response is not None:
+                    self.fast_counts["fast"] += 1
+                    return await response(scope, receive, send_wrapper)
+                inner = _replay(body, receive)
+            if fast is not None:
+                self.fast_counts["routed"] += 1
             try:
-                await self.app(scope, limited_receive, send_wrapper)
+                await self.app(scope, inner, send_wrapper)
             except _BodyTooLarge as exc:
                 if not started:
                     await reject(413, exc.detail)
@@ -299,6 +373,19 @@ class ServiceMiddleware:
             m.inflight.dec()
             m.requests.labels(endpoint, scope["method"], str(status)).inc()
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+class ServiceApp(FastAPI):
+    """The FastAPI app with :class:`ServiceMiddleware` outside FastAPI's own layers (its telemetry, body
+    limit and error pages, each a call per request): metrics, limits, refusals and the fast paths come
+    first, and everything else goes on to FastAPI as usual. ``service`` is set by :func:`create_app`."""
+
+    service: Optional[ServiceMiddleware] = None
+
+    async def __call__(self, scope, receive, send):
+        if self.service is None:
+            return await super().__call__(scope, receive, send)
+        await self.service(scope, receive, send)
 
 
 def preload_text(rec: Recommender) -> None:
@@ -340,7 +427,7 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
                max_body_bytes: int = 256 * 1024, impl: str = "auto", max_queue: int = 256,
                max_queue_ms: Optional[float] = 25.0, timeout_ms: float = 1000.0,
                dismiss_demotion: float = DEFAULT_DISMISS_DEMOTION,
-               reload_signal: bool = False) -> FastAPI:
+               reload_signal: bool = False, inline: bool = True) -> FastAPI:
     """The service over run folder ``run_dir``; its SQLite store is ``state_dir/events.sqlite3``
     (state_dir defaults to ``run_dir/serving``).
 
@@ -352,7 +439,9 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
     reads and of reloads (which are refused without one); max_body_bytes: larger request bodies get
     413; impl: kernel backend of the model; dismiss_demotion: how far items close to a dismissed one
     fall (see :class:`~unirec.serving.engine.Recommender`); reload_signal: reload on SIGHUP (needs
-    the main thread's event loop, as under ``unirec serve``).
+    the main thread's event loop, as under ``unirec serve``); inline: a lone recommend request runs
+    its model call in the event loop's thread, without the hand-offs to the model thread and back
+    (see :class:`~unirec.serving.batcher.MicroBatcher`).
     """
     run_dir = Path(run_dir)
     state_dir = Path(state_dir) if state_dir is not None else run_dir / "serving"
@@ -368,7 +457,8 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
     preload_text(live["rec"])
     live["rec"].restore_items()
     batcher = MicroBatcher(_run_jobs, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.observe_batch,
-                           max_queue=max_queue, max_queue_ms=max_queue_ms, timeout_ms=timeout_ms)
+                           max_queue=max_queue, max_queue_ms=max_queue_ms, timeout_ms=timeout_ms,
+                           inline=inline)
     # One writer thread: commits are serialised anyway, and the event loop never waits on an fsync.
     writer = ThreadPoolExecutor(1, thread_name_prefix="unirec-writer")
     # Adds: one at a time, in their own thread (an add embeds text and commits); items_lock also covers a
@@ -429,12 +519,11 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
             writer.shutdown(wait=True)
             store.close()
 
-    app = FastAPI(title="unirec", version="1", lifespan=lifespan,
-                  description="Recommendations from a unirec run, with live user events. Ids are the data set's own.")
+    app = ServiceApp(title="unirec", version="1", lifespan=lifespan,
+                     description="Recommendations from a unirec run, with live user events. "
+                                 "Ids are the data set's own.")
     app.state.store, app.state.metrics, app.state.batcher = store, metrics, batcher
     app.state.current, app.state.reload = current, reload
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=max_body_bytes,
-                       queue_full=batcher.full)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -443,18 +532,10 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         return _error(422, errs)
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return _error(exc.status, [{"field": exc.field, "message": exc.message}])
-
     @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, exc: QueueFull):
-        return _busy(str(exc))
-
     @app.exception_handler(DeadlineExceeded)
-    async def _deadline(request: Request, exc: DeadlineExceeded):
-        return JSONResponse(status_code=503, content={"detail": f"deadline: {exc} (server overloaded); retry after "
-                                                                f"{RETRY_AFTER_S} s"},
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
+    async def _refused(request: Request, exc: Exception):
+        return _refusal(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -485,12 +566,8 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         return [added(rec, i, {"item_id": rec.item_ids[i], "score": s if math.isfinite(s) else None,
                                "title": rec.title(i)}) for i, s in zip(items, scores)]
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"],
-              responses={422: {"description": "a field is invalid (named in detail)"},
-                         429: {"description": "the request queue is full (Retry-After)"},
-                         503: {"description": "not answered within the deadline (Retry-After)"}})
-    async def recommend(req: RecommendRequest):
-        """Top-k items for a user (data-set + live events) or for a given history."""
+    async def recommend_answer(req: RecommendRequest) -> dict:
+        """The answer to a valid recommend request (raises ApiError, QueueFull, DeadlineExceeded)."""
         rec = current()  # this request's model, to the end, whatever a reload does meanwhile
         hist = None if req.history is None else [rec.item_index(v, f"history[{j}]") for j, v in enumerate(req.history)]
         cands = None
@@ -499,9 +576,30 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
             cands = np.asarray(list(dict.fromkeys(c)), dtype=np.int64)
         job = RecommendJob(k=req.k, exclude_seen=req.exclude_seen, user_id=req.user_id, history=hist, candidates=cands)
         res = await batcher.submit((rec, job))
-        return JSONResponse({"model_version": rec.version, "user_id": req.user_id, "known_user": res.known_user,
-                             "source": res.source, "history_length": res.history_length,
-                             "items": items_out(rec, res.items, res.scores)})
+        return {"model_version": rec.version, "user_id": req.user_id, "known_user": res.known_user,
+                "source": res.source, "history_length": res.history_length,
+                "items": items_out(rec, res.items, res.scores)}
+
+    async def recommend_fast(body: bytes) -> Optional[Response]:
+        """POST /v1/recommend without FastAPI's routing (see ServiceMiddleware): the body parsed and
+        validated as the route does (json.loads, then RecommendRequest), the same answer and refusals;
+        None for a body that is not a valid request, which the route then answers with its message."""
+        try:
+            req = RecommendRequest.model_validate(json.loads(body))
+        except Exception:  # noqa: BLE001 - not a valid request: the route names what is wrong
+            return None
+        try:
+            return JSONResponse(await recommend_answer(req))
+        except (ApiError, QueueFull, DeadlineExceeded) as exc:
+            return _refusal(exc)
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"],
+              responses={422: {"description": "a field is invalid (named in detail)"},
+                         429: {"description": "the request queue is full (Retry-After)"},
+                         503: {"description": "not answered within the deadline (Retry-After)"}})
+    async def recommend(req: RecommendRequest):
+        """Top-k items for a user (data-set + live events) or for a given history."""
+        return JSONResponse(await recommend_answer(req))
 
     @app.post("/v1/events", status_code=201, response_model=EventResponse, tags=["events"],
               dependencies=[Depends(require_key)],
@@ -620,6 +718,10 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.service = ServiceMiddleware(functools.partial(FastAPI.__call__, app), metrics=metrics,
+                                    max_body_bytes=max_body_bytes, queue_full=batcher.full,
+                                    fast={"/v1/recommend": recommend_fast})
+    app.state.fast_counts = app.service.fast_counts
     return app
 
 
@@ -634,6 +736,11 @@ def serve(run_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, 
     """
     import torch
     import uvicorn
+    # oneDNN keeps a compiled kernel per tensor shape (GELU's, here), 1024 of them by default; batches come in
+    # ever new shapes (their total token count), so that cache grew the server by ~200-270 MB in a minute
+    # of overload while it rarely hit (with 16 kept: flat after the first seconds, same throughput).
+    # oneDNN reads this when it makes its first kernel, which is after this line.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
     torch.set_num_threads(threads)
     app = create_app(run_dir, reload_signal=True, **app_kwargs)
     # The model, the data set and the libraries are long-lived: keep the collector from rescanning them

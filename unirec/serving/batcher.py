@@ -4,17 +4,24 @@ The batch function runs in one model thread (the model is not run concurrently w
 event loop stays free to accept requests meanwhile). The event loop hands a job over by appending it
 to a deque and notifying a condition variable; the model thread takes everything queued (at most
 ``max_batch``), runs it, and hands the whole batch's results back with one
-``call_soon_threadsafe``. A lone request therefore costs two thread hand-offs and no timer: under
-load, requests queue up while the previous batch runs and the next batch takes them all at once,
-so batches form without waiting. ``max_wait_ms`` > 0 still tops a batch that starts with an idle
-worker up for that long (fewer, larger batches at a latency cost; off by default).
+``call_soon_threadsafe``. Under load, requests queue up while the previous batch runs and the next
+batch takes them all at once, so batches form without waiting. A lone request (``inline``: nothing
+running or queued, and the model idle for longer than its last batch took, i.e. requests come
+slower than the model answers them) runs in the caller's thread instead, without the two thread
+hand-offs; the event loop waits for it, as the next request would have waited for that batch, and
+the requests that arrived meanwhile find the model just busy and queue as usual. ``max_wait_ms`` > 0
+still tops a batch that starts with an idle worker up for that long (fewer, larger batches at a
+latency cost; off by default).
 
 Bounds: :meth:`MicroBatcher.submit` raises :class:`QueueFull` at once (so that the caller can answer
-429 rather than queue without bound) while ``max_queue`` jobs wait, or while the oldest waiting job
-has waited ``max_queue_ms``: a count alone would let the wait grow as the model slows down (a
-loaded machine, larger batches), while the age of the queue's head is the wait itself. A job not
-answered within ``timeout_ms`` of its submission raises :class:`DeadlineExceeded` (the model thread
-skips jobs whose deadline has passed before it starts them).
+429 rather than queue without bound) while ``max_queue`` jobs wait, while the oldest waiting job
+has waited ``max_queue_ms``, or while the full batches queued ahead of a new job would take that
+long (each as long as the last batch): a count alone would let the wait grow as the model slows
+down (a loaded machine, larger batches); the age of the queue's head is the wait of the jobs in the
+next batch, and the batches ahead are the wait of the jobs behind them (under overload, several
+batches' worth queue up while the head is still young). A job not answered within ``timeout_ms``
+of its submission raises :class:`DeadlineExceeded` (the model thread skips jobs whose deadline has
+passed before it starts them).
 """
 from __future__ import annotations
 
@@ -36,14 +43,16 @@ class DeadlineExceeded(Exception):
 class MicroBatcher:
     """Collects jobs into batches for ``fn(jobs) -> results`` (one result or exception per job).
 
-    on_batch(size, seconds): called after each batch (metrics), in the model thread.
-    max_queue: jobs waiting at most; max_queue_ms: longest wait of the oldest waiting job before new
-    ones are refused; timeout_ms: each job's deadline (each None = no bound).
+    on_batch(size, seconds): called after each batch (metrics), in the thread that ran it.
+    inline: run a lone job in the caller's thread (see the module docstring; not with max_wait_ms).
+    max_queue: jobs waiting at most; max_queue_ms: longest wait of the oldest waiting job (or of the
+    full batches ahead of a new one) before new ones are refused; timeout_ms: each job's deadline
+    (each None = no bound).
     """
 
     def __init__(self, fn: Callable[[Sequence[Any]], List[Any]], max_batch: int = 64, max_wait_ms: float = 0.0,
                  on_batch: Optional[Callable[[int, float], None]] = None, max_queue: Optional[int] = None,
-                 timeout_ms: Optional[float] = None, max_queue_ms: Optional[float] = None):
+                 timeout_ms: Optional[float] = None, max_queue_ms: Optional[float] = None, inline: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -63,6 +72,10 @@ class MicroBatcher:
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopping = False
+        self._last_batch_seconds = 0.0  # how long the last batch took
+        self.inline = inline
+        self._running = False           # a batch is running (in the model thread, or inline)
+        self._idle_since = 0.0          # monotonic time the last batch ended
 
     @property
     def queued(self) -> int:
@@ -81,6 +94,10 @@ class MicroBatcher:
                 return None
             if waited >= self.max_queue_wait:
                 return f"the oldest queued request has waited {waited * 1000:.0f} ms"
+            # a new job also waits for the full batches queued ahead of it (each about as long as the last)
+            ahead = (n // self.max_batch) * self._last_batch_seconds
+            if ahead >= self.max_queue_wait:
+                return f"{n} requests are queued, about {ahead * 1000:.0f} ms of model work"
         return None
 
     def start(self) -> None:
@@ -116,8 +133,16 @@ class MicroBatcher:
             why = self.full()
             if why is not None:
                 raise QueueFull(why)
-            self._jobs.append((job, fut, deadline, now))
-            self._cv.notify()
+            # idle for longer than a batch takes: requests come slower than the model answers them
+            alone = (self.inline and self.max_wait == 0 and not self._running and not self._jobs
+                     and now - self._idle_since >= self._last_batch_seconds)
+            if alone:
+                self._running = True
+            else:
+                self._jobs.append((job, fut, deadline, now))
+                self._cv.notify()
+        if alone:
+            return self._run_inline(job)
         if deadline is None:
             return await fut
         timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
@@ -126,11 +151,31 @@ class MicroBatcher:
         finally:
             timer.cancel()
 
+    def _run_inline(self, job: Any) -> Any:
+        """Runs a lone job in the caller's thread (the event loop, blocked meanwhile: requests that arrive
+        meanwhile wait for it as they would for the model thread's batch, and then queue as usual)."""
+        t0 = time.perf_counter()
+        try:
+            result = self.fn([job])[0]
+        except Exception as exc:  # noqa: BLE001 - the batch function failed as a whole
+            result = exc
+        finally:
+            seconds = time.perf_counter() - t0
+            with self._cv:
+                self._running, self._last_batch_seconds, self._idle_since = False, seconds, time.monotonic()
+                if self._jobs:
+                    self._cv.notify()
+        if self.on_batch is not None:
+            self.on_batch(1, seconds)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def _take(self) -> Optional[list]:
         """The next batch (None when stopping); blocks while there is nothing to do."""
         with self._cv:
             idle = not self._jobs  # nothing waited while the last batch ran: the load is light
-            while not self._jobs and not self._stopping:
+            while (not self._jobs or self._running) and not self._stopping:
                 self._cv.wait()
             if self._stopping:
                 return None
@@ -142,6 +187,7 @@ class MicroBatcher:
                         break
                     self._cv.wait(left)
             n = min(len(self._jobs), self.max_batch)
+            self._running = True
             return [self._jobs.popleft() for _ in range(n)]
 
     def _work(self) -> None:
@@ -153,18 +199,28 @@ class MicroBatcher:
             # requests already answered (deadline passed) are not run
             batch = [b for b in batch if b[2] is None or b[2] > now]
             if not batch:
+                self._done(None)
                 continue
             t0 = time.perf_counter()
             try:
                 results = self.fn([b[0] for b in batch])
             except Exception as exc:  # noqa: BLE001 - the batch function failed as a whole
                 results = [exc] * len(batch)
+            seconds = time.perf_counter() - t0
+            self._done(seconds)
             if self.on_batch is not None:
-                self.on_batch(len(batch), time.perf_counter() - t0)
+                self.on_batch(len(batch), seconds)
             try:
                 self._loop.call_soon_threadsafe(_deliver, [b[1] for b in batch], results)
             except RuntimeError:  # the loop is closed: nobody waits for these any more
                 return
+
+
+    def _done(self, seconds: Optional[float]) -> None:
+        with self._cv:
+            self._running, self._idle_since = False, time.monotonic()
+            if seconds is not None:
+                self._last_batch_seconds = seconds
 
 
 def _deliver(futures, results) -> None:
