@@ -206,7 +206,8 @@ class NotToRecommend(Retrieval):
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
         neg = feedback_targets(batch, self.negative_max, negative=True)
         # Decided on the count over all processes, so that every process takes the same branch.
-        if not global_count(int((neg.next_items > 0).sum()) + int((neg.first_items > 0).sum())) > 0:
+        n = int((neg.next_items > 0).sum()) + int((neg.first_items > 0).sum())
+        if not global_count(n, neg.next_items.device) > 0:
             return None, {}
         per_row, count = self.target_losses(enc, neg, "none")
         # 1 - p = -expm1(-l); l is clamped above 0 so that a target at p = 1 costs a large finite loss
