@@ -172,6 +172,44 @@ def test_csv_reader_with_attribute_tables(tmp_path):
     assert "rating" not in read_csv(no_rating).inter and encode(read_csv(no_rating)).rating is None
 
 
+def test_event_kinds_become_ratings_and_drop_non_tokens(tmp_path):
+    # like / dislike take the views' highest / lowest rating, their own rating cell unread (may be empty);
+    # dismiss and skip are no tokens of a history, as in the service
+    p = write(tmp_path / "events.csv", "user,item,rating,time,Kind\na,x,4,1,view\na,y,,2,LIKE\nb,x,,3,dislike\n"
+                                       "b,y,2,4,view\na,z,,5,dismiss\nb,z,9,6,skip\n")
+    inter = read_csv(p).inter
+    assert inter["user_id"].tolist() == ["a", "a", "b", "b"] and "Kind" not in inter and "kind" not in inter
+    assert inter["rating"].tolist() == [4, 4, 2, 2] and inter["timestamp"].tolist() == [1, 2, 3, 4]
+    # without a rating column the kinds make one: dislike 1, view 2, like 3
+    q = write(tmp_path / "e2.csv", "user,item,time,event\na,x,1,view\na,y,2,like\nb,x,3,dislike\nb,z,4,skip\n")
+    ds = encode(read_csv(q))
+    assert ds.rating.tolist() == [2, 3, 1] and ds.item_vocab.tolist() == ["[PAD]", "x", "y"]
+    d = tmp_path / "toy"
+    d.mkdir()
+    write(d / "toy.inter", "user_id:token\titem_id:token\ttimestamp:float\tkind:token\n"
+                           "a\tx\t1\tdislike\na\ty\t2\tdismiss\nb\ty\t3\tlike\n")
+    inter = read_atomic(d).inter
+    assert inter["item_id"].tolist() == ["x", "y"] and inter["rating"].tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("body, line, column", [
+    ("user,item,time,kind\na,x,1,view\nb,y,2,love\n", 3, "4 (kind)"),
+    ("user,item,time,kind,rating\na,x,1,view,\n", 2, "5 (rating)"),  # a view's rating is read
+])
+def test_event_kind_errors_name_line_and_column(tmp_path, body, line, column):
+    p = write(tmp_path / "bad.csv", body)
+    with pytest.raises(DataFormatError) as ei:
+        read_csv(p)
+    assert (ei.value.line, ei.value.column) == (line, column)
+    assert "view, like, dislike, dismiss, skip" in str(ei.value) or "number" in str(ei.value)
+    d = tmp_path / "toy"
+    d.mkdir()
+    write(d / "toy.inter", "user_id:token\titem_id:token\ttimestamp:float\tevent:token\na\tx\t1\tview\na\ty\t2\tx\n")
+    with pytest.raises(DataFormatError, match="event kind must be one of") as ei:
+        read_atomic(d)
+    assert (ei.value.line, ei.value.column) == (3, "event")
+
+
 @pytest.mark.parametrize("body, line, column, match", [
     ("user,item,timestamp\na,x,1\nb,y,later\n", 3, "3 (timestamp)", "expected a number"),
     ("user,item,timestamp\na,x,1\nb,y\n", 3, "3 (timestamp)", "expected 3 fields"),

@@ -5,7 +5,9 @@ and types so that one encoder (``unirec.data.dataset.encode``) serves all
 formats:
 
 - interactions: ``user_id`` (token), ``item_id`` (token), ``timestamp``
-  (float), and ``rating`` (float) when the source has one;
+  (float), and ``rating`` (float) when the source has one; an event-kind
+  column (``kind``, ``event`` or ``event_type``: view, like, dislike, dismiss,
+  skip) is read into the ratings and rows by :func:`apply_event_kinds`;
 - items: ``item_id`` plus attribute fields; users: ``user_id`` plus profile
   fields.
 
@@ -31,6 +33,12 @@ import numpy as np
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 PathLike = Union[str, os.PathLike]
+
+# Event kinds of an interaction (a data file's ``kind`` column, the service's events). A view, like or
+# dislike is a token of the user's history; a dismiss ("not interested") or skip is not.
+EVENT_KINDS = ("view", "like", "dislike", "dismiss", "skip")
+TOKEN_KINDS = ("view", "like", "dislike")
+KIND_FIELDS = ("kind", "event", "event_type")
 
 
 class DataFormatError(ValueError):
@@ -62,6 +70,8 @@ class Table:
     columns: Dict[str, object]
     types: Dict[str, str]
     source: str = "<memory>"
+    # Line (or row) of each row in its file, for messages after parsing; None when not kept.
+    line_numbers: Optional[Sequence[int]] = None
 
     def __len__(self) -> int:
         for values in self.columns.values():
@@ -228,7 +238,38 @@ def read_atomic_file(path: PathLike, *, sep: str = "\t", seq_sep: str = " ", enc
         n: typed_column(path, c, t, f"{j + 1} ({n})", line_numbers, seq_sep)
         for j, (n, t, c) in enumerate(zip(names, types, cols))
     }
-    return Table(columns, dict(zip(names, types)), str(path))
+    return Table(columns, dict(zip(names, types)), str(path), line_numbers)
+
+
+def apply_event_kinds(inter: Table, column: str, *, label: Optional[str] = None, unit: str = "line") -> Table:
+    """The interactions of a table whose ``column`` holds event kinds (:data:`EVENT_KINDS`, any case),
+    read as the service reads its events: ``like`` / ``dislike`` take the highest / lowest rating of the
+    views, a ``view`` keeps its own, and ``dismiss`` / ``skip`` rows are dropped, since they are not tokens
+    of a history. Only the views' ratings are used (in CSV and Parquet the others may be empty). Without
+    a rating column the kinds make one: dislike 1, view 2, like 3, so that ``negative_max_rating=1``
+    marks the dislikes. The kind column is removed; ``label`` names it in messages (default: ``column``)."""
+    kinds = np.char.lower(np.char.strip(np.asarray(inter[column], dtype=str)))
+    bad = np.flatnonzero(~np.isin(kinds, EVENT_KINDS))
+    if len(bad):
+        lines = inter.line_numbers
+        raise DataFormatError(inter.source, None if lines is None else lines[bad[0]], label or column,
+                              f"event kind must be one of {', '.join(EVENT_KINDS)}, got {inter[column][bad[0]]!r}",
+                              unit=unit)
+    columns = {k: v for k, v in inter.columns.items() if k != column}
+    types = {k: v for k, v in inter.types.items() if k != column}
+    view = kinds == "view"
+    if "rating" in columns and view.any():
+        rating = np.asarray(columns["rating"], dtype=np.float64).copy()
+        lo, hi = rating[view].min(), rating[view].max()
+    else:
+        rating, (lo, hi) = np.full(len(kinds), 2.0), (1.0, 3.0)
+        types["rating"] = "float"
+    rating[kinds == "like"], rating[kinds == "dislike"] = hi, lo
+    columns["rating"] = rating
+    keep = np.flatnonzero(np.isin(kinds, TOKEN_KINDS))
+    columns = {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]) for k, v in columns.items()}
+    lines = None if inter.line_numbers is None else [inter.line_numbers[i] for i in keep]
+    return Table(columns, types, inter.source, lines)
 
 
 def _require(table: Table, names: Sequence[str], what: str) -> None:
@@ -255,6 +296,10 @@ def read_atomic(directory: PathLike, name: Optional[str] = None) -> RawData:
     inter = read_atomic_file(directory / f"{name}.inter")
     _require(inter, ["user_id", "item_id", "timestamp"], "an interaction file")
     _check_types(inter, {"user_id": "token", "item_id": "token", "timestamp": "float", "rating": "float"})
+    kind = next((k for k in KIND_FIELDS if k in inter), None)
+    if kind is not None:
+        _check_types(inter, {kind: "token"})
+        inter = apply_event_kinds(inter, kind)
     item = user = None
     if (directory / f"{name}.item").exists():
         item = read_atomic_file(directory / f"{name}.item")

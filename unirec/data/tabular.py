@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .readers import (FIELD_TYPES, DataFormatError, PathLike, RawData, Table, _read_text, read_atomic,
+from .readers import (FIELD_TYPES, KIND_FIELDS, DataFormatError, PathLike, RawData, Table, _read_text,
+                      apply_event_kinds, read_atomic,
                       read_movielens_100k, read_movielens_1m, to_float_column, typed_column)
 
 USER_ALIASES = ("user_id", "user", "userid", "uid", "customer_id", "visitorid")
@@ -115,26 +116,38 @@ def _interactions_from_columns(path, names, getcol, line_numbers, unit: str = "l
     cols = {k: np.asarray(["" if v is None else str(v) for v in getcol(idx[w])], dtype=str)
             for k, w in (("user_id", "user"), ("item_id", "item"))}
     types = {"user_id": "token", "item_id": "token"}
+    k = _find(names, KIND_FIELDS)
+    if k is not None:
+        cols["kind"], types["kind"] = np.asarray(["" if v is None else str(v) for v in getcol(k)], dtype=str), "token"
+    # The rating of a like, dislike, dismiss or skip row is not read (apply_event_kinds sets or drops it): it may be empty.
+    rated = np.ones(len(cols["user_id"]), bool) if k is None else np.char.lower(np.char.strip(cols["kind"])) == "view"
+    lines = np.asarray(line_numbers)
     for key, what in (("timestamp", "time"), ("rating", "rating")):
         j = idx[what]
         if j is None:
             continue
         vals, column = getcol(j), f"{j + 1} ({names[j]})"
+        need = rated if key == "rating" else np.ones(len(rated), bool)
+        cols[key] = np.full(len(need), np.nan)
         if isinstance(vals, np.ndarray) and vals.dtype.kind in "iuf":
-            cols[key] = vals.astype(np.float64)
-            bad = np.flatnonzero(~np.isfinite(cols[key]))
+            cols[key][need] = vals[need]
+            bad = np.flatnonzero(~np.isfinite(cols[key]) & need)
             if len(bad):
                 raise DataFormatError(path, line_numbers[bad[0]], column,
                                       f"expected a finite number, got {cols[key][bad[0]]}", unit=unit)
         else:
-            cols[key] = to_float_column(path, [str(v) for v in vals], column, line_numbers, unit=unit)
+            cols[key][need] = to_float_column(path, [str(v) for v, n in zip(vals, need) if n], column,
+                                              lines[need].tolist(), unit=unit)
         types[key] = "float"
-    return Table(cols, types, str(path))
+    if k is None:
+        return Table(cols, types, str(path))
+    return apply_event_kinds(Table(cols, types, str(path), line_numbers), "kind", label=f"{k + 1} ({names[k]})",
+                             unit=unit)
 
 
 def read_csv(inter_path: PathLike, item_path: Optional[PathLike] = None, user_path: Optional[PathLike] = None, *,
              sep: str = ",", seq_sep: str = "|", encoding: str = "utf-8", name: Optional[str] = None) -> RawData:
-    """CSV with a header: interactions (user, item, timestamp[, rating]) + optional item / user tables.
+    """CSV with a header: interactions (user, item, timestamp[, rating][, kind]) + optional item / user tables.
 
     Column names are matched case-insensitively against common aliases (user_id/user/userId,
     item_id/item/movieId, timestamp/time, rating). Attribute table columns may be typed with

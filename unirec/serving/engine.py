@@ -57,13 +57,13 @@ import torch
 
 from ..data import History, live_token_batch
 from ..data.dataset import FeatureValueError
+from ..data.readers import TOKEN_KINDS
 from ..models.scorer import DEFAULT_DISMISS_DEMOTION, dismissal_demotion, item_covariance
 from ..runs import Run
 from .store import EventStore, ItemExists
 
 log = logging.getLogger("uvicorn.error")
 
-TOKEN_KINDS = ("view", "like", "dislike")
 VERSION_SLOTS = 1 << 16
 _EMPTY = np.zeros(0, dtype=np.int64)
 TITLE = "title"

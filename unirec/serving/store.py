@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-# view: a (possibly rated) interaction; like / dislike: explicit feedback on an item; dismiss: "not
-# interested", never show it again; skip: shown and passed over.
-KINDS = ("view", "like", "dislike", "dismiss", "skip")
+from ..data.readers import EVENT_KINDS as KINDS  # view, like, dislike, dismiss ("not interested"), skip
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
