@@ -118,6 +118,17 @@ def test_early_stopping_and_run_folder(split, tmp_path):
     assert np.isfinite(saved["test"]["rmse"])
 
 
+def test_select_metric_picks_the_best_epoch_and_names_an_unknown_one(split):
+    model = fresh(split)
+    t = tc(epochs=4, patience=10, select_metric="hr@10")
+    tr = trainer(model, split, t)
+    hist = tr.fit()
+    hr = [h["val_hr@10"] for h in hist]
+    assert tr.state["best_epoch"] == 1 + int(np.argmax(hr)) and tr.state["best_ndcg"] == max(hr)
+    with pytest.raises(ValueError, match="select_metric 'ndcg@11'.*expected one of .*hr@10"):
+        trainer(fresh(split), split, tc(epochs=1, select_metric="ndcg@11")).fit()
+
+
 def test_config_sections_reject_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="train config: unknown key 'epoch'"):
         TrainConfig.from_dict({"epoch": 3})

@@ -102,6 +102,9 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
     t.add_argument("--patience", type=int, default=5,
                    help="stop after this many epochs without a better validation NDCG@10 (default: %(default)s)")
+    t.add_argument("--select", default="ndcg@10", metavar="METRIC",
+                   help="validation metric that picks the best epoch and stops early, e.g. ndcg@10_positive "
+                        "(users whose held-out item is not negatively rated) (default: %(default)s)")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop training after the epoch that passes this many seconds, so that `unirec train` "
                         "ends within 10 minutes (ml-1m: 45) on a small CPU; 0 = no limit (default: 480; ml-1m: 2400)")
@@ -432,7 +435,7 @@ def cmd_train(args) -> int:
         opt["augment_data"] = _named_rates(args.augment_data, "--augment-data")
     opt["time_budget_s"] = opt["time_budget_s"] or None
     tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
-                     seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
+                     select_metric=args.select, seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     arm = args.arm or (args.command == "pretrain") * "pretrain-" + Path(args.config).stem

@@ -56,6 +56,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     patience: int = 5
+    # the validation metric that picks the best epoch and stops early, e.g. "ndcg@10_positive" (NDCG@10
+    # over the users whose held-out item is not negatively rated) for a model trained to avoid disliked items
+    select_metric: str = "ndcg@10"
     seed: int = 0
     device: str = "cpu"
     bf16: bool = True

@@ -173,6 +173,8 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             protocol.update(cold_test_mask_history=None)
     else:
         protocol = dict(PROTOCOL, like=f"rating >= {model.config.like_threshold}")
+        if train_cfg.select_metric != "ndcg@10":
+            protocol.update(selection=f"best validation {train_cfg.select_metric}")
         if ds.target_items is not None:
             protocol.update(ranking=f"among the {int(ds.target_items.sum())} target-domain items",
                             split="leave-one-out by time over target-domain events")

@@ -161,8 +161,9 @@ class Trainer:
 
     def fit(self, resume: bool = False, on_validation: Optional[Callable[[int, float], None]] = None) -> List[dict]:
         """Trains until ``epochs``, early stopping (``patience`` epochs without a better validation
-        NDCG@10) or ``time_budget_s``; leaves the best weights in the model.
-        ``on_validation(epoch, val_ndcg10)`` is called after each validation (it may raise to stop)."""
+        ``select_metric``, NDCG@10 by default) or ``time_budget_s``; leaves the best weights in the model.
+        ``on_validation(epoch, value)`` is called after each validation with the selection metric's value
+        (it may raise to stop)."""
         tc, st = self.tc, self.state
         if resume:
             if self.run is None:
@@ -172,14 +173,19 @@ class Trainer:
                 self.best_state = self.run.load_state("model.pt", tc.device)
             self.log(f"resumed at epoch {st['epoch']} (best validation NDCG@10 {st['best_ndcg']:.4f})")
         t0 = time.perf_counter()
+        sel = tc.select_metric
         while st["epoch"] < tc.epochs and st["stopped"] is None:
             e = st["epoch"]
             rec = {"epoch": e + 1, **self.train_epoch(e)}
             if self._validate is not None and ((e + 1) % tc.eval_every == 0 or e + 1 == tc.epochs):
                 val = distributed.broadcast_object(self._validate())
                 rec["val_ndcg@10"], rec["val_hr@10"] = val["ndcg@10"], val["hr@10"]
-                if val["ndcg@10"] > st["best_ndcg"]:
-                    st.update(best_ndcg=val["ndcg@10"], best_epoch=e + 1, bad_epochs=0)
+                if sel not in val:
+                    raise ValueError(f"train config: select_metric {sel!r} is not a validation metric here; "
+                                     f"expected one of {', '.join(sorted(k for k in val if '@' in k))}")
+                rec[f"val_{sel}"] = val[sel]
+                if val[sel] > st["best_ndcg"]:
+                    st.update(best_ndcg=val[sel], best_epoch=e + 1, bad_epochs=0)
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                     if self.saves:
                         model, _ = self._checkpoint()
@@ -187,14 +193,15 @@ class Trainer:
                             self.run.save_model(model)
                 else:
                     st["bad_epochs"] += 1
-                self.log(f"epoch {e + 1}: val NDCG@10 {val['ndcg@10']:.4f} HR@10 {val['hr@10']:.4f} "
+                chosen = "" if sel == "ndcg@10" else f" {sel} {val[sel]:.4f}"
+                self.log(f"epoch {e + 1}: val NDCG@10 {val['ndcg@10']:.4f} HR@10 {val['hr@10']:.4f}{chosen} "
                          f"(best {st['best_ndcg']:.4f} at epoch {st['best_epoch']})")
                 if on_validation is not None:
-                    on_validation(e + 1, val["ndcg@10"])
+                    on_validation(e + 1, val[sel])
             st["history"].append(rec)
             st["epoch"] = e + 1
             if st["bad_epochs"] >= tc.patience:
-                st["stopped"] = f"early stop: no better validation NDCG@10 for {tc.patience} epochs"
+                st["stopped"] = f"early stop: no better validation {sel} for {tc.patience} epochs"
             elif tc.time_budget_s is not None and time.perf_counter() - t0 > tc.time_budget_s:
                 st["stopped"] = f"time budget of {tc.time_budget_s:.0f}s reached"
             # Rank 0 decides (its clock for the time budget): every process continues or stops with it.
