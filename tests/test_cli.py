@@ -119,6 +119,18 @@ def test_compare_pairs_runs_by_seed(tmp_path, capsys):
     assert [(p[2], p[3]) for p in res["pairs"]] == [(0, 0), (1, 1)]
     assert main(["compare", *runs["unified"], "--", *runs["sasrec"]]) == 0
     assert "ndcg@10" in capsys.readouterr().out
+    # over the users whose held-out item is disliked, hr@10 is NegHit@10; over the others, NDCG@10 positive
+    for users, metric, key, count in (("negative", "hr@10", "neghit@10", "num_negative"),
+                                      ("positive", "ndcg@10", "ndcg@10_positive", "num_positive")):
+        assert main(["compare", *runs["unified"], "--", *runs["sasrec"], "--users", users, "--metric", metric,
+                     "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)["metrics"][metric]
+        test = [x["metrics"]["test"] for x in lines]
+        assert r["num_users"] == test[0][count] > 0
+        want = (test[2][key] + test[3][key]) / 2 - (test[0][key] + test[1][key]) / 2
+        assert r["diff"] == pytest.approx(want, abs=1e-6)
+    assert main(["compare", *runs["unified"], "--", *runs["sasrec"], "--users", "negative"]) == 0
+    assert "lower is better" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="then --"):
         main(["compare", *runs["unified"]])
 

@@ -184,6 +184,24 @@ def test_compare_runs_other_stage_and_position_pairing(tmp_path):
         compare_runs(runs_a, runs_b[:1], num_samples=10)
 
 
+def test_compare_runs_only_some_users(tmp_path):
+    rng = np.random.default_rng(9)
+    users, ranks_a, ranks_b = make_arms(tmp_path, rng, U=60)
+    runs_a = [write_run(tmp_path / f"a{s}", s, users, ranks_a[s]) for s in (1, 2)]
+    runs_b = [write_run(tmp_path / f"b{s}", s, users, ranks_b[s]) for s in (1, 2)]
+    only = users[::3]
+    res = compare_runs(runs_a, runs_b, metrics="hr@10", num_samples=200, only=list(only) + ["not a user"])
+    pick = np.isin(users, only)
+    a = per_user_metric(np.stack([ranks_a[s][pick] for s in (1, 2)]), "hr@10")
+    b = per_user_metric(np.stack([ranks_b[s][pick] for s in (1, 2)]), "hr@10")
+    assert res["metrics"]["hr@10"] == paired_bootstrap(a, b, num_samples=200)
+    assert res["num_users"] == 20 and res["users_dropped"] == 0 and res["only"]
+    text = format_comparison(res, "A", "B", lower_is_better=True)
+    assert ("A worse than B" in text) == (res["metrics"]["hr@10"]["low"] > 0)
+    with pytest.raises(ValueError, match="and in only"):
+        compare_runs(runs_a, runs_b, num_samples=10, only=["nobody"])
+
+
 def test_compare_runs_different_data_sources_raise(tmp_path):
     users = ["1", "2", "3"]
     ra = write_run(tmp_path / "a", 1, users, [1, 2, 3])

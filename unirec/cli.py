@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ndcg@K, hr@K or mrr@K, K <= 20 (repeatable; default: ndcg@10 and hr@10)")
     c.add_argument("--samples", type=int, default=10000, help="bootstrap samples (default: %(default)s)")
     c.add_argument("--names", default="A,B", help="names of the two arms in the table (default: %(default)s)")
+    c.add_argument("--users", default="all", choices=["all", "positive", "negative"],
+                   help="compare over the users whose held-out item is rated above --negative-max (positive) or "
+                        "at most that (negative; hr@10 there is NegHit@10) (default: %(default)s)")
+    c.add_argument("--negative-max", type=float, default=2.0,
+                   help="highest rating that counts as negative feedback (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     r = sub.add_parser("recommend", help="top-k items for a user from a run's model",
@@ -608,14 +613,33 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .evaluation import compare_runs, format_comparison
+    from .runs import Run
     runs_a, runs_b = args.runs, args.against
     if not runs_a or not runs_b:
         raise SystemExit("compare: give arm A's runs, then --, then arm B's runs (e.g. unirec compare "
                          "runs/a-s0 runs/a-s1 -- runs/b-s0 runs/b-s1)")
     names = (args.names.split(",") + ["A", "B"])[:2]
+    only = None
+    if args.users != "all":
+        if args.stage.startswith("cold"):
+            raise SystemExit("compare: --users takes the leave-one-out stages (test, test_unmasked, valid)")
+        split = Run.open(runs_a[0]).load_split()
+        if split.ratings is None:
+            raise SystemExit(f"compare: --users {args.users} needs ratings; {runs_a[0]}'s data has none")
+        users = split.eval_users
+        y = split.ratings[split.stage_positions(args.stage.replace("_unmasked", ""), users)]
+        chosen = y <= args.negative_max if args.users == "negative" else y > args.negative_max
+        only = split.dataset.user_vocab[users[chosen]].astype(str)
     result = compare_runs(runs_a, runs_b, metrics=tuple(args.metric or ("ndcg@10", "hr@10")), stage=args.stage,
-                          num_samples=args.samples)
-    print(json.dumps(result, indent=2, default=str) if args.json else format_comparison(result, *names))
+                          num_samples=args.samples, only=only)
+    if args.json:
+        print(json.dumps(dict(result, users=args.users), indent=2, default=str))
+        return 0
+    print(f"{args.users} users (held-out item rated {'<=' if args.users == 'negative' else '>'} {args.negative_max:g})"
+          if args.users != "all" else "all users")
+    print(format_comparison(result, *names, lower_is_better=args.users == "negative"))
+    if args.users == "negative":
+        print("over these users hr@K is NegHit@K, and lower is better")
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -147,11 +147,14 @@ def _pair(runs_a: list, runs_b: list, seeds_a: List[int], seeds_b: List[int]) ->
 
 
 def compare_runs(runs_a: list, runs_b: list, metrics: Sequence[str] = ("ndcg@10", "hr@10"), stage: str = "test",
-                 num_samples: int = 10000, level: float = 0.95, seed: int = 0) -> dict:
+                 num_samples: int = 10000, level: float = 0.95, seed: int = 0,
+                 only: Optional[Sequence[str]] = None) -> dict:
     """Compares arm A (runs_a) with arm B (runs_b) on ``stage`` ranks; see the module docstring.
+    ``only``: compare these user (or case) ids alone, e.g. the users whose held-out item is disliked.
 
     Returns {"metrics": {metric: paired_bootstrap dict}, "pairs": [(run_a, run_b, seed_a, seed_b)],
-    "stage", "data_source", "num_users" (users kept), "users_dropped" (users not in every run)}.
+    "stage", "data_source", "num_users" (users kept), "users_dropped" (users not in every run),
+    "only" (whether ``only`` chose the users)}.
     """
     if not runs_a or not runs_b:
         raise ValueError(f"both arms need at least one run (A has {len(runs_a)}, B has {len(runs_b)})")
@@ -182,11 +185,14 @@ def compare_runs(runs_a: list, runs_b: list, metrics: Sequence[str] = ("ndcg@10"
     keep = np.ones(all_users[0].size, dtype=bool)
     for u in all_users[1:]:
         keep &= np.isin(all_users[0], u)
+    union = np.unique(np.concatenate(all_users)).size
+    dropped = int(union - keep.sum())
+    if only is not None:
+        keep &= np.isin(all_users[0], np.asarray(only, dtype=str))
     common = all_users[0][keep]  # the first run's order
     if common.size == 0:
-        raise ValueError(f"no {'case' if stage.startswith('cold') else 'user'} is present in every run; were they "
-                         "evaluated on the same data?")
-    union = np.unique(np.concatenate(all_users)).size
+        raise ValueError(f"no {'case' if stage.startswith('cold') else 'user'} is present in every run"
+                         f"{'' if only is None else ' and in only'}; were they evaluated on the same data?")
     aligned = []
     for users, (_, _, ranks, _) in zip(all_users, loaded):
         order = np.argsort(users)
@@ -197,11 +203,12 @@ def compare_runs(runs_a: list, runs_b: list, metrics: Sequence[str] = ("ndcg@10"
            for m in metrics}
     return {"metrics": out, "pairs": [(runs[i], runs[na + j], seeds[i], seeds[na + j]) for i, j in pairs],
             "stage": stage, "data_source": next(iter(sources)), "num_users": int(common.size),
-            "users_dropped": int(union - common.size)}
+            "users_dropped": dropped, "only": only is not None}
 
 
-def format_comparison(result: dict, name_a: str = "A", name_b: str = "B") -> str:
-    """A short table of a compare_runs result: means, difference, relative difference and interval."""
+def format_comparison(result: dict, name_a: str = "A", name_b: str = "B", lower_is_better: bool = False) -> str:
+    """A short table of a compare_runs result: means, difference, relative difference and interval.
+    ``lower_is_better``: the metrics count a miss (e.g. hr@10 over users whose held-out item is disliked)."""
     rows = list(result["metrics"].items())
     first = rows[0][1] if rows else {}
     pct = f"{first.get('level', 0.95) * 100:g}%"
@@ -216,10 +223,11 @@ def format_comparison(result: dict, name_a: str = "A", name_b: str = "B") -> str
         rel = "n/a" if r["relative"] is None else f"{100 * r['relative']:+.2f}%"
         lines.append(f"{m:<10} {r['mean_a']:>{w}.4f} {r['mean_b']:>{w}.4f} {r['diff']:>+9.4f} {rel:>8}  "
                      f"[{r['low']:+.4f}, {r['high']:+.4f}]")
+        above, below = ("worse", "better") if lower_is_better else ("better", "worse")
         if r["low"] > 0:
-            verdicts.append(f"{m}: interval above zero ({name_a} better than {name_b})")
+            verdicts.append(f"{m}: interval above zero ({name_a} {above} than {name_b})")
         elif r["high"] < 0:
-            verdicts.append(f"{m}: interval below zero ({name_a} worse than {name_b})")
+            verdicts.append(f"{m}: interval below zero ({name_a} {below} than {name_b})")
         else:
             verdicts.append(f"{m}: interval contains zero (no clear difference)")
     return "\n".join(lines + verdicts)
