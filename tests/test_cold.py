@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny as tiny_config
 from unirec.data import (COLD_STAGES, ColdItemSplit, DataConfig, Dataset, History, TokenBuilder, TrainBatches,
                          cold_item_split, leave_one_out, live_token_batch, synthetic)
 from unirec.evaluation import compare_runs, evaluate_cases, evaluate_cold, evaluate_model, format_comparison
 from unirec.evaluation.compare import load_ranks
-from unirec.models import UniRec, preset
+from unirec.models import UniRec
 from unirec.models.objectives import next_item_queries, restrict_training_items
 from unirec.runs import Run, TrainConfig
 from unirec.training import train_run
@@ -31,7 +32,7 @@ def cold(ds):
 
 
 def tiny(**kw):
-    return preset("unified", **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 8, "dropout": 0.0, **kw})
+    return tiny_config(**{"max_len": 8, **kw})
 
 
 def events_of(ds, u):

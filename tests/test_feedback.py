@@ -7,19 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import small_split, tiny
 from unirec.data import TokenBuilder, TrainBatches, leave_one_out, synthetic
-from unirec.models import ModelConfig, UniRec, preset
+from unirec.models import ModelConfig, UniRec
 from unirec.models.objectives import feedback_targets
 
 
 @pytest.fixture(scope="module")
 def small():
-    ds = synthetic(num_users=120, num_items=150, num_clusters=5, mean_length=15, seed=3)
-    return ds, leave_one_out(ds)
-
-
-def tiny(**kw):
-    return preset("unified", **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 20, "dropout": 0.0, **kw})
+    return small_split()
 
 
 def test_batches_carry_the_rating_of_each_target(small):

@@ -6,19 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from unirec.data import TokenBuilder, leave_one_out, synthetic
-from unirec.models import ModelConfig, UniRec, preset
+from conftest import small_split, tiny
+from unirec.data import TokenBuilder
+from unirec.models import ModelConfig, UniRec
 from unirec.models.items import TableMix, TextAdapter, random_text_vectors
 
 
 @pytest.fixture(scope="module")
 def small():
-    ds = synthetic(num_users=80, num_items=90, num_clusters=4, mean_length=12, seed=5)
-    return ds, leave_one_out(ds)
-
-
-def tiny(**kw):
-    return preset("unified", **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 20, "dropout": 0.0, **kw})
+    return small_split(num_users=80, num_items=90, num_clusters=4, mean_length=12, seed=5)
 
 
 @pytest.mark.parametrize("experts", [1, 3])

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import small_split, tiny
 from unirec.data import TokenBuilder, TrainBatches, leave_one_out, synthetic
 from unirec.evaluation import evaluate_model, popularity_baseline, target_ranks
 from unirec.models import DataSchema, ModelConfig, UniRec, gather_bags, preset, upgrade_legacy
@@ -14,12 +15,7 @@ from unirec.training import TrainConfig, Trainer
 
 @pytest.fixture(scope="module")
 def small():
-    ds = synthetic(num_users=120, num_items=150, num_clusters=5, mean_length=15, seed=3)
-    return ds, leave_one_out(ds)
-
-
-def tiny(name="unified", **kw):
-    return preset(name, **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 20, "dropout": 0.0, **kw})
+    return small_split()
 
 
 def test_presets_per_data_set():

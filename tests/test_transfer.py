@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny as tiny_config
 from unirec.cli import main
-from unirec.data import RawData, Table, TokenBuilder, encode, leave_one_out, synthetic, training_users
+from unirec.data import RawData, Table, TokenBuilder, encode, leave_one_out, training_users
 from unirec.data.matching import item_keys, match_items, match_values, matching_feature, normalize_title
-from unirec.models import preset
 from unirec.models.transfer import METHODS, FinetuneSpec, build_finetuned, parameter_counts, trained_state
-from unirec.nn.lora import LoRALinear, add_lora, merge_lora, unmerge_lora
+from unirec.nn.lora import LoRALinear, add_lora
 from unirec.runs import Run
 from unirec.training.trainer import make_optimizer
 from unirec.runs import TrainConfig
@@ -135,8 +135,7 @@ def test_items_match_by_title_and_year_not_by_bare_title():
 
 
 def tiny(**kw):
-    return preset("unified", **{"dim": 16, "num_blocks": 1, "num_heads": 2, "max_len": 12, "dropout": 0.0,
-                                "text": "random", **kw})
+    return tiny_config(**{"max_len": 12, "text": "random", **kw})
 
 
 @pytest.fixture(scope="module")

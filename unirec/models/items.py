@@ -261,7 +261,7 @@ class ItemEncoder(nn.Module):
         dev = next(self.parameters()).device
         parts = []
         if self.tables is not None:
-            T, D = self.tables.num_tables, self.tables.tables.dim
+            T = self.tables.num_tables
             A = T - int(self.with_ids)
             if attribute_bags is None or not self.with_attributes:
                 ind, off = torch.zeros(0, dtype=torch.int64), torch.zeros(T * count + 1, dtype=torch.int64)

@@ -411,7 +411,7 @@ def _check(q, k, v, offsets, max_seqlen, num_targets, activation, rel_bias):
         offsets[0] != 0, offsets[-1] != q.shape[0], (lengths < 0).any(), (lengths > max_seqlen).any(),
         ((num_targets < 0) | (num_targets > lengths)).any() if num_targets is not None else offsets[0] != offsets[0],
     ]).tolist()
-    msgs = [f"offsets[0] must be 0", f"offsets[-1] must equal q.shape[0] ({q.shape[0]})", "offsets must not decrease",
+    msgs = ["offsets[0] must be 0", f"offsets[-1] must equal q.shape[0] ({q.shape[0]})", "offsets must not decrease",
             f"a sequence is longer than max_seqlen = {max_seqlen}", "num_targets[b] must be in [0, length of b]"]
     for flag, msg in zip(bad, msgs):
         if flag:
