@@ -613,6 +613,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .evaluation import compare_runs, format_comparison
+    from .evaluation.model_eval import feedback_users
     from .runs import Run
     runs_a, runs_b = args.runs, args.against
     if not runs_a or not runs_b:
@@ -623,13 +624,11 @@ def cmd_compare(args) -> int:
     if args.users != "all":
         if args.stage.startswith("cold"):
             raise SystemExit("compare: --users takes the leave-one-out stages (test, test_unmasked, valid)")
-        split = Run.open(runs_a[0]).load_split()
-        if split.ratings is None:
-            raise SystemExit(f"compare: --users {args.users} needs ratings; {runs_a[0]}'s data has none")
-        users = split.eval_users
-        y = split.ratings[split.stage_positions(args.stage.replace("_unmasked", ""), users)]
-        chosen = y <= args.negative_max if args.users == "negative" else y > args.negative_max
-        only = split.dataset.user_vocab[users[chosen]].astype(str)
+        try:
+            only = feedback_users(Run.open(runs_a[0]).load_split(), args.stage.replace("_unmasked", ""),
+                                  args.users == "negative", args.negative_max)
+        except ValueError as e:
+            raise SystemExit(f"compare: --users {args.users}: {e} ({runs_a[0]})") from None
     result = compare_runs(runs_a, runs_b, metrics=tuple(args.metric or ("ndcg@10", "hr@10")), stage=args.stage,
                           num_samples=args.samples, only=only)
     if args.json:

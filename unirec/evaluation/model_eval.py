@@ -232,14 +232,29 @@ def evaluate_cases(model, builder, users, positions, *, stage: str = "cases", ma
     return out
 
 
+def feedback_groups(target_ratings, negative_max: float = 2.0):
+    """(negative, positive) bool masks of targets: rated <= ``negative_max``, rated above it (unrated: neither)."""
+    y = np.asarray(target_ratings, dtype=np.float32)
+    return y <= negative_max, y > negative_max
+
+
+def feedback_users(split, stage: str, negative: bool, negative_max: float = 2.0) -> np.ndarray:
+    """The ids of the evaluated users whose ``stage`` ("valid" / "test") target is negative (or positive)
+    feedback, as :func:`feedback_metrics` counts them; a ValueError when the data has no ratings."""
+    if split.ratings is None:
+        raise ValueError("the data set has no ratings: no user's target is liked or disliked")
+    users = split.eval_users
+    neg, pos = feedback_groups(split.ratings[split.stage_positions(stage, users)], negative_max)
+    return split.dataset.user_vocab[users[neg if negative else pos]].astype(str)
+
+
 def feedback_metrics(ranks: torch.Tensor, target_ratings, negative_max: float = 2.0, k: int = 10) -> dict:
     """Metrics that tell disliked targets from liked ones (``ranks`` [E] and ``target_ratings`` [E] of
     the same users): "neghit@10", the share of users whose target is rated <= ``negative_max`` that
     find it in their top k (lower is better: the model should not push what the user will dislike);
     "ndcg@10_positive", NDCG@k over the users whose target is rated above it (so that demoting
     disliked items is not counted as a loss); and how many users each covers. NaN without users."""
-    y = torch.as_tensor(np.asarray(target_ratings, dtype=np.float32))
-    neg, pos = y <= negative_max, y > negative_max
+    neg, pos = (torch.from_numpy(m) for m in feedback_groups(target_ratings, negative_max))
     hit = (ranks <= k).float()
     return {f"neghit@{k}": float(hit[neg].mean()) if neg.any() else math.nan,
             f"ndcg@{k}_positive": float(ndcg_at_k(ranks[pos], k).mean()) if pos.any() else math.nan,

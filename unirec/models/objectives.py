@@ -204,12 +204,10 @@ class NotToRecommend(Retrieval):
     mean over those targets. In terms of the softmax loss l = -log p: -log(1 - e^-l)."""
 
     def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
-        neg = feedback_targets(batch, self.negative_max, negative=True)
+        per_row, count = self.target_losses(enc, feedback_targets(batch, self.negative_max, negative=True), "none")
         # Decided on the count over all processes, so that every process takes the same branch.
-        n = int((neg.next_items > 0).sum()) + int((neg.first_items > 0).sum())
-        if not global_count(n, neg.next_items.device) > 0:
+        if not count > 0:
             return None, {}
-        per_row, count = self.target_losses(enc, neg, "none")
         # 1 - p = -expm1(-l); l is clamped above 0 so that a target at p = 1 costs a large finite loss
         ret = mean_share(-torch.log(-torch.expm1(-per_row.clamp_min(1e-6))).sum(), count)
         return ret, {"not_to_recommend": float(ret.detach())}
