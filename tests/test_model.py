@@ -158,6 +158,28 @@ def test_candidates_do_not_see_each_other_nor_leak_into_history(small):
     torch.testing.assert_close(enc.hidden[enc.hist_pos], enc2.hidden[enc2.hist_pos])
 
 
+
+@pytest.mark.parametrize("name,kw", [("unified", {}), ("sasrec", {}), ("hstu", {}), ("unified", {"num_blocks": 1}),
+                                     ("unified", {"num_blocks": 0})])
+def test_predict_computes_the_last_states_of_the_full_pass(small, name, kw):
+    """predict skips the last block's work on the tokens it does not return: its queries, ratings and likes
+    are the full pass's, with a profile token, candidates, silu attention with a bias, and empty histories."""
+    ds, sp = small
+    torch.manual_seed(3)
+    m = UniRec.from_dataset(ds, tiny(name, **kw)).eval()
+    with torch.no_grad():  # a trained-looking model: the zero-initialised type vectors and biases moved
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tb = TokenBuilder.for_config(sp, m.config)
+    users = np.nonzero(sp.train_len >= 2)[0][:13]
+    for b in (tb.train_batch(users, None, candidates=m.needs_candidates), tb.eval_batch("test", sp.eval_users[:11])):
+        full = m.encode(b)
+        p = m.predict(b)
+        torch.testing.assert_close(p["queries"], full.hidden[full.last_pos].float(), atol=1e-5, rtol=1e-5)
+        if m.config.ranking and b.cand_items.numel():
+            rating, like = m.objectives["ranking"].outputs(full, b.cand_items)
+            torch.testing.assert_close(p["rating"], rating.clamp(m.schema.rating_min, m.schema.rating_max))
+            torch.testing.assert_close(p["like"], torch.sigmoid(like))
 def test_reference_impl_matches_fast_impl(small):
     ds, sp = small
     torch.manual_seed(0)

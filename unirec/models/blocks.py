@@ -21,8 +21,10 @@ class JaggedSelfAttention(nn.Module):
     ``impl``: the backend choice (see :func:`unirec.ops.resolve_impl`), set at run time by
     :func:`unirec.nn.set_impl`.
 
-    forward(x [T, D], offsets [B + 1], num_targets [B] or None, causal=True, row_keys=None) -> [T, D];
-    ``row_keys`` (int64 [T], one per token) key the dropout masks (see :class:`unirec.nn.Dropout`).
+    forward(x [T, D], offsets [B + 1], num_targets [B] or None, causal=True, row_keys=None, rows=None)
+    -> [T, D], or [R, D] for the tokens ``rows`` (int64 [R]) alone: every token is still a key and a value,
+    the rest (the output projection, the gate) runs on those rows only; ``row_keys`` (int64 [T], one per
+    token) key the dropout masks (see :class:`unirec.nn.Dropout`).
     """
 
     def __init__(self, dim: int, num_heads: int, max_seqlen: int, activation: str = "softmax",
@@ -37,21 +39,26 @@ class JaggedSelfAttention(nn.Module):
         self.dropout = Dropout(dropout, impl)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: Optional[torch.Tensor] = None,
-                causal: bool = True, row_keys: Optional[torch.Tensor] = None):
+                causal: bool = True, row_keys: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None):
         T = x.shape[0]
         parts = self.qkv(x).view(T, -1, self.num_heads, self.head_dim).unbind(1)
         q, k, v = (p.contiguous() for p in parts[:3])
         rel = None if self.rel_bias is None else self.rel_bias.to(q.dtype)
         a = ops.jagged_attention(q, k, v, offsets, self.max_seqlen, causal=causal, num_targets=num_targets,
                                  activation=self.activation, rel_bias=rel, impl=ops.resolve_impl(self.impl, "attention")).reshape(T, self.dim)
-        if self.activation == "silu":
-            a = self.attn_norm(a) * F.silu(parts[3].reshape(T, self.dim))
+        u = parts[3].reshape(T, self.dim) if self.activation == "silu" else None
+        if rows is not None:
+            a, u = a.index_select(0, rows), None if u is None else u.index_select(0, rows)
+            row_keys = None if row_keys is None else row_keys.index_select(0, rows)
+        if u is not None:
+            a = self.attn_norm(a) * F.silu(u)
         return self.out(self.dropout(a, row_keys))
 
 
 class Block(nn.Module):
     """Pre-norm block: x + Drop(Attn(LN(x))), then x + Drop(FFN(LN(x))), FFN = Linear, GELU, Dropout,
-    Linear (``ffn.0`` .. ``ffn.3``). Shapes and ``row_keys`` (every dropout's) as JaggedSelfAttention."""
+    Linear (``ffn.0`` .. ``ffn.3``). Shapes, ``row_keys`` (every dropout's) and ``rows`` (the tokens whose
+    output is wanted; None = all) as JaggedSelfAttention."""
 
     def __init__(self, dim: int, num_heads: int, max_seqlen: int, ffn_mult: int = 2, dropout: float = 0.2,
                  activation: str = "softmax", rel_bias: bool = False, impl: str = "auto"):
@@ -62,7 +69,12 @@ class Block(nn.Module):
                                  nn.Linear(ffn_mult * dim, dim))
         self.drop = Dropout(dropout, impl)
 
-    def forward(self, x, offsets, num_targets=None, causal: bool = True, row_keys: Optional[torch.Tensor] = None):
-        x = x + self.drop(self.attn(self.norm1(x), offsets, num_targets, causal, row_keys), row_keys)
+    def forward(self, x, offsets, num_targets=None, causal: bool = True, row_keys: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None):
+        a = self.attn(self.norm1(x), offsets, num_targets, causal, row_keys, rows)
+        if rows is not None:
+            x = x.index_select(0, rows)
+            row_keys = None if row_keys is None else row_keys.index_select(0, rows)
+        x = x + self.drop(a, row_keys)
         up, act, drop, down = self.ffn  # called one by one, so that the inner dropout gets the keys
         return x + self.drop(down(drop(act(up(self.norm2(x))), row_keys)), row_keys)

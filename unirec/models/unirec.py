@@ -109,13 +109,15 @@ class UniRec(nn.Module):
         """[N + 1, D] every catalogue item's representation (row 0 = padding = 0)."""
         return self.items()
 
-    def encode(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None, causal: bool = True) -> Encoded:
+    def encode(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None, causal: bool = True,
+               last_only: bool = False) -> Encoded:
         """Runs the Transformer over the batch's streams (see :class:`~unirec.models.stream.Encoded`);
-        ``causal=False`` lets each token see its whole stream."""
+        ``causal=False`` lets each token see its whole stream; ``last_only`` computes the states of the
+        last history tokens and the candidates alone (inference, see :class:`~unirec.models.stream.TokenStream`)."""
         if item_rep is None:
             item_rep = self.item_representations()
         profile = self.profile(batch.users) if self.profile is not None else None
-        enc = self.stream(batch, item_rep, self.token_types, profile, causal)
+        enc = self.stream(batch, item_rep, self.token_types, profile, causal, last_only)
         enc.repeat_offsets = self.scorer.repeat_offsets()
         return enc
 
@@ -140,7 +142,7 @@ class UniRec(nn.Module):
     def predict(self, batch: TokenBatch, item_rep: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Inference: {"queries": [B, D] float32 user states after the history, "item_rep": [N + 1, D] float32,
         "rating": [C], "like": [C] probabilities of the candidates (when the model ranks)}."""
-        enc = self.encode(batch, item_rep)
+        enc = self.encode(batch, item_rep, last_only=True)
         out = {"queries": enc.hidden[enc.last_pos].float(), "item_rep": enc.item_rep.float()}
         if "ranking" in self.objectives:
             out.update(self.objectives["ranking"].predict(enc, batch.cand_items))
