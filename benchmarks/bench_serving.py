@@ -449,6 +449,7 @@ def lone(run: str, users: List[str], n: int, server_args: List[str], seed: int) 
     rng = random.Random(seed)
     picks = [rng.choice(users) for _ in range(n + 50)]   # the first 50: warm-up
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # as in `unirec serve`
     model, split, version = load_run(run)
     state = tempfile.mkdtemp(prefix="unirec-bench-lone-")
     store = EventStore(Path(state) / "e.sqlite3")
@@ -552,6 +553,7 @@ def dismiss_effect(run: str, n_users: int, demotions: List[float], seed: int) ->
     import torch
     from unirec.serving import EventStore, RecommendJob, Recommender, load_run
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # as in `unirec serve`
     model, split, version = load_run(run)
     rng = np.random.default_rng(seed)
     users = [str(u) for u in rng.choice(split.dataset.user_vocab[1:], n_users, replace=False)]

@@ -38,7 +38,6 @@ import gc
 import json
 import logging
 import math
-import os
 import secrets
 import signal
 import threading
@@ -68,7 +67,6 @@ MAX_K = 1000
 MAX_LIST = 10000
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = 1
-ONEDNN_CACHE = 16  # oneDNN kernels kept by `unirec serve` (see serve)
 log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: shown at its log level
 
 
@@ -736,11 +734,11 @@ def serve(run_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, 
     """
     import torch
     import uvicorn
-    # oneDNN keeps a compiled kernel per tensor shape (GELU's, here), 1024 of them by default; batches come in
-    # ever new shapes (their total token count), so that cache grew the server by ~200-270 MB in a minute
-    # of overload while it rarely hit (with 16 kept: flat after the first seconds, same throughput).
-    # oneDNN reads this when it makes its first kernel, which is after this line.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
+    # oneDNN (GELU's kernel, here) compiles a kernel per tensor shape and keeps it; batches come in ever new
+    # shapes (their total token count), so each batch paid a compile (GELU 3x slower: a batch of 4-24 users
+    # 8.4 against 7.6 ms with 16 kernels kept) or, with oneDNN's 1024 kept, the server grew by ~200-270 MB in
+    # a minute of overload. ATen's own kernels (the matmuls are MKL's either way) have neither cost.
+    torch.backends.mkldnn.enabled = False
     torch.set_num_threads(threads)
     app = create_app(run_dir, reload_signal=True, **app_kwargs)
     # The model, the data set and the libraries are long-lived: keep the collector from rescanning them
