@@ -9,8 +9,9 @@
 // scores alive. The backward recomputes the probabilities from the saved
 // log-sum-exp (softmax) or from the scores (silu).
 //
-// The kernels are compiled twice, for AVX2+FMA and for the baseline ISA, and
-// picked at run time.
+// The kernels are compiled three times, for AVX-512 (16-float vectors), for
+// AVX2+FMA (8-float) and for the baseline ISA, and picked at run time by
+// cpu_isa() (UNIREC_CPU_ISA caps it, so that each variant can be tested).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,6 +32,16 @@
 #pragma GCC diagnostic ignored "-Wunused-local-typedefs"
 
 namespace unirec {
+#define UNIREC_ATTN_VEC_BYTES 64
+namespace attn_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+#include "attention_kernels.h"
+#pragma GCC pop_options
+}  // namespace attn_avx512
+#undef UNIREC_ATTN_VEC_BYTES
+#define UNIREC_ATTN_VEC_BYTES 32
 namespace attn_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -41,6 +52,7 @@ namespace attn_avx2 {
 namespace attn_base {
 #include "attention_kernels.h"
 }  // namespace attn_base
+#undef UNIREC_ATTN_VEC_BYTES
 
 namespace {
 
@@ -128,9 +140,12 @@ void for_each_item(const Seqs& s, int64_t H, const F& fn) {
 }
 
 template <typename T>
-void run_fwd(bool avx2, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O, T* lse,
-             T* S) {
-  if (avx2) {
+void run_fwd(CpuIsa isa, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* Ktb, const T* V, T* O,
+             T* lse, T* S) {
+  if (isa == CpuIsa::kAvx512) {
+    attn_avx512::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
+    attn_avx512::fwd(DP, b, Qs, Ktb, V, O, lse, S);
+  } else if (isa == CpuIsa::kAvx2) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
     attn_avx2::fwd(DP, b, Qs, Ktb, V, O, lse, S);
   } else {
@@ -139,9 +154,12 @@ void run_fwd(bool avx2, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, con
 }
 
 template <typename T>
-void run_bwd(bool avx2, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb,
+void run_bwd(CpuIsa isa, int DP, const attn_base::SeqArgs<T>& a, const T* Qs, const T* K, const T* Ktb,
              const T* Vtb, const T* dO, const T* lse, const T* delta, T* dQ, T* dK, T* dV, T* drb, T* S, T* dP) {
-  if (avx2) {
+  if (isa == CpuIsa::kAvx512) {
+    attn_avx512::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
+    attn_avx512::bwd(DP, b, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);
+  } else if (isa == CpuIsa::kAvx2) {
     attn_avx2::SeqArgs<T> b{a.L, a.t0, a.causal, a.silu, a.inv_n, a.rb};
     attn_avx2::bwd(DP, b, Qs, K, Ktb, Vtb, dO, lse, delta, dQ, dK, dV, drb, S, dP);
   } else {
@@ -196,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_fwd_cpu(const at::Tensor& q_
   at::Tensor rb;
   if (rel_bias.has_value()) rb = rel_bias->contiguous();
   const int DP = padded_dim(sh.D);
-  const bool avx2 = cpu_has_avx2_fma();  // once per call, not per (sequence, head)
+  const CpuIsa isa = cpu_isa();  // once per call, not per (sequence, head)
   const int64_t H = sh.H, D = sh.D;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "jagged_attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -230,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_attention_fwd_cpu(const at::Tensor& q_
       if (rbp) for (int64_t r = 0; r < max_seqlen; ++r) s.rb[r] = static_cast<T>(rbp[h * max_seqlen + r]);
       attn_base::SeqArgs<T> a{static_cast<int>(L), static_cast<int>(seqs.t0[b]), causal, silu,
                               static_cast<T>(1.0 / std::max<int64_t>(max_seqlen, 1)), rbp ? s.rb.data() : nullptr};
-      run_fwd<T>(avx2, DP, a, s.Qs.data(), s.Ktb.data(), s.V.data(), s.O.data(), s.lse.data(), s.S.data());
+      run_fwd<T>(isa, DP, a, s.Qs.data(), s.Ktb.data(), s.V.data(), s.O.data(), s.lse.data(), s.S.data());
       store_rows(s.O.data(), start, L, h, H, D, DP, T(1), op);
       if (lsep) for (int64_t i = 0; i < L; ++i) lsep[(start + i) * H + h] = s.lse[i];
     };
@@ -273,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
   at::Tensor rb, drb;
   if (rel_bias.has_value()) rb = rel_bias->contiguous();
   const int DP = padded_dim(sh.D);
-  const bool avx2 = cpu_has_avx2_fma();  // once per call, not per (sequence, head)
+  const CpuIsa isa = cpu_isa();  // once per call, not per (sequence, head)
   const int64_t H = sh.H, D = sh.D;
   const int nthreads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "jagged_attention_bwd_cpu", [&] {
@@ -328,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jagged_attention_bwd_
       }
       attn_base::SeqArgs<T> a{static_cast<int>(L), static_cast<int>(seqs.t0[b]), causal, silu,
                               static_cast<T>(1.0 / std::max<int64_t>(max_seqlen, 1)), rbp ? s.rb.data() : nullptr};
-      run_bwd<T>(avx2, DP, a, s.Qs.data(), s.K.data(), s.Ktb.data(), s.Vtb.data(), s.dO.data(), s.lse.data(),
+      run_bwd<T>(isa, DP, a, s.Qs.data(), s.K.data(), s.Ktb.data(), s.Vtb.data(), s.dO.data(), s.lse.data(),
                  s.delta.data(), s.dQ.data(), s.dK.data(), s.dV.data(), drbp, s.S.data(), s.dP.data());
       store_rows(s.dQ.data(), start, L, h, H, D, DP, static_cast<T>(scale), dqp);
       store_rows(s.dK.data(), start, L, h, H, D, DP, T(1), dkp);

@@ -1,8 +1,11 @@
 // Per-sequence, per-head jagged attention kernels on contiguous float32 or
-// float64 buffers. This file is included twice by attention.cpp: once under
-// `#pragma GCC target("avx2,fma")` and once for the baseline ISA, each time
-// inside its own namespace, so it has no include guard and includes nothing
-// (attention.cpp includes <algorithm>, <cmath>, <cstdint>, <cstring> first).
+// float64 buffers. This file is included three times by attention.cpp: under
+// `#pragma GCC target` for AVX-512 and for AVX2+FMA, and for the baseline ISA,
+// each time inside its own namespace and with UNIREC_ATTN_VEC_BYTES set to the
+// width of its vectors (64 or 32), so it has no include guard and includes
+// nothing (attention.cpp includes <algorithm>, <cmath>, <cstdint>, <cstring>
+// first). Every length a vector loop runs over (kBK, kSub, the padded head
+// dims) is a multiple of 16 floats, so one code serves both widths.
 //
 // Layout of one (sequence, head) work item, L tokens, head dim padded to DP
 // (a multiple of 16, zero-filled), Lp = L rounded up to kBK:
@@ -20,18 +23,21 @@ constexpr int kBK = 64;  // keys per tile
 constexpr int kSub = 32;   // on the causal diagonal, row blocks that see < kSub keys compute only kSub columns
 constexpr int kRows = 30;  // rows of such a block (a multiple of the micro-kernels' 3 and 6 rows)
 
+#ifndef UNIREC_ATTN_VEC_BYTES
+#error "attention.cpp sets UNIREC_ATTN_VEC_BYTES (32 or 64) before including this file"
+#endif
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(32), aligned(4), may_alias));
-  typedef int32_t itype __attribute__((vector_size(32), aligned(4), may_alias));
-  static constexpr int W = 8;
+  typedef float type __attribute__((vector_size(UNIREC_ATTN_VEC_BYTES), aligned(4), may_alias));
+  typedef int32_t itype __attribute__((vector_size(UNIREC_ATTN_VEC_BYTES), aligned(4), may_alias));
+  static constexpr int W = UNIREC_ATTN_VEC_BYTES / 4;
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(32), aligned(8), may_alias));
-  static constexpr int W = 4;
+  typedef double type __attribute__((vector_size(UNIREC_ATTN_VEC_BYTES), aligned(8), may_alias));
+  static constexpr int W = UNIREC_ATTN_VEC_BYTES / 8;
 };
 
 template <typename T>
@@ -45,10 +51,9 @@ static inline void vstore(T* p, typename Vec<T>::type v) {
 
 template <typename T>
 static inline typename Vec<T>::type vbroadcast(T x) {
-  typename Vec<T>::type v;
-#pragma GCC unroll 8
-  for (int w = 0; w < Vec<T>::W; ++w) v[w] = x;
-  return v;
+  // vector + scalar broadcasts the scalar: one vbroadcastss (a lane-by-lane loop became 16 masked
+  // broadcasts at 64 bytes)
+  return typename Vec<T>::type{} + x;
 }
 
 // Register-blocked C[MR rows][NV vectors] (+)= A[MR][K] B[K][NV*W]; with TA,
@@ -97,12 +102,12 @@ static inline void gemm(int M, int K, const T* A, int lda, const T* B, int ldb, 
   }
 }
 
-// exp on n (a multiple of 8) floats in place: x <- exp(x - shift). Cephes
+// exp on n (a multiple of the vector width) floats in place: x <- exp(x - shift). Cephes
 // polynomial after range reduction by 2^n; relative error ~1e-7.
 static inline void exp_shift(float* x, int n, float shift) {
   using V = Vec<float>::type;
   using VI = Vec<float>::itype;
-  for (int j = 0; j < n; j += 8) {
+  for (int j = 0; j < n; j += Vec<float>::W) {
     V v = vload(x + j) - shift;
     v = v < -87.0f ? V{} - 87.0f : v;
     v = v > 88.0f ? V{} + 88.0f : v;
@@ -158,7 +163,7 @@ static inline T vsum(const T* x, int n) {
   return r;
 }
 
-// sg <- sigmoid(x) on n (a multiple of 8) values.
+// sg <- sigmoid(x) on n (a multiple of the vector width) values.
 static inline void sigmoid(const float* x, float* sg, int n) {
   for (int j = 0; j < n; ++j) sg[j] = -x[j];
   exp_shift(sg, n, 0.0f);
