@@ -163,7 +163,7 @@ def test_candidates_do_not_see_each_other_nor_leak_into_history(small):
                                      ("unified", {"num_blocks": 0})])
 def test_predict_computes_the_last_states_of_the_full_pass(small, name, kw):
     """predict skips the last block's work on the tokens it does not return: its queries, ratings and likes
-    are the full pass's, with a profile token, candidates, silu attention with a bias, and empty histories."""
+    are the full pass's, with a profile token, candidates, silu attention with a bias, and 0 or 1 blocks."""
     ds, sp = small
     torch.manual_seed(3)
     m = UniRec.from_dataset(ds, tiny(name, **kw)).eval()
