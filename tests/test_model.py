@@ -158,7 +158,6 @@ def test_candidates_do_not_see_each_other_nor_leak_into_history(small):
     torch.testing.assert_close(enc.hidden[enc.hist_pos], enc2.hidden[enc2.hist_pos])
 
 
-
 @pytest.mark.parametrize("name,kw", [("unified", {}), ("sasrec", {}), ("hstu", {}), ("unified", {"num_blocks": 1}),
                                      ("unified", {"num_blocks": 0})])
 def test_predict_computes_the_last_states_of_the_full_pass(small, name, kw):
@@ -180,6 +179,8 @@ def test_predict_computes_the_last_states_of_the_full_pass(small, name, kw):
             rating, like = m.objectives["ranking"].outputs(full, b.cand_items)
             torch.testing.assert_close(p["rating"], rating.clamp(m.schema.rating_min, m.schema.rating_max))
             torch.testing.assert_close(p["like"], torch.sigmoid(like))
+
+
 def test_reference_impl_matches_fast_impl(small):
     ds, sp = small
     torch.manual_seed(0)

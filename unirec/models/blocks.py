@@ -23,8 +23,8 @@ class JaggedSelfAttention(nn.Module):
 
     forward(x [T, D], offsets [B + 1], num_targets [B] or None, causal=True, row_keys=None, rows=None)
     -> [T, D], or [R, D] for the tokens ``rows`` (int64 [R]) alone: every token is still a key and a value,
-    the rest (the output projection, the gate) runs on those rows only; ``row_keys`` (int64 [T], one per
-    token) key the dropout masks (see :class:`unirec.nn.Dropout`).
+    the rest (the output projection, the gate) runs on those rows only; ``row_keys`` (int64, one per output
+    row) key the dropout masks (see :class:`unirec.nn.Dropout`).
     """
 
     def __init__(self, dim: int, num_heads: int, max_seqlen: int, activation: str = "softmax",
@@ -49,7 +49,6 @@ class JaggedSelfAttention(nn.Module):
         u = parts[3].reshape(T, self.dim) if self.activation == "silu" else None
         if rows is not None:
             a, u = a.index_select(0, rows), None if u is None else u.index_select(0, rows)
-            row_keys = None if row_keys is None else row_keys.index_select(0, rows)
         if u is not None:
             a = self.attn_norm(a) * F.silu(u)
         return self.out(self.dropout(a, row_keys))
@@ -71,10 +70,10 @@ class Block(nn.Module):
 
     def forward(self, x, offsets, num_targets=None, causal: bool = True, row_keys: Optional[torch.Tensor] = None,
                 rows: Optional[torch.Tensor] = None):
-        a = self.attn(self.norm1(x), offsets, num_targets, causal, row_keys, rows)
+        y = self.norm1(x)
         if rows is not None:
             x = x.index_select(0, rows)
             row_keys = None if row_keys is None else row_keys.index_select(0, rows)
-        x = x + self.drop(a, row_keys)
+        x = x + self.drop(self.attn(y, offsets, num_targets, causal, row_keys, rows), row_keys)
         up, act, drop, down = self.ffn  # called one by one, so that the inner dropout gets the keys
         return x + self.drop(down(drop(act(up(self.norm2(x))), row_keys)), row_keys)
