@@ -58,6 +58,24 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_a_time_budget_ends_the_schedule_where_it_stops_the_run(split, monkeypatch):
+    import types
+    import unirec.training.trainer as trainer_module
+    clock = iter(np.arange(0.0, 1000.0, 5.0))  # the trainer's clock: 5 s per reading, 2 readings an epoch
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    t = tc(epochs=20, patience=100, time_budget_s=40.0, lr=1.0, min_lr_ratio=0.1)
+    tr = trainer(fresh(split), split, t)
+    lrs = []
+    tr.optimizer.step = lambda *a, **k: lrs.append(tr.optimizer.param_groups[0]["lr"])
+    hist = tr.fit()
+    assert len(hist) < 20 and "time budget" in tr.state["stopped"]
+    # the schedule ended at the epoch the budget stopped, so the last step ran at the floor, not mid-decay
+    assert tr.state["total_steps"] == tr.steps_per_epoch * len(hist)
+    assert lrs[-1] == pytest.approx(0.1, abs=0.02) and lrs[len(lrs) // 2] < 0.9
+    # without a budget the schedule is the epochs'
+    assert trainer(fresh(split), split, tc(epochs=3)).state["total_steps"] == tr.steps_per_epoch * 3
+
+
 def test_seeded_cpu_runs_repeat_exactly(split):
     outs = []
     for _ in range(2):
@@ -83,7 +101,7 @@ def test_checkpoint_load_and_resume_give_identical_predictions(split, tmp_path):
     b = fresh(split)
     tb = trainer(b, split, tc(epochs=2), new_run(tmp_path / "b", b, tc()))
     tb.tc.epochs = 1
-    tb.total_steps = tb.steps_per_epoch * 2  # same schedule as the 2-epoch run
+    tb.state["total_steps"] = tb.steps_per_epoch * 2  # same schedule as the 2-epoch run
     tb.fit()
     run_b = Run.open(tmp_path / "b")
     c = run_b.load_model()  # best weights so far; resume restores last.pt over them

@@ -107,7 +107,9 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
                         "(users whose held-out item is not negatively rated) (default: %(default)s)")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop training after the epoch that passes this many seconds, so that `unirec train` "
-                        "ends within 10 minutes (ml-1m: 45) on a small CPU; 0 = no limit (default: 480; ml-1m: 2400)")
+                        "ends within 10 minutes (ml-1m: 45) on a small CPU; when the budget will stop the run "
+                        "before --epochs, the learning-rate schedule is fitted to end there; 0 = no limit "
+                        "(default: 480; ml-1m: 2400)")
     t.add_argument("--seed", type=int, default=0, help="seed; CPU runs with the same seed repeat exactly "
                                                        "(default: %(default)s)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")

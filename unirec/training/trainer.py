@@ -1,5 +1,5 @@
-"""The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on
-CUDA, early stopping on validation NDCG@10, resumable checkpoints, repeatable seeded CPU runs.
+"""The training loop: AdamW, linear warm-up then cosine decay (ending at the epoch where the time
+budget will stop the run, when it stops it first), gradient clipping, bf16 autocast on CUDA, early stopping on validation NDCG@10, resumable checkpoints, repeatable seeded CPU runs.
 
 The trainer knows only ``model(batch) -> (loss, parts)``, a batch source (``batches.epoch(e)``,
 ``len(batches)``) and an optional ``validate() -> metrics``; a :class:`unirec.runs.Run` keeps its
@@ -72,8 +72,9 @@ class Trainer:
         # rank 0's run folder decides whether checkpoints are made (every process takes part in one)
         self.saves = bool(distributed.broadcast_object(run is not None))
         self.steps_per_epoch = len(batches)
-        self.total_steps = self.steps_per_epoch * tc.epochs
-        self.state = dict(epoch=0, step=0, best_ndcg=-1.0, best_epoch=0, bad_epochs=0, history=[], stopped=None)
+        # total_steps: the length of the cosine schedule, ``epochs`` unless a time budget ends the run sooner
+        self.state = dict(epoch=0, step=0, best_ndcg=-1.0, best_epoch=0, bad_epochs=0, history=[], stopped=None,
+                          total_steps=self.steps_per_epoch * tc.epochs)
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
 
     def _wrap(self, model):
@@ -129,7 +130,7 @@ class Trainer:
         for batch in self.batches.epoch(epoch, rank=self.rank, world=self.world):
             batch = batch.to(tc.device)
             for g in self.optimizer.param_groups:
-                g["lr"] = lr_at(self.state["step"], self.total_steps, tc)
+                g["lr"] = lr_at(self.state["step"], self.state["total_steps"], tc)
             with self._autocast():
                 loss, parts = self.forward(batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -159,6 +160,22 @@ class Trainer:
         bar.close(f"epoch mean loss {out.get('loss', float('nan')):.4f}, {secs:.1f}s")
         return out
 
+    def _fit_schedule_to_budget(self, elapsed: float, epochs_done: int) -> None:
+        """Ends the cosine schedule at the epoch where the time budget will stop the run, when that
+        comes before ``epochs``: a run cut by its budget then still finishes at the low learning rate
+        instead of being stopped mid-decay. ``elapsed`` seconds (validation included) for the
+        ``epochs_done`` epochs of this call of :meth:`fit`; the run stops after the first epoch that
+        ends past the budget, so the remaining budget is rounded up to whole epochs."""
+        st, tc = self.state, self.tc
+        if epochs_done <= 0:
+            return
+        per_epoch = elapsed / epochs_done
+        fit = min(tc.epochs, st["epoch"] + max(1, math.ceil((tc.time_budget_s - elapsed) / per_epoch)))
+        full = self.steps_per_epoch * tc.epochs
+        if fit < tc.epochs and st["total_steps"] == full:
+            self.log(f"the time budget fits about {fit} of {tc.epochs} epochs: the learning-rate schedule ends there")
+        st["total_steps"] = self.steps_per_epoch * fit
+
     def fit(self, resume: bool = False, on_validation: Optional[Callable[[int, float], None]] = None) -> List[dict]:
         """Trains until ``epochs``, early stopping (``patience`` epochs without a better validation
         ``select_metric``, NDCG@10 by default) or ``time_budget_s``; leaves the best weights in the model.
@@ -172,7 +189,7 @@ class Trainer:
             if (self.run.path / "model.pt").exists():
                 self.best_state = self.run.load_state("model.pt", tc.device)
             self.log(f"resumed at epoch {st['epoch']} (best validation NDCG@10 {st['best_ndcg']:.4f})")
-        t0 = time.perf_counter()
+        t0, first = time.perf_counter(), st["epoch"]
         sel = tc.select_metric
         while st["epoch"] < tc.epochs and st["stopped"] is None:
             e = st["epoch"]
@@ -204,9 +221,11 @@ class Trainer:
                 st["stopped"] = f"early stop: no better validation {sel} for {tc.patience} epochs"
             elif tc.time_budget_s is not None and time.perf_counter() - t0 > tc.time_budget_s:
                 st["stopped"] = f"time budget of {tc.time_budget_s:.0f}s reached"
+            elif tc.time_budget_s is not None:
+                self._fit_schedule_to_budget(time.perf_counter() - t0, st["epoch"] - first)
             # Rank 0 decides (its clock for the time budget): every process continues or stops with it.
             st.update(distributed.broadcast_object({k: st[k] for k in ("stopped", "bad_epochs", "best_ndcg",
-                                                                      "best_epoch")}))
+                                                                      "best_epoch", "total_steps")}))
             if self.saves:
                 model, optimizer = self._checkpoint()
                 if self.main:
