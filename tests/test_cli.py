@@ -27,12 +27,15 @@ def test_train_writes_run_and_prints_table_and_top10(run_dir, capsys):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["data"]["source"] == "synthetic" and cfg["model"]["dim"] == 16
     assert cfg["model"]["num_rank_candidates"] == 2
+    assert cfg["train"]["patience"] == 5 and cfg["train"]["epochs"] == 2  # the default, and a given value
     assert (run_dir / "training.png").stat().st_size > 1000
 
 
 def test_train_output(tmp_path, capsys):
     assert main(["train", *SYNTHETIC, "--epochs", "1", "--dim", "16", "--blocks", "1", "--max-len", "16",
-                 "--config", "sasrec", "--out", str(tmp_path / "r"), "--no-progress", "--user", "u3"]) == 0
+                 "--config", "sasrec", "--out", str(tmp_path / "r"), "--no-progress", "--user", "u3",
+                 "--patience", "2"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["patience"] == 2
     out = capsys.readouterr().out
     assert "ndcg@10" in out and "test unmasked" in out and "popularity" in out
     assert "user u3: last five items" in out and "top 10 recommendations" in out

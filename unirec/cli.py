@@ -89,7 +89,7 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
     t.add_argument("--impl", default="auto", choices=IMPLS,
                    help="kernel backend for every op; reference = pure PyTorch; not saved with the run "
                         "(default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 20; ml-1m: 40)")
+    t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 20; ml-1m: 80)")
     t.add_argument("--batch-size", type=int, default=None, help="users per step (default: 64; ml-1m: 128)")
     t.add_argument("--windows", default=None, choices=["last", "all"],
                    help="training sequences: each user's last --max-len events, or every --max-len window of "
@@ -100,8 +100,8 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
                    help="AdamW weight decay (default: the preset's tuned value, 0.05 for a config file)")
     t.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
-    t.add_argument("--patience", type=int, default=5,
-                   help="stop after this many epochs without a better validation NDCG@10 (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without a better validation NDCG@10 (default: 5; ml-1m: 10)")
     t.add_argument("--select", default="ndcg@10", metavar="METRIC",
                    help="validation metric that picks the best epoch and stops early, e.g. ndcg@10_positive "
                         "(users whose held-out item is not negatively rated) (default: %(default)s)")
@@ -430,8 +430,9 @@ def cmd_train(args) -> int:
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"--config / --set: {exc}") from None
     # The data set's defaults (preset_training) where the command line leaves a setting out.
-    opt = {"epochs": 20, "batch_size": 64, "time_budget_s": 480.0, **preset_training(args.config, args.data)}
-    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+    opt = {"epochs": 20, "batch_size": 64, "time_budget_s": 480.0, "patience": 5,
+           **preset_training(args.config, args.data)}
+    given = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
              "time_budget_s": args.time_budget, "windows": args.windows, "split": args.split,
              "cold_share": args.cold_share, "cold_seed": args.cold_seed, "user_share": args.user_share,
              "user_seed": args.user_seed, "eval_every": args.eval_every}
@@ -441,8 +442,7 @@ def cmd_train(args) -> int:
     if args.augment_data is not None:
         opt["augment_data"] = _named_rates(args.augment_data, "--augment-data")
     opt["time_budget_s"] = opt["time_budget_s"] or None
-    tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, patience=args.patience,
-                     select_metric=args.select, seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
+    tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, select_metric=args.select, seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     arm = args.arm or (args.command == "pretrain") * "pretrain-" + Path(args.config).stem

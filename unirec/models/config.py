@@ -257,7 +257,8 @@ PRESET_TRAINING = {
 # 40-minute training budget so that `unirec train --data ml-1m` ends within 45 minutes on 2 CPU cores.
 _ML1M_MODEL = dict(dim=64, num_blocks=2, num_heads=2, max_len=200, dropout=0.2)
 DATA_PRESETS = {"ml-1m": {name: dict(_ML1M_MODEL) for name in PRESETS}}
-DATA_TRAINING = {"ml-1m": dict(lr=2e-3, weight_decay=0.05, batch_size=128, epochs=40, time_budget_s=2400.0)}
+DATA_TRAINING = {"ml-1m": dict(lr=2e-3, weight_decay=0.05, batch_size=128, epochs=80, patience=10,
+                               time_budget_s=2400.0)}
 
 
 def preset_training(name: str, data: Optional[str] = None) -> dict:

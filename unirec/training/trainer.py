@@ -76,6 +76,7 @@ class Trainer:
         self.state = dict(epoch=0, step=0, best_ndcg=-1.0, best_epoch=0, bad_epochs=0, history=[], stopped=None,
                           total_steps=self.steps_per_epoch * tc.epochs)
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self._told_budget = False
 
     def _wrap(self, model):
         """The module the steps call: the model itself, or under torch.distributed the model in
@@ -171,9 +172,10 @@ class Trainer:
             return
         per_epoch = elapsed / epochs_done
         fit = min(tc.epochs, st["epoch"] + max(1, math.ceil((tc.time_budget_s - elapsed) / per_epoch)))
-        full = self.steps_per_epoch * tc.epochs
-        if fit < tc.epochs and st["total_steps"] == full:
-            self.log(f"the time budget fits about {fit} of {tc.epochs} epochs: the learning-rate schedule ends there")
+        if fit < tc.epochs and not self._told_budget:
+            self._told_budget = True
+            self.log(f"the time budget fits about {fit} of {tc.epochs} epochs: the learning-rate schedule ends "
+                     f"there (re-estimated after each epoch)")
         st["total_steps"] = self.steps_per_epoch * fit
 
     def fit(self, resume: bool = False, on_validation: Optional[Callable[[int, float], None]] = None) -> List[dict]:
