@@ -61,7 +61,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_a_time_budget_ends_the_schedule_where_it_stops_the_run(split, monkeypatch):
     import types
     import unirec.training.trainer as trainer_module
-    clock = iter(np.arange(0.0, 1000.0, 5.0))  # the trainer's clock: 5 s per reading, 2 readings an epoch
+    clock = iter(np.arange(0.0, 1000.0, 5.0))  # the trainer's clock: 5 s per reading, one reading an epoch
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     t = tc(epochs=20, patience=100, time_budget_s=40.0, lr=1.0, min_lr_ratio=0.1)
     tr = trainer(fresh(split), split, t)

@@ -432,8 +432,8 @@ def cmd_train(args) -> int:
     # The data set's defaults (preset_training) where the command line leaves a setting out.
     opt = {"epochs": 20, "batch_size": 64, "time_budget_s": 480.0, "patience": 5,
            **preset_training(args.config, args.data)}
-    given = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-             "time_budget_s": args.time_budget, "windows": args.windows, "split": args.split,
+    given = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr,
+             "weight_decay": args.weight_decay, "time_budget_s": args.time_budget, "windows": args.windows, "split": args.split,
              "cold_share": args.cold_share, "cold_seed": args.cold_seed, "user_share": args.user_share,
              "user_seed": args.user_seed, "eval_every": args.eval_every}
     opt.update({k: v for k, v in given.items() if v is not None})
@@ -442,7 +442,8 @@ def cmd_train(args) -> int:
     if args.augment_data is not None:
         opt["augment_data"] = _named_rates(args.augment_data, "--augment-data")
     opt["time_budget_s"] = opt["time_budget_s"] or None
-    tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, select_metric=args.select, seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
+    tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, select_metric=args.select,
+                     seed=args.seed, device=device, bf16=not args.no_bf16, **opt)
     data = _data_config(args)
     run_dir = Path(args.out) if args.out else default_run_dir(data)
     arm = args.arm or (args.command == "pretrain") * "pretrain-" + Path(args.config).stem

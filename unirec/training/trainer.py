@@ -1,5 +1,6 @@
 """The training loop: AdamW, linear warm-up then cosine decay (ending at the epoch where the time
-budget will stop the run, when it stops it first), gradient clipping, bf16 autocast on CUDA, early stopping on validation NDCG@10, resumable checkpoints, repeatable seeded CPU runs.
+budget will stop the run, when it stops it first), gradient clipping, bf16 autocast on CUDA, early
+stopping on validation NDCG@10, resumable checkpoints, repeatable seeded CPU runs.
 
 The trainer knows only ``model(batch) -> (loss, parts)``, a batch source (``batches.epoch(e)``,
 ``len(batches)``) and an optional ``validate() -> metrics``; a :class:`unirec.runs.Run` keeps its
@@ -221,10 +222,12 @@ class Trainer:
             st["epoch"] = e + 1
             if st["bad_epochs"] >= tc.patience:
                 st["stopped"] = f"early stop: no better validation {sel} for {tc.patience} epochs"
-            elif tc.time_budget_s is not None and time.perf_counter() - t0 > tc.time_budget_s:
-                st["stopped"] = f"time budget of {tc.time_budget_s:.0f}s reached"
             elif tc.time_budget_s is not None:
-                self._fit_schedule_to_budget(time.perf_counter() - t0, st["epoch"] - first)
+                elapsed = time.perf_counter() - t0
+                if elapsed > tc.time_budget_s:
+                    st["stopped"] = f"time budget of {tc.time_budget_s:.0f}s reached"
+                else:
+                    self._fit_schedule_to_budget(elapsed, st["epoch"] - first)
             # Rank 0 decides (its clock for the time budget): every process continues or stops with it.
             st.update(distributed.broadcast_object({k: st[k] for k in ("stopped", "bad_epochs", "best_ndcg",
                                                                       "best_epoch", "total_steps")}))
