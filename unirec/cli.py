@@ -93,7 +93,7 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="users per step (default: 64; ml-1m: 128)")
     t.add_argument("--windows", default=None, choices=["last", "all"],
                    help="training sequences: each user's last --max-len events, or every --max-len window of "
-                        "longer histories too (default: last)")
+                        "longer histories too (default: last; ml-1m: all)")
     t.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate (default: the preset's tuned value, 2e-3 for a config file)")
     t.add_argument("--weight-decay", type=float, default=None,
