@@ -1,5 +1,6 @@
 """Training loop: schedule, repeatable seeded runs, checkpoint save/load/resume, run folder."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -231,3 +232,26 @@ def test_kill_during_save_leaves_the_previous_checkpoint_and_resumes(tmp_path):
     m = train_run(data, cfg(), tc(epochs=3), run_dir, resume=True, progress=False, log=lambda s: None)
     assert m["epochs_run"] == 3 and [h["epoch"] for h in m["history"]] == [1, 2, 3]
     assert json.loads(torch.load(run_dir / "last.pt", weights_only=True)["state"])["epoch"] == 3
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_release_free_memory_returns_freed_heap_pages():
+    from unirec.training import trainer
+    if trainer._MALLOC_TRIM is None:
+        pytest.skip("not glibc")
+    # Freeing a 4 MB block raises glibc's mmap threshold past 2 MB, so the 2 MB tensors below come
+    # from the heap; the one kept last pins the heap's top, so only a trim can hand the rest back.
+    torch.ones(1 << 20)  # freed at once
+    blocks = [torch.ones(1 << 19) for _ in range(100)]  # 100 x 2 MB, touched
+    keep = blocks[-1]
+    del blocks
+    before = _resident_mb()
+    trainer.release_free_memory()
+    after = _resident_mb()
+    assert before - after > 100, (before, after)
+    assert float(keep.sum()) == 1 << 19

@@ -26,6 +26,8 @@ depend only on (seed, epoch, call, user, history, position). On CUDA dropout is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import time
 from typing import Callable, Dict, List, Optional
@@ -36,6 +38,26 @@ from .. import distributed
 from ..data import TrainBatches
 from ..runs import Run, TrainConfig
 from .progress import Progress
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the system (glibc ``malloc_trim``). A CPU step's tensors
+    change size with every jagged batch, and glibc keeps the freed pages of such blocks resident, so
+    without it the resident memory of a long run grows by megabytes per step though the live memory
+    does not (`unirec train --data ml-1m`: 5.7 GB after 15 minutes; trimmed every 8 steps, 1.6 GB at
+    the same speed)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def lr_at(step: int, total: int, tc: TrainConfig) -> float:
@@ -154,6 +176,8 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(ntok, parts["loss"])
+            if n % 8 == 0:
+                release_free_memory()
         secs = bar.elapsed
         out = {k: v / max(n, 1) for k, v in sums.items()}
         if self.world > 1:
@@ -197,6 +221,7 @@ class Trainer:
         while st["epoch"] < tc.epochs and st["stopped"] is None:
             e = st["epoch"]
             rec = {"epoch": e + 1, **self.train_epoch(e)}
+            release_free_memory()
             if self._validate is not None and ((e + 1) % tc.eval_every == 0 or e + 1 == tc.epochs):
                 val = distributed.broadcast_object(self._validate())
                 rec["val_ndcg@10"], rec["val_hr@10"] = val["ndcg@10"], val["hr@10"]
@@ -218,6 +243,7 @@ class Trainer:
                          f"(best {st['best_ndcg']:.4f} at epoch {st['best_epoch']})")
                 if on_validation is not None:
                     on_validation(e + 1, val[sel])
+                release_free_memory()
             st["history"].append(rec)
             st["epoch"] = e + 1
             if st["bad_epochs"] >= tc.patience:
