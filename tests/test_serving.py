@@ -35,7 +35,7 @@ from unirec.cli import build_parser, main  # noqa: E402
 from unirec.data import History, TokenBuilder, event_gaps, live_token_batch, time_buckets  # noqa: E402
 from unirec.serving import (ApiError, EventStore, MicroBatcher, RecommendJob, Recommender, create_app,  # noqa: E402
                             load_run)
-from unirec.serving.batcher import QueueFull  # noqa: E402
+from unirec.serving.batcher import BatchCost, QueueFull  # noqa: E402
 
 from conftest import SYNTHETIC, TINY_MODEL  # noqa: E402
 
@@ -59,7 +59,7 @@ def loaded(run_dir):
 def client(run_dir, tmp_path):
     # No admission bound or tight deadline: these tests check answers, not timing, and must hold on a
     # loaded machine (the bounds have their own tests below).
-    with TestClient(create_app(run_dir, tmp_path / "state", max_wait_ms=1.0, max_queue_ms=None,
+    with TestClient(create_app(run_dir, tmp_path / "state", max_wait_ms=1.0, max_latency_ms=None,
                                timeout_ms=60000.0)) as c:
         yield c
 
@@ -671,8 +671,8 @@ def _until(cond, what):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("bound,why", [(dict(max_queue=1, max_queue_ms=None), "1 requests are queued already"),
-                                       (dict(max_queue=100, max_queue_ms=50), "the oldest queued request has waited")])
+@pytest.mark.parametrize("bound,why", [(dict(max_queue=1, max_latency_ms=None), "1 requests are queued already"),
+                                       (dict(max_queue=100, max_latency_ms=50), "the oldest queued request has waited")])
 def test_full_queue_gets_429_with_retry_after(run_dir, tmp_path, loaded, bound, why):
     item1 = str(loaded[1].dataset.item_vocab[1])
     app = create_app(run_dir, tmp_path / "state", max_batch=1, inline=False, **bound)  # gated in the model thread
@@ -694,7 +694,7 @@ def test_full_queue_gets_429_with_retry_after(run_dir, tmp_path, loaded, bound, 
 
 
 def test_deadline_gets_503_and_expired_jobs_are_not_run(run_dir, tmp_path):
-    app = create_app(run_dir, tmp_path / "state", max_batch=1, timeout_ms=300, max_queue_ms=None, inline=False)
+    app = create_app(run_dir, tmp_path / "state", max_batch=1, timeout_ms=300, max_latency_ms=None, inline=False)
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
         gate = Gate(app.state.current())
         a = pool.submit(c.post, "/v1/recommend", json={"user_id": "u1"})
@@ -736,8 +736,8 @@ def test_micro_batcher_bounds():
     assert asyncio.run(go()) == [0, 1, 2]
     with pytest.raises(ValueError, match="max_queue"):
         MicroBatcher(lambda j: j, max_queue=0)
-    with pytest.raises(ValueError, match="max_queue_ms"):
-        MicroBatcher(lambda j: j, max_queue_ms=0)
+    with pytest.raises(ValueError, match="max_latency_ms"):
+        MicroBatcher(lambda j: j, max_latency_ms=0)
 
 
 # --------------------------------------------------------------------------- reload
@@ -748,7 +748,7 @@ def test_reload_with_requests_in_flight(run_dir, tmp_path, loaded, monkeypatch):
     other = tmp_path / "run-v2"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("serving"))
     key = {"X-API-Key": "k"}
-    app = create_app(run_dir, tmp_path / "state", api_key="k", max_batch=1, max_queue_ms=None, inline=False)
+    app = create_app(run_dir, tmp_path / "state", api_key="k", max_batch=1, max_latency_ms=None, inline=False)
     with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
         old = app.state.current()
         item = old.item_ids[3]
@@ -1194,40 +1194,65 @@ def test_recommend_fast_path_answers_as_the_route(client, loaded):
     assert 'unirec_requests_total{endpoint="/v1/recommend",method="POST",status="422"}' in m
 
 
-def test_micro_batcher_refuses_while_the_batches_ahead_take_too_long():
+def test_batch_cost_fits_the_fixed_and_the_per_job_time():
+    cost = BatchCost()
+    for n in (1, 10, 64, 3, 40):                     # on the line 2.4 ms + 0.6 ms per job
+        cost.add(n, 0.0024 + 0.0006 * n)
+    assert cost(1) == pytest.approx(0.0030) and cost(32) == pytest.approx(0.0216)
+    one_size = BatchCost()
+    for t in (0.003, 0.005):                          # one size only: their (weighted) mean time, any size
+        one_size.add(1, t)
+    assert one_size(1) == pytest.approx(0.004, rel=0.01) and one_size(64) == one_size(1)
+    for _ in range(200):                              # the machine slows down twofold: the fit follows
+        for n in (1, 10, 64):
+            cost.add(n, 2 * (0.0024 + 0.0006 * n))
+    assert cost(32) == pytest.approx(2 * 0.0216, rel=1e-3)
+
+
+def test_micro_batcher_refuses_a_job_that_would_be_answered_too_late():
+    """A new job waits for the running batch, the full batches ahead of it and its own batch (100 ms
+    each, the time of the last batch): past max_latency_ms it is refused, with that time in the reason."""
     release = threading.Event()
 
     def fn(jobs):
         if jobs[0] == 0:
-            time.sleep(0.3)          # the last batch's time: each full batch ahead is taken to cost as much
+            time.sleep(0.1)
         else:
             release.wait(10)
         return list(jobs)
 
     async def go():
-        b = MicroBatcher(fn, max_batch=2, max_queue_ms=250)
+        b = MicroBatcher(fn, max_batch=2, max_latency_ms=350)
         b.start()
-        assert await b.submit(0) == 0
-        assert b._last_batch_seconds >= 0.3
+        assert await b.submit(0) == 0                 # runs alone: a batch takes 100 ms
         running = asyncio.ensure_future(b.submit(1))
-        while b.queued:              # the model thread takes job 1 and blocks in it
+        while b.queued or not b._running:             # the model thread takes job 1 and blocks in it
             await asyncio.sleep(0.001)
-        await asyncio.sleep(0.01)
-        one = asyncio.ensure_future(b.submit(2))
-        await asyncio.sleep(0)
-        assert b.full() is None      # one queued: it makes the next batch
-        two = asyncio.ensure_future(b.submit(3))
-        await asyncio.sleep(0)
-        why = b.full()               # two queued = one full batch ahead of a new job, ~300 ms > 250 ms
-        assert why is not None and why.startswith("2 requests are queued, about 3")
+        queued = []
+
+        async def fill():
+            while (why := b.full()) is None:
+                queued.append(asyncio.ensure_future(b.submit(len(queued) + 2)))
+                await asyncio.sleep(0)                # the job is queued
+            return why
+
+        # 100 ms left of job 1's batch, then 100 per full batch ahead and 100 for its own: the 1st and 2nd
+        # jobs are answered in 200 ms, the 3rd and 4th in 300, a 5th in 400 > 350
+        why = await fill()
+        assert len(queued) == 4
+        assert re.match(r"4 requests are queued; with a new one, the last of them would be answered "
+                        r"(3[6-9]\d|400) ms after it came", why), why
         with pytest.raises(QueueFull):
-            await b.submit(4)
+            await b.submit(99)
+        await asyncio.sleep(0.12)                     # job 1's batch should have ended: 100 ms less to wait
+        await fill()
+        assert len(queued) == 6
         release.set()
-        out = await asyncio.gather(running, one, two)
+        out = await asyncio.gather(running, *queued)
         await b.stop()
         return out
 
-    assert asyncio.run(go()) == [1, 2, 3]
+    assert asyncio.run(go()) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_serve_turns_onednn_off(run_dir, tmp_path, monkeypatch):

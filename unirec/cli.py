@@ -320,8 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=256,
                    help="most recommend requests waiting for the model; more get 429 with Retry-After "
                         "(default: %(default)s)")
-    sv.add_argument("--max-queue-ms", type=float, default=25.0,
-                   help="new recommend requests get 429 while the oldest waiting one has waited this long "
+    sv.add_argument("--max-latency-ms", type=float, default=50.0,
+                   help="a new recommend request gets 429 when the model work ahead of it and its own batch "
+                        "would take longer than this (each batch as long as the last one), or while the oldest "
+                        "waiting one has waited this long: under overload the accepted requests are answered "
+                        "in about this time and the rest refused at once; set it above a full batch's time "
                         "(default: %(default)s)")
     sv.add_argument("--timeout-ms", type=float, default=1000.0,
                    help="deadline of a recommend request; 503 with Retry-After past it (default: %(default)s)")
@@ -669,7 +672,7 @@ def cmd_serve(args) -> int:
     serve(args.run, args.host, args.port, threads=args.threads, log_level=args.log_level, state_dir=args.state_dir,
           api_key=args.api_key or os.environ.get("UNIREC_API_KEY") or None, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, cache_size=args.cache_size, max_body_bytes=args.max_body_bytes,
-          impl=args.impl, max_queue=args.max_queue, max_queue_ms=args.max_queue_ms, timeout_ms=args.timeout_ms,
+          impl=args.impl, max_queue=args.max_queue, max_latency_ms=args.max_latency_ms, timeout_ms=args.timeout_ms,
           dismiss_demotion=args.dismiss_demotion)
     return 0
 

@@ -423,15 +423,16 @@ def _run_jobs(pairs):
 def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = None, *, max_batch: int = 64,
                max_wait_ms: float = 0.0, cache_size: int = 10000, api_key: Optional[str] = None,
                max_body_bytes: int = 256 * 1024, impl: str = "auto", max_queue: int = 256,
-               max_queue_ms: Optional[float] = 25.0, timeout_ms: float = 1000.0,
+               max_latency_ms: Optional[float] = 50.0, timeout_ms: float = 1000.0,
                dismiss_demotion: float = DEFAULT_DISMISS_DEMOTION,
                reload_signal: bool = False, inline: bool = True) -> FastAPI:
     """The service over run folder ``run_dir``; its SQLite store is ``state_dir/events.sqlite3``
     (state_dir defaults to ``run_dir/serving``).
 
     max_batch / max_wait_ms: the micro-batcher (1 = every request alone; see
-    :class:`~unirec.serving.batcher.MicroBatcher`); max_queue / max_queue_ms: recommend requests
-    waiting at most / longest wait of the oldest one (None: no bound), past either new ones get 429;
+    :class:`~unirec.serving.batcher.MicroBatcher`); max_queue: recommend requests waiting at most;
+    max_latency_ms: a new one gets 429 when it (or the first of its batch) would be answered later
+    than this after it came (None: no bound; see the batcher);
     timeout_ms: a recommend request's deadline, 503 past it; cache_size: user states
     cached (0 = none); api_key: when set, required in the X-API-Key header of writes, of history
     reads and of reloads (which are refused without one); max_body_bytes: larger request bodies get
@@ -455,7 +456,7 @@ def create_app(run_dir: Union[str, Path], state_dir: Union[str, Path, None] = No
     preload_text(live["rec"])
     live["rec"].restore_items()
     batcher = MicroBatcher(_run_jobs, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=metrics.observe_batch,
-                           max_queue=max_queue, max_queue_ms=max_queue_ms, timeout_ms=timeout_ms,
+                           max_queue=max_queue, max_latency_ms=max_latency_ms, timeout_ms=timeout_ms,
                            inline=inline)
     # One writer thread: commits are serialised anyway, and the event loop never waits on an fsync.
     writer = ThreadPoolExecutor(1, thread_name_prefix="unirec-writer")

@@ -14,14 +14,17 @@ still tops a batch that starts with an idle worker up for that long (fewer, larg
 latency cost; off by default).
 
 Bounds: :meth:`MicroBatcher.submit` raises :class:`QueueFull` at once (so that the caller can answer
-429 rather than queue without bound) while ``max_queue`` jobs wait, while the oldest waiting job
-has waited ``max_queue_ms``, or while the full batches queued ahead of a new job would take that
-long (each as long as the last batch): a count alone would let the wait grow as the model slows
-down (a loaded machine, larger batches); the age of the queue's head is the wait of the jobs in the
-next batch, and the batches ahead are the wait of the jobs behind them (under overload, several
-batches' worth queue up while the head is still young). A job not answered within ``timeout_ms``
-of its submission raises :class:`DeadlineExceeded` (the model thread skips jobs whose deadline has
-passed before it starts them).
+429 rather than queue without bound) while ``max_queue`` jobs wait, or when a new job would be
+answered later than ``max_latency_ms`` after the first job of its batch came: it waits for the rest
+of the running batch, for the full batches queued ahead of it and for its own batch, each timed by
+:class:`BatchCost` (a fixed plus a per-job time, fitted to the recent batches). Under overload this
+admits the jobs that come late in the running batch and refuses the early ones, which would wait for
+all of it, and it shrinks the batches as the machine slows down, so that the accepted jobs are
+answered in about ``max_latency_ms`` whatever the load; a bound on the queue's length or on its head's
+age alone lets the latency grow with the batch time. While the oldest queued job has waited
+``max_latency_ms`` (a batch overran its estimate) new jobs are refused too. A job not answered
+within ``timeout_ms`` of its submission raises :class:`DeadlineExceeded` (the model thread skips
+jobs whose deadline has passed before it starts them).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 
 class QueueFull(Exception):
-    """The batcher's queue holds ``max_queue`` jobs already."""
+    """A new job is refused: ``max_queue`` jobs wait already, or it would be answered too late."""
 
 
 class DeadlineExceeded(Exception):
@@ -45,14 +48,14 @@ class MicroBatcher:
 
     on_batch(size, seconds): called after each batch (metrics), in the thread that ran it.
     inline: run a lone job in the caller's thread (see the module docstring; not with max_wait_ms).
-    max_queue: jobs waiting at most; max_queue_ms: longest wait of the oldest waiting job (or of the
-    full batches ahead of a new one) before new ones are refused; timeout_ms: each job's deadline
-    (each None = no bound).
+    max_queue: jobs waiting at most; max_latency_ms: longest expected time from a job's arrival (or
+    its batch's first job's) to its answer before new jobs are refused (see the module docstring);
+    timeout_ms: each job's deadline (each None = no bound).
     """
 
     def __init__(self, fn: Callable[[Sequence[Any]], List[Any]], max_batch: int = 64, max_wait_ms: float = 0.0,
                  on_batch: Optional[Callable[[int, float], None]] = None, max_queue: Optional[int] = None,
-                 timeout_ms: Optional[float] = None, max_queue_ms: Optional[float] = None, inline: bool = True):
+                 timeout_ms: Optional[float] = None, max_latency_ms: Optional[float] = None, inline: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -61,9 +64,9 @@ class MicroBatcher:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if timeout_ms is not None and timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be > 0, got {timeout_ms}")
-        if max_queue_ms is not None and max_queue_ms <= 0:
-            raise ValueError(f"max_queue_ms must be > 0, got {max_queue_ms}")
-        self.max_queue_wait = None if max_queue_ms is None else max_queue_ms / 1000.0
+        if max_latency_ms is not None and max_latency_ms <= 0:
+            raise ValueError(f"max_latency_ms must be > 0, got {max_latency_ms}")
+        self.max_latency = None if max_latency_ms is None else max_latency_ms / 1000.0
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000.0
         self.on_batch, self.max_queue = on_batch, max_queue
         self.timeout = None if timeout_ms is None else timeout_ms / 1000.0
@@ -76,6 +79,9 @@ class MicroBatcher:
         self.inline = inline
         self._running = False           # a batch is running (in the model thread, or inline)
         self._idle_since = 0.0          # monotonic time the last batch ended
+        self._started = 0.0             # monotonic time the running batch started
+        self._running_size = 0          # jobs in the running batch
+        self._cost = BatchCost()        # seconds a batch of n jobs takes, fitted to the recent batches
 
     @property
     def queued(self) -> int:
@@ -87,17 +93,30 @@ class MicroBatcher:
         n = len(self._jobs)
         if self.max_queue is not None and n >= self.max_queue:
             return f"{n} requests are queued already"
-        if self.max_queue_wait is not None and n:
+        if self.max_latency is None or not (n or self._running):
+            return None  # the model is idle: a new job starts at once
+        now = time.monotonic()
+        if n:
             try:
-                waited = time.monotonic() - self._jobs[0][3]
+                waited = now - self._jobs[0][3]
             except IndexError:  # the model thread took the last one meanwhile
                 return None
-            if waited >= self.max_queue_wait:
+            if waited >= self.max_latency:  # the model is slower than its last batch said
                 return f"the oldest queued request has waited {waited * 1000:.0f} ms"
-            # a new job also waits for the full batches queued ahead of it (each about as long as the last)
-            ahead = (n // self.max_batch) * self._last_batch_seconds
-            if ahead >= self.max_queue_wait:
-                return f"{n} requests are queued, about {ahead * 1000:.0f} ms of model work"
+        # A new job joins the last batch in the queue (or starts one), after the running batch and the full
+        # batches ahead of it. That batch is answered when those are done and it has run, each batch taking
+        # about as long per job as the last one did; every job in it, the oldest first, waits for it all.
+        cost = self._cost
+        ahead, pos = divmod(n, self.max_batch)
+        left = max(0.0, self._started + cost(self._running_size) - now) if self._running else 0.0
+        try:
+            head_age = now - self._jobs[ahead * self.max_batch][3] if pos else 0.0
+        except IndexError:  # the model thread took some meanwhile
+            return None
+        expected = head_age + left + ahead * cost(self.max_batch) + cost(pos + 1)
+        if expected > self.max_latency:
+            return (f"{n} requests are queued; with a new one, the last of them would be answered "
+                    f"{expected * 1000:.0f} ms after it came")
         return None
 
     def start(self) -> None:
@@ -137,7 +156,7 @@ class MicroBatcher:
             alone = (self.inline and self.max_wait == 0 and not self._running and not self._jobs
                      and now - self._idle_since >= self._last_batch_seconds)
             if alone:
-                self._running = True
+                self._running, self._started, self._running_size = True, now, 1
             else:
                 self._jobs.append((job, fut, deadline, now))
                 self._cv.notify()
@@ -162,7 +181,9 @@ class MicroBatcher:
         finally:
             seconds = time.perf_counter() - t0
             with self._cv:
-                self._running, self._last_batch_seconds, self._idle_since = False, seconds, time.monotonic()
+                self._running, self._idle_since = False, time.monotonic()
+                self._last_batch_seconds = seconds
+                self._cost.add(1, seconds)
                 if self._jobs:
                     self._cv.notify()
         if self.on_batch is not None:
@@ -187,7 +208,7 @@ class MicroBatcher:
                         break
                     self._cv.wait(left)
             n = min(len(self._jobs), self.max_batch)
-            self._running = True
+            self._running, self._started, self._running_size = True, time.monotonic(), n
             return [self._jobs.popleft() for _ in range(n)]
 
     def _work(self) -> None:
@@ -207,7 +228,7 @@ class MicroBatcher:
             except Exception as exc:  # noqa: BLE001 - the batch function failed as a whole
                 results = [exc] * len(batch)
             seconds = time.perf_counter() - t0
-            self._done(seconds)
+            self._done(seconds, len(batch))
             if self.on_batch is not None:
                 self.on_batch(len(batch), seconds)
             try:
@@ -216,11 +237,39 @@ class MicroBatcher:
                 return
 
 
-    def _done(self, seconds: Optional[float]) -> None:
+    def _done(self, seconds: Optional[float], size: int = 0) -> None:
         with self._cv:
             self._running, self._idle_since = False, time.monotonic()
             if seconds is not None:
                 self._last_batch_seconds = seconds
+                self._cost.add(size, seconds)
+
+
+class BatchCost:
+    """Seconds a batch of n jobs takes, ``a + b n``, fitted by least squares to the recent batches
+    (exponentially weighted, ``decay`` per batch, so that it follows the machine as it slows down or
+    speeds up). A batch has a fixed cost (the model's per-call work) besides its per-job cost, so the
+    time per job of a batch of one says little about a batch of 64. Batches all of one size give
+    a = their time, b = 0 until other sizes come."""
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.w = self.s = self.t = self.ss = self.st = 0.0  # weighted count and sums of n, T, n^2, n T
+        self.a = self.b = 0.0
+
+    def add(self, n: int, seconds: float) -> None:
+        d = self.decay
+        self.w = d * self.w + 1.0
+        self.s, self.t = d * self.s + n, d * self.t + seconds
+        self.ss, self.st = d * self.ss + n * n, d * self.st + n * seconds
+        mean_n, mean_t = self.s / self.w, self.t / self.w
+        var = self.ss / self.w - mean_n * mean_n
+        slope = (self.st / self.w - mean_n * mean_t) / var if var > 0.25 else 0.0
+        self.b = max(slope, 0.0)
+        self.a = max(mean_t - self.b * mean_n, 0.0)
+
+    def __call__(self, n: int) -> float:
+        return self.a + self.b * n
 
 
 def _deliver(futures, results) -> None:
