@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     sv.add_argument("--max-latency-ms", type=float, default=50.0,
                    help="a new recommend request gets 429 when the model work ahead of it and its own batch "
-                        "would take longer than this (each batch as long as the last one), or while the oldest "
+                        "would take longer than this (batches timed from the recent ones), or while the oldest "
                         "waiting one has waited this long: under overload the accepted requests are answered "
                         "in about this time and the rest refused at once; set it above a full batch's time "
                         "(default: %(default)s)")

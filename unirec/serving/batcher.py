@@ -104,8 +104,8 @@ class MicroBatcher:
             if waited >= self.max_latency:  # the model is slower than its last batch said
                 return f"the oldest queued request has waited {waited * 1000:.0f} ms"
         # A new job joins the last batch in the queue (or starts one), after the running batch and the full
-        # batches ahead of it. That batch is answered when those are done and it has run, each batch taking
-        # about as long per job as the last one did; every job in it, the oldest first, waits for it all.
+        # batches ahead of it. That batch is answered when those are done and it has run (each timed by the
+        # fit of the recent batches); every job in it, the oldest first, waits for it all.
         cost = self._cost
         ahead, pos = divmod(n, self.max_batch)
         left = max(0.0, self._started + cost(self._running_size) - now) if self._running else 0.0
@@ -180,12 +180,7 @@ class MicroBatcher:
             result = exc
         finally:
             seconds = time.perf_counter() - t0
-            with self._cv:
-                self._running, self._idle_since = False, time.monotonic()
-                self._last_batch_seconds = seconds
-                self._cost.add(1, seconds)
-                if self._jobs:
-                    self._cv.notify()
+            self._done(seconds, 1)
         if self.on_batch is not None:
             self.on_batch(1, seconds)
         if isinstance(result, BaseException):
@@ -220,7 +215,7 @@ class MicroBatcher:
             # requests already answered (deadline passed) are not run
             batch = [b for b in batch if b[2] is None or b[2] > now]
             if not batch:
-                self._done(None)
+                self._done(None, 0)
                 continue
             t0 = time.perf_counter()
             try:
@@ -237,12 +232,16 @@ class MicroBatcher:
                 return
 
 
-    def _done(self, seconds: Optional[float], size: int = 0) -> None:
+    def _done(self, seconds: Optional[float], size: int) -> None:
+        """A batch of ``size`` jobs ended after ``seconds`` (None: it ran nothing); wakes the model thread
+        for the jobs queued meanwhile (an inline batch ended)."""
         with self._cv:
             self._running, self._idle_since = False, time.monotonic()
             if seconds is not None:
                 self._last_batch_seconds = seconds
                 self._cost.add(size, seconds)
+            if self._jobs:
+                self._cv.notify()
 
 
 class BatchCost:
