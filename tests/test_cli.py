@@ -269,3 +269,26 @@ def test_pretrain_then_train_from_it(tmp_path, capsys):
     pre_state = Run.open(pre).load_state()
     assert n == total  # blocks, tables and the contrastive objective's mask token all come from the pretrained run
     assert torch.equal(fresh.state_dict()["stream.blocks.0.attn.qkv.weight"], pre_state["stream.blocks.0.attn.qkv.weight"])
+
+
+def test_evaluate_sets_the_dislike_rerank_weight(tmp_path, capsys):
+    """A run trained with the dislike head evaluates at another re-ranking weight (recorded with its
+    ranks); a run without the head says it cannot."""
+    from unirec.runs import Run
+    from unirec.evaluation.compare import load_ranks
+    out = tmp_path / "dl"
+    assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--objective", "dislike=1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    results = tmp_path / "r.jsonl"
+    got = {}
+    for b in (0.0, 50.0):
+        assert main(["evaluate", str(out), "--dislike-rerank", str(b), "--results", str(results), "--json"]) == 0
+        got[b] = json.loads(capsys.readouterr().out)["test"]
+        assert json.loads(results.read_text().splitlines()[-1])["dislike_rerank"] == b
+        assert load_ranks(out)[1].shape == (got[b]["num_users"],)
+    assert got[0.0] != got[50.0]  # a strong weight reorders the top
+    plain = Run.open(out).load_model("auto")
+    assert plain.config.dislike_rerank == 1.0  # the run itself is unchanged
+    assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--out", str(tmp_path / "plain")]) == 0
+    with pytest.raises(SystemExit, match="--dislike-rerank: the run .* dislike objective"):
+        main(["evaluate", str(tmp_path / "plain"), "--dislike-rerank", "2"])

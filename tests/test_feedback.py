@@ -201,3 +201,117 @@ def test_responsiveness_needs_ratings(small, trained):
     sp2.ratings = None
     with pytest.raises(ValueError, match="ratings"):
         responsiveness(trained, sp2)
+
+
+# --------------------------------------------------------------------------- the dislike head and re-ranking
+
+
+def _dislike_model(ds, depth=7, b=2.5, **kw):
+    torch.manual_seed(0)
+    cfg = tiny(objectives={"retrieval": 1.0, "dislike": 0.6}, dislike_rerank=b, rerank_depth=depth, **kw)
+    m = UniRec.from_dataset(ds, cfg).eval()
+    with torch.no_grad():  # logits of a few units, so that re-ranking moves items
+        m.objectives["dislike"].mlp[-1].weight.mul_(20.0)
+    return m
+
+
+def test_dislike_loss_matches_a_direct_computation(small):
+    """BCE of mlp([h, h * e_t]) against rating <= dislike_max_rating over every rated next-item and profile
+    target, beside the retrieval softmax over all targets, in value and in the head's gradient."""
+    ds, sp = small
+    w = 0.6
+    m = _dislike_model(ds, dislike_max_rating=3.0)
+    tb = TokenBuilder.for_config(sp, m.config)
+    b = tb.train_batch(np.nonzero(sp.train_len >= 6)[0][:10], None, candidates=False)
+    b.next_ratings[torch.nonzero(b.next_items)[::7, 0]] = float("nan")  # unrated targets are skipped
+    loss, parts = m(b)
+    head = m.objectives["dislike"].mlp
+    loss.backward()
+    grads = [p.grad.clone() for p in head.parameters()]
+    m.zero_grad()
+    enc = m.encode(b)
+    rows, labels = [], []
+    for u in range(b.batch_size):
+        pairs = [(enc.hist_pos[i], b.next_items[i], b.next_ratings[i])
+                 for i in range(int(b.offsets[u]), int(b.offsets[u + 1])) if b.next_items[i] > 0]
+        pairs.append((enc.profile_pos[u], b.first_items[u], b.first_ratings[u]))
+        for pos, item, rating in pairs:
+            if torch.isnan(rating):
+                continue
+            h, e = enc.hidden[pos], enc.item_rep[item]
+            logit = head(torch.cat([h, h * e]))[0]
+            labels.append(bool(rating <= 3.0))
+            rows.append(F.binary_cross_entropy_with_logits(logit, torch.tensor(float(labels[-1]))))
+    want = torch.stack(rows).mean()
+    assert 0 < sum(labels) < len(labels) < int((b.next_items > 0).sum()) + b.batch_size
+    assert parts["dislike"] == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(loss, parts["retrieval"] + w * want, rtol=1e-5, atol=1e-5)
+    (w * want).backward()
+    for p, g in zip(head.parameters(), grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def _brute_reranked_ranks(m, q, rep, targets, hi, ho, mask, kmax):
+    """Stage one: the retrieval top rerank_depth of the ranked items (unseen + target when masked);
+    stage two: score + b log sigmoid(-dislike logit); the target's pessimistic place in stage two."""
+    n, depth, b = rep.shape[0] - 1, m.config.rerank_depth, m.config.dislike_rerank
+    everything = torch.arange(1, n + 1).view(1, -1)
+    out = []
+    for r in range(q.shape[0]):
+        h = hi[int(ho[r]):int(ho[r + 1])]
+        s = m.scorer.item_scores(q[r:r + 1], rep, everything, h, torch.tensor([0, h.numel()]))[0]
+        t = int(targets[r])
+        pool = [i for i in range(1, n + 1) if i != t and not (mask and i in set(h.tolist()))]
+        pool.sort(key=lambda i: -float(s[i - 1]))
+        if sum(float(s[i - 1]) >= float(s[t - 1]) for i in pool) > depth - 1:
+            out.append(kmax + 1)
+            continue
+        head = m.objectives["dislike"]
+        f = lambda i: float(s[i - 1]) + b * float(F.logsigmoid(-head.logits(q[r], rep, torch.tensor(i))))  # noqa
+        out.append(min(kmax + 1, 1 + sum(f(i) >= f(t) for i in pool[:depth - 1])))
+    return out
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_reranked_target_ranks_match_a_direct_computation(small, mask):
+    ds, sp = small
+    m = _dislike_model(ds, repeat_bias=True, num_repeat_buckets=4)
+    # the latest item is not pushed down: as a target it is often in the top, outside the masked list
+    m.scorer.repeat_raw.data.copy_(torch.tensor([0.0, -2.0, -0.5, 0.7]) / m.scorer.REPEAT_SCALE)
+    users = sp.eval_users[:40]
+    b = TokenBuilder.for_config(sp, m.config).case_batch(users, sp.stage_positions("test", users))
+    rep = m.item_representations().float()
+    q = m.predict(b, rep)["queries"]
+    # half the targets from the retrieval top 5, so that stage two decides their rank
+    top = m.scorer.topk(q, rep, 5, b.history_items, b.history_offsets, exclude_history=mask)[1]
+    # and a quarter of them the user's latest item (a seen target: excluded from the list when masked)
+    row = torch.arange(len(users))
+    targets = torch.where(row % 2 == 0, top[:, 4], b.targets)
+    targets = torch.where(row % 4 == 1, b.history_items[b.history_offsets[1:] - 1], targets)
+    got = m.reranked_target_ranks(q, rep, targets, b.history_items, b.history_offsets, mask, kmax=10)
+    want = _brute_reranked_ranks(m, q, rep, targets, b.history_items, b.history_offsets, mask, 10)
+    assert got.tolist() == want
+    plain = m.scorer.target_ranks(q, rep, targets, b.history_items, b.history_offsets, mask, kmax=10)
+    assert not torch.equal(got, plain)  # the head moved some targets
+    m.config.dislike_rerank = 0.0       # without re-ranking: the retrieval ranks
+    assert torch.equal(m.reranked_target_ranks(q, rep, targets, b.history_items, b.history_offsets, mask, kmax=5),
+                       m.scorer.target_ranks(q, rep, targets, b.history_items, b.history_offsets, mask, kmax=5))
+
+
+def test_recommend_reranks_the_retrieval_top(small):
+    ds, sp = small
+    m = _dislike_model(ds, depth=12)
+    users = sp.eval_users[:6]
+    b = TokenBuilder.for_config(sp, m.config).case_batch(users, sp.stage_positions("test", users))
+    vals, items = m.recommend(b, 5)
+    p = m.predict(b)
+    v12, i12 = m.scorer.topk(p["queries"], p["item_rep"], 12, b.history_items, b.history_offsets)
+    f = m.rerank_scores(p["queries"], p["item_rep"], i12, v12)
+    order = f.argsort(1, descending=True)[:, :5]
+    assert torch.equal(items, i12.gather(1, order))
+    torch.testing.assert_close(vals, f.gather(1, order))
+    assert not torch.equal(items, i12[:, :5])
+    # an empty catalogue list past its end stays -1
+    v, i = m.rerank_top(p["queries"][:1], p["item_rep"], torch.tensor([[1.0, float("-inf")]]), torch.tensor([[3, -1]]), 2)
+    assert i.tolist() == [[3, -1]] and v[0, 1] == float("-inf")

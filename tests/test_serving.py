@@ -186,6 +186,55 @@ def test_batched_answers_equal_single_answers(loaded, tmp_path):
     st.close()
 
 
+def test_a_model_with_the_dislike_head_serves_its_reranked_top(loaded, tmp_path):
+    """Whole-catalogue, candidate and dismissal answers re-rank the retrieval top ``rerank_depth`` as
+    ``UniRec.recommend`` does; batched answers equal single ones."""
+    from dataclasses import replace
+
+    from unirec.models import UniRec
+    model, split, version = loaded
+    torch.manual_seed(1)
+    cfg = replace(model.config, objectives={**model.config.objectives, "dislike": 1.0}, dislike_rerank=4.0,
+                  rerank_depth=9)
+    m = UniRec(cfg, model.schema)
+    assert m.load_state_dict(model.state_dict(), strict=False).missing_keys  # the new head alone
+    m.eval()
+    with torch.no_grad():
+        m.objectives["dislike"].mlp[-1].weight.mul_(20.0)
+    st = EventStore(tmp_path / "e.sqlite3")
+    rec = Recommender(m, split, st, version, cache_size=0)
+    hist = History.of_user(split, split.dataset.user_index("u3"))
+    b = live_token_batch([hist], cfg.max_len, cfg.num_time_buckets)
+    with torch.no_grad():
+        rep = m.item_representations().float()
+        q = m.predict(b, rep)["queries"]
+        seen = torch.from_numpy(np.unique(hist.items))
+        v9, i9 = m.scorer.topk(q, rep, 9, seen, torch.tensor([0, seen.numel()]))
+        f = m.rerank_scores(q, rep, i9, v9)[0]
+    want = i9[0][f.argsort(descending=True)][:5].tolist()
+    assert want != i9[0][:5].tolist()
+    got = rec.run_batch([RecommendJob(k=5, user_id="u3")])[0]
+    assert got.items == want
+    np.testing.assert_allclose(got.scores, f.sort(descending=True).values[:5].tolist(), rtol=1e-5, atol=1e-5)
+    cands = np.asarray(i9[0][:7].tolist() + [int(seen[0])], dtype=np.int64)
+    jobs = [RecommendJob(k=5, user_id="u3"), RecommendJob(k=3, user_id="u3", candidates=cands),
+            RecommendJob(k=4, user_id="u4", exclude_seen=False)]
+    together = rec.run_batch(jobs)
+    for job, t in zip(jobs, together):
+        assert rec.run_batch([job])[0].items == t.items
+    # the candidates: their top depth by retrieval score (the seen one dropped), then re-ranked
+    with torch.no_grad():
+        c = torch.from_numpy(cands[:7]).view(1, -1)
+        fc = m.rerank_scores(q, rep, c, m.scorer.item_scores(q, rep, c))[0]
+    assert together[1].items == cands[:7][fc.argsort(descending=True).numpy()][:3].tolist()
+    # a dismissal: the item never returns, and the answer is still re-ranked
+    st.append("u3", rec.item_ids[want[0]], kind="dismiss")
+    rec.invalidate("u3")
+    after = rec.run_batch([RecommendJob(k=5, user_id="u3")])[0]
+    assert want[0] not in after.items and len(after.items) == 5
+    st.close()
+
+
 def test_cached_state_is_not_stored_when_an_event_arrives_meanwhile(loaded, tmp_path):
     model, split, version = loaded
     st = EventStore(tmp_path / "e.sqlite3")

@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results file the line is appended to (default: results.jsonl beside the run folder)")
     e.add_argument("--no-record", action="store_true",
                    help="write neither RUN/ranks.npz nor a results line (default: both)")
+    e.add_argument("--dislike-rerank", type=float, default=None, metavar="B",
+                   help="a run trained with the dislike objective: rank its retrieval top rerank_depth by "
+                        "score + B log(1 - P(dislike)) (default: the run's dislike_rerank; 0: retrieval order)")
     e.add_argument("--responsiveness", action="store_true",
                    help="also simulate one piece of feedback per test user (a dislike, a neutral event or a "
                         "dismiss of one of their top 10) and report how far the item and its nearest items "
@@ -589,6 +592,11 @@ def cmd_evaluate(args) -> int:
     t0 = time.perf_counter()
     run, model, split = _open_run(args.run, args.impl)
     tc = run.config.train
+    if args.dislike_rerank is not None:
+        if "dislike" not in model.objectives:
+            raise SystemExit(f"--dislike-rerank: the run {args.run} was not trained with the dislike "
+                             "objective (train with --objective dislike=W)")
+        model.config.dislike_rerank = args.dislike_rerank
     if tc.split == "cold-items":  # the run's own protocol: its cold cases, not each user's last events
         from .data import cold_item_split
         from .evaluation import evaluate_cold
@@ -606,6 +614,8 @@ def cmd_evaluate(args) -> int:
             metrics["protocol"] = run.read_metrics().get("protocol")
         except FileNotFoundError:
             pass
+        if "dislike" in model.objectives:
+            metrics["dislike_rerank"] = model.config.dislike_rerank
         run.append_result(metrics, time.perf_counter() - t0, args.results)
     if args.json:
         print(json.dumps(metrics, indent=2))

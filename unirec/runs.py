@@ -365,7 +365,8 @@ class Run:
 
     def append_result(self, metrics: dict, wall_seconds: float, results_file: Optional[PathLike] = None) -> Path:
         """Appends one JSON line for this evaluation to ``results_file`` (default: results.jsonl beside the
-        run folder): arm, data set, seed, protocol flags, metrics per stage, wall time, commit."""
+        run folder): arm, data set, seed, protocol flags, metrics per stage, wall time, the re-ranking weight
+        b of a model with the dislike head (``metrics["dislike_rerank"]``), commit."""
         path = Path(results_file) if results_file is not None else self.path.parent / "results.jsonl"
         record = {
             "arm": self.arm, "run": str(self.path), "data": self.config.data.name,
@@ -376,6 +377,7 @@ class Run:
             "seconds_to_best": metrics.get("seconds_to_best"), "parameters": metrics.get("parameters"),
             "user_share": self.config.train.user_share,
             "method": self.config.finetune.method if self.config.finetune is not None else None,
+            "dislike_rerank": metrics.get("dislike_rerank"),
             "commit": source_commit(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         line = (json.dumps(record) + "\n").encode()

@@ -113,7 +113,10 @@ def _run_cases(model, builder, users: np.ndarray, positions: np.ndarray, item_re
         b = builder.case_batch(users[chunk], positions[chunk]).to(device)
         p = model.predict(b, item_rep)
         if rank_kw is not None:
-            if allowed is None:
+            if allowed is None and getattr(model, "reranks", False):
+                r = model.reranked_target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
+                                                b.history_offsets, **rank_kw)
+            elif allowed is None:
                 r = model.scorer.target_ranks(p["queries"], p["item_rep"], b.targets, b.history_items,
                                               b.history_offsets, **rank_kw)
             else:

@@ -32,13 +32,19 @@ class ModelConfig:
     ``objectives``: name -> weight of each training objective (:data:`OBJECTIVES`):
     "retrieval" (next item, full-catalogue softmax), "sampled_retrieval" (softmax over the batch's
     targets), "ranking" (candidates' rating and like), "not_to_recommend" (negatively rated next
-    items pushed down). The loss is sum_o weight_o * loss_o.
+    items pushed down), "dislike" (P(rating <= ``dislike_max_rating`` | next item), a head on the
+    next-item states). The loss is sum_o weight_o * loss_o.
 
     ``negative_max_rating``: negative feedback. None: every event is a positive next-item target (a
     low rating is still a token of the history, through its rating level). A number (2 on
     MovieLens' 1-5 stars): an event rated at most this stays a token of the history but is no target
     of "retrieval"; "not_to_recommend" takes it as a target of -log(1 - p), p its softmax
     probability over the catalogue (Wang et al., RecSys 2023).
+
+    ``dislike_rerank``: with the "dislike" objective, every ranking (evaluation, ``recommend``, serving)
+    takes the retrieval top ``rerank_depth`` and orders it by score + dislike_rerank x log(1 -
+    P(dislike | item)): the retrieval softmax still learns every event, the head pushes down what
+    the user would dislike. 0: retrieval order.
 
     The SASRec-equivalent baseline is ``use_item_features=False, use_rating=False, use_time=False,
     use_profile=False, attention="softmax", objectives={"retrieval": 1.0}, repeat_bias=False``
@@ -107,6 +113,9 @@ class ModelConfig:
     rank_shift: int = 4
     like_threshold: float = 4.0
     negative_max_rating: Optional[float] = None
+    dislike_max_rating: float = 2.0
+    dislike_rerank: float = 1.0
+    rerank_depth: int = 100
     # self-supervised objectives (unirec.models.ssl): the views' operators and rates, the InfoNCE temperature
     augment: Dict[str, float] = field(default_factory=lambda: {"crop": 0.6, "mask": 0.3, "reorder": 0.6})
     ssl_temperature: float = 0.2

@@ -213,6 +213,45 @@ class NotToRecommend(Retrieval):
         return ret, {"not_to_recommend": float(ret.detach())}
 
 
+@register_objective("dislike")
+class Dislike(nn.Module):
+    """P(the user dislikes the next item | it is the next item): an MLP on [h, h * e_t] of each next-item
+    query h and its target's representation e_t -> a logit, BCE against rating <= ``dislike_max_rating``
+    over the rated targets (unrated ones are skipped). The retrieval softmax keeps every target, so it
+    still learns what the user will watch; ranking by log p(i) + b log(1 - P(dislike | i)) (the scorer's
+    re-ranking of the top ``rerank_depth``) then ranks by what the user will watch and like."""
+
+    def __init__(self, config: ModelConfig, schema: DataSchema):
+        super().__init__()
+        D = config.dim
+        self.mlp = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 1))
+        self.dislike_max = config.dislike_max_rating
+
+    def logits(self, queries: torch.Tensor, item_rep: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Dislike logits [...] of queries [..., D] against the 1-based ``items`` [...] (broadcast to queries)."""
+        e = item_rows(item_rep, items).to(queries.dtype)
+        return self.mlp(torch.cat([queries.expand_as(e), queries * e], -1)).squeeze(-1).float()
+
+    def loss(self, enc: Encoded, batch: TokenBatch) -> Loss:
+        if batch.next_ratings is None:
+            return None, {}
+        q, tgt, n_hist = next_item_queries(enc, batch)
+        r = [batch.next_ratings]
+        if enc.profile_pos is not None:
+            r.append(batch.first_ratings)
+        r = torch.cat(r)
+        r = r[torch.cat([batch.next_items, batch.first_items] if enc.profile_pos is not None
+                        else [batch.next_items]) > 0]
+        ok = ~torch.isnan(r)
+        count = global_count(ok.sum(), q.device)
+        if not count > 0:
+            return None, {}
+        logit = self.logits(q[ok], enc.item_rep, tgt[ok])
+        ret = mean_share(F.binary_cross_entropy_with_logits(logit, (r[ok] <= self.dislike_max).float(),
+                                                            reduction="sum"), count)
+        return ret, {"dislike": float(ret.detach())}
+
+
 @register_objective("sampled_retrieval")
 class SampledRetrieval(nn.Module):
     """Next-item softmax over the batch's distinct positive targets (in-batch negatives, no logQ correction)."""

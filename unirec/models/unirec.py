@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import TokenBatch
@@ -148,14 +149,62 @@ class UniRec(nn.Module):
             out.update(self.objectives["ranking"].predict(enc, batch.cand_items))
         return out
 
+    @property
+    def reranks(self) -> bool:
+        """Whether rankings re-rank the retrieval top ``rerank_depth`` by the dislike head."""
+        return "dislike" in self.objectives and self.config.dislike_rerank != 0
+
+    @torch.no_grad()
+    def rerank_scores(self, queries: torch.Tensor, item_rep: torch.Tensor, items: torch.Tensor,
+                      scores: torch.Tensor) -> torch.Tensor:
+        """scores + b log(1 - P(dislike | item)), b = ``dislike_rerank``: log p(item) + b log P(not disliked
+        | item), up to each user's constant. queries [B, D]; items [B, K] 1-based (< 1: none); scores [B, K]."""
+        if not self.reranks:
+            return scores
+        logit = self.objectives["dislike"].logits(queries.unsqueeze(1), item_rep, items.clamp(min=0))
+        return scores + self.config.dislike_rerank * F.logsigmoid(-logit)
+
+    @torch.no_grad()
+    def rerank_top(self, queries: torch.Tensor, item_rep: torch.Tensor, scores: torch.Tensor, items: torch.Tensor,
+                   k: int):
+        """The top k of a retrieval top list (scores [B, K], items [B, K] 1-based, < 1 = none) after
+        :meth:`rerank_scores`: (scores [B, k'], items [B, k']), k' = min(k, K), -inf / -1 past the list."""
+        if not self.reranks:
+            return scores[:, :k], items[:, :k]
+        f = torch.where(items > 0, self.rerank_scores(queries, item_rep, items, scores), float("-inf"))
+        v, j = f.topk(min(k, f.shape[1]), dim=1)
+        return v, torch.where(torch.isfinite(v), items.gather(1, j), -1)
+
+    @torch.no_grad()
+    def reranked_target_ranks(self, queries: torch.Tensor, item_rep: torch.Tensor, targets: torch.Tensor,
+                              history_items: torch.Tensor, history_offsets: torch.Tensor, mask_history: bool = True,
+                              kmax: int = 20) -> torch.Tensor:
+        """Ranks (clipped at kmax + 1) of each target after re-ranking (:meth:`rerank_scores`) the retrieval
+        top ``rerank_depth`` of the items the ranking holds (the unseen ones and the target when
+        ``mask_history``, else all): a target outside that top gets kmax + 1. Ties count against the
+        target, as in :meth:`Scorer.target_ranks`. Arguments as there."""
+        depth = self.config.rerank_depth
+        t_score = self.scorer.item_scores(queries, item_rep, targets.view(-1, 1), history_items, history_offsets)
+        vals, items = self.scorer.topk(queries, item_rep, depth, history_items, history_offsets,
+                                       exclude_history=mask_history)
+        others = (items != targets.view(-1, 1)) & (items > 0)
+        first = others & (torch.cumsum(others.long(), 1) <= depth - 1)          # the top depth - 1 others
+        inside = ((vals >= t_score) & others).sum(1) <= depth - 1               # the target is in the top depth
+        f = self.rerank_scores(queries, item_rep, items, vals)
+        f_t = self.rerank_scores(queries, item_rep, targets.view(-1, 1), t_score)
+        ahead = ((f >= f_t) & first).sum(1)
+        return torch.where(inside, 1 + ahead, kmax + 1).clamp(max=kmax + 1)
+
     @torch.no_grad()
     def recommend(self, batch: TokenBatch, k: int = 10, exclude_history: bool = True):
-        """Top-k items per user after their history: (scores [B, k], items [B, k] int64, -1 = none).
-        The history is ``batch.history_items`` when given, else the batch's own history tokens."""
+        """Top-k items per user after their history: (scores [B, k], items [B, k] int64, -1 = none), the
+        retrieval top ``rerank_depth`` re-ranked when the model :attr:`reranks`. The history is ``batch.history_items`` when given, else the batch's own history tokens."""
         p = self.predict(batch)
         hist = (batch.history_items, batch.history_offsets) if batch.history_items is not None else \
             (batch.items, batch.offsets)
-        return self.scorer.topk(p["queries"], p["item_rep"], k, *hist, exclude_history=exclude_history)
+        depth = max(k, self.config.rerank_depth) if self.reranks else k
+        vals, items = self.scorer.topk(p["queries"], p["item_rep"], depth, *hist, exclude_history=exclude_history)
+        return self.rerank_top(p["queries"], p["item_rep"], vals, items, k)
 
 
 # Names of the single-class model's state (before it was built from parts) -> the parts' names.

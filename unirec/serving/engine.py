@@ -475,7 +475,9 @@ class Recommender:
         # excluding: every seen item; not excluding: the token history, whose items get repeat offsets
         hi, ho = self._csr([preps[j].excluded(True) if exclude else preps[j].view.history.items for j in group])
         k = min(max(jobs[j].k for j in group), cat.n)
-        vals, idx = self.model.scorer.topk(q, cat.rep, k, hi, ho, exclude_history=exclude)
+        depth = min(max(k, self.model.config.rerank_depth), cat.n) if self.model.reranks else k
+        vals, idx = self.model.scorer.topk(q, cat.rep, depth, hi, ho, exclude_history=exclude)
+        vals, idx = self.model.rerank_top(q, cat.rep, vals, idx, k)
         vals, idx = vals.tolist(), idx.tolist()
         for r, j in enumerate(group):
             pairs = [(i, s) for i, s in zip(idx[r], vals[r]) if i > 0][:jobs[j].k]
@@ -503,8 +505,12 @@ class Recommender:
         s = self.model.scorer.item_scores(p.query.view(1, -1), cat.rep, c.view(1, -1), hi, ho)[0]
         if len(v.dismissed) and self.dismiss_demotion > 0:
             s = s - self.demotion(p.query, v.dismissed, cat)[c - 1]
-        vals, order = torch.topk(s, min(job.k, len(cands)))
-        return Ranked(cands[order.numpy()].tolist(), vals.tolist(), "model", v.known, len(v.history))
+        depth = max(job.k, self.model.config.rerank_depth) if self.model.reranks else job.k
+        vals, order = torch.topk(s, min(depth, len(cands)))
+        vals, items = self.model.rerank_top(p.query.view(1, -1), cat.rep, vals.view(1, -1),
+                                            c[order].view(1, -1), job.k)
+        keep = items[0] > 0
+        return Ranked(items[0][keep].tolist(), vals[0][keep].tolist(), "model", v.known, len(v.history))
 
     def _rank_popular(self, job: RecommendJob, p: _Prepared, cat: Catalogue) -> Ranked:
         pool = cat.popular if job.candidates is None else \
