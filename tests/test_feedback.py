@@ -315,3 +315,27 @@ def test_recommend_reranks_the_retrieval_top(small):
     # an empty catalogue list past its end stays -1
     v, i = m.rerank_top(p["queries"][:1], p["item_rep"], torch.tensor([[1.0, float("-inf")]]), torch.tensor([[3, -1]]), 2)
     assert i.tolist() == [[3, -1]] and v[0, 1] == float("-inf")
+
+
+def test_rerank_catalogue_orders_like_rerank_top(small):
+    """The explicit-score form of the re-ranking: its top equals rerank_top's, the items past the depth keep
+    their retrieval order below it, and excluded items stay -inf."""
+    ds, sp = small
+    m = _dislike_model(ds, depth=9)
+    users = sp.eval_users[:5]
+    b = TokenBuilder.for_config(sp, m.config).case_batch(users, sp.stage_positions("test", users))
+    p = m.predict(b)
+    q, rep = p["queries"], p["item_rep"]
+    s = q @ rep[1:].T
+    s[:, :3] = float("-inf")
+    out = m.rerank_catalogue(q, rep, s)
+    v, i = s.topk(9, dim=1)
+    want_v, want_i = m.rerank_top(q, rep, v, i + 1, 9)
+    got_v, got_i = out.topk(9, dim=1)
+    assert torch.equal(got_i + 1, want_i)
+    torch.testing.assert_close(got_v, want_v)
+    rest = torch.ones_like(s, dtype=torch.bool).scatter(1, i, False) & torch.isfinite(s)
+    for r in range(len(users)):
+        assert torch.equal(out[r][rest[r]].argsort(), s[r][rest[r]].argsort())
+        assert float(out[r][rest[r]].max()) < float(got_v[r].min())
+    assert bool(torch.isinf(out[:, :3]).all())

@@ -19,7 +19,8 @@ After each, the items are ranked again with H's items left out but x free to com
 ``neighbours_left`` (of x's 5 nearest items by cosine of the item representations that were in the top
 10, the share no longer there), and ``ndcg@10_positive`` (NDCG@10 of the test item, over the users whose
 test item is rated above ``negative_max``: what the event costs the items the user does want), beside
-its value before the event (``base``).
+its value before the event (``base``). A model with the dislike head ranks as it serves: the retrieval top
+``rerank_depth`` re-ranked (:meth:`unirec.models.UniRec.rerank_catalogue`).
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def responsiveness(model, split, *, seed: int = 0, k: int = 10, neighbours: int 
         if blocked is not None:
             seen |= blocked
         masked0 = s0.masked_fill(seen, float("-inf"))
-        top = masked0.topk(k, dim=1).indices + 1                                      # [B, k] 1-based
+        ranked0 = model.rerank_catalogue(q0, item_rep, masked0)  # what the user is shown (re-ranked when the model does)
+        top = ranked0.topk(k, dim=1).indices + 1                                      # [B, k] 1-based
         # x: a draw among the top k other than the test item
         cand = [row[row != t] for row, t in zip(top, tgt)]
         x = torch.stack([c[int(d * len(c))] for c, d in zip(cand, draws[start:start + B])])
@@ -107,18 +109,19 @@ def responsiveness(model, split, *, seed: int = 0, k: int = 10, neighbours: int 
         near_in = in_top0.gather(1, near)
         pos_r = torch.from_numpy(target_ratings[start:start + B] > negative_max).to(device)
         positive.append(pos_r)
-        base_ndcg.append(ndcg_at_k(_ranks(masked0, tgt), 10))
+        base_ndcg.append(ndcg_at_k(_ranks(ranked0, tgt), 10))
         for kind in KINDS:
             if kind == "dismiss":
                 s = masked0 - dismissal_demotion(q0, unit, cov, x.view(-1, 1), demotion)
                 s[torch.arange(B), x - 1] = float("-inf")
+                s = model.rerank_catalogue(q0, item_rep, s)
             else:
                 ts = [h.timestamps[-1] + EVENT_GAP_SECONDS if len(h) else math.nan for h in hist]
                 ev = [History(np.array([int(i)]), np.array([rating[kind]], np.float32), np.array([t]))
                       for i, t in zip(x.tolist(), ts)]
-                _, s = _scores(model, [h.concat(e) for h, e in zip(hist, ev)], item_rep, device)
+                q, s = _scores(model, [h.concat(e) for h, e in zip(hist, ev)], item_rep, device)
                 # H's items stay out; x itself (now seen too) may come back
-                s = s.masked_fill(seen, float("-inf"))
+                s = model.rerank_catalogue(q, item_rep, s.masked_fill(seen, float("-inf")))
             new_top = s.topk(k, dim=1).indices + 1
             in_top = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter_(1, new_top, True)
             a = acc[kind]

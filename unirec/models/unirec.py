@@ -176,6 +176,19 @@ class UniRec(nn.Module):
         return v, torch.where(torch.isfinite(v), items.gather(1, j), -1)
 
     @torch.no_grad()
+    def rerank_catalogue(self, queries: torch.Tensor, item_rep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """[B, N] explicit scores of items 1..N (-inf: not ranked) as the re-ranking orders them: each row's
+        top ``rerank_depth`` get :meth:`rerank_scores`, every other item keeps its retrieval order below them."""
+        if not self.reranks or scores.shape[1] == 0:
+            return scores
+        v, j = scores.topk(min(self.config.rerank_depth, scores.shape[1]), dim=1)
+        f = torch.where(torch.isfinite(v), self.rerank_scores(queries, item_rep, j + 1, v), v)
+        lowest = torch.where(torch.isfinite(f), f, float("inf")).amin(1, keepdim=True)
+        top = torch.where(torch.isfinite(v), v, float("-inf")).amax(1, keepdim=True)
+        shift = torch.where(torch.isfinite(lowest) & torch.isfinite(top), top - lowest + 1.0, 0.0)
+        return (scores - shift).scatter(1, j, f)
+
+    @torch.no_grad()
     def reranked_target_ranks(self, queries: torch.Tensor, item_rep: torch.Tensor, targets: torch.Tensor,
                               history_items: torch.Tensor, history_offsets: torch.Tensor, mask_history: bool = True,
                               kmax: int = 20) -> torch.Tensor:
