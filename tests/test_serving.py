@@ -1289,8 +1289,9 @@ def test_micro_batcher_refuses_a_job_that_would_be_answered_too_late():
         # jobs are answered in 200 ms, the 3rd and 4th in 300, a 5th in 400 > 350
         why = await fill()
         assert len(queued) == 4
-        assert re.match(r"4 requests are queued; with a new one, the last of them would be answered "
-                        r"(3[6-9]\d|400) ms after it came", why), why
+        m = re.match(r"4 requests are queued; with a new one, the last of them would be answered "
+                     r"(\d+) ms after it came", why)
+        assert m and 350 < int(m.group(1)) < 500, why  # about 400: a loaded machine sleeps a little longer
         with pytest.raises(QueueFull):
             await b.submit(99)
         await asyncio.sleep(0.12)                     # job 1's batch should have ended: 100 ms less to wait
