@@ -288,7 +288,7 @@ def test_evaluate_sets_the_dislike_rerank_weight(tmp_path, capsys):
         assert load_ranks(out)[1].shape == (got[b]["num_users"],)
     assert got[0.0] != got[50.0]  # a strong weight reorders the top
     plain = Run.open(out).load_model("auto")
-    assert plain.config.dislike_rerank == 1.0  # the run itself is unchanged
+    assert plain.config.dislike_rerank == 7.0  # the run itself keeps the default
     assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--out", str(tmp_path / "plain")]) == 0
     with pytest.raises(SystemExit, match="--dislike-rerank: the run .* dislike objective"):
         main(["evaluate", str(tmp_path / "plain"), "--dislike-rerank", "2"])

@@ -23,7 +23,8 @@ def test_presets_per_data_set():
     for name in ("unified", "sasrec", "hstu"):
         base, ml1m = preset(name), preset(name, "ml-1m")
         assert ml1m.max_len == 200 and base.max_len < 200  # ML-1M's long histories
-        # only width, depth and window change: what each preset models stays the same
+        assert (ml1m.dislike_rerank, base.dislike_rerank) == (1.5, 7.0)  # each chosen on its validation
+        # only width, depth, window and the re-ranking weight change: what each preset models stays the same
         assert (ml1m.use_item_features, ml1m.use_profile, ml1m.attention, ml1m.objectives) == \
             (base.use_item_features, base.use_profile, base.attention, base.objectives)
         assert preset(name, "ml-1m", max_len=64).max_len == 64  # explicit overrides win
