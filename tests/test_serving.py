@@ -517,6 +517,16 @@ def _start(run_dir, state, port):
     raise AssertionError("server did not start in 120 s")
 
 
+def _stop(proc):
+    """SIGINT (a graceful shutdown), then SIGKILL if it has not exited in 20 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def test_acknowledged_events_survive_kill_9(run_dir, loaded, tmp_path):
     items = [str(i) for i in loaded[1].dataset.item_vocab[1:]]
     state, port = tmp_path / "state", _free_port()
@@ -543,12 +553,7 @@ def test_acknowledged_events_survive_kill_9(run_dir, loaded, tmp_path):
         st, r = _call(port, "POST", "/v1/recommend", {"user_id": "someone-new", "k": 3})
         assert st == 200 and r["history_length"] == window and r["source"] == "model"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 # --------------------------------------------------------------------------- event kinds and dismissals
@@ -873,12 +878,7 @@ def test_sighup_reloads_the_run_folder(run_dir, tmp_path):
         st, r = _call(port, "POST", "/v1/recommend", {"user_id": "u1", "k": 3})
         assert st == 200 and r["model_version"].startswith("run-b@")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 # --------------------------------------------------------------------------- items added at serving time
