@@ -37,6 +37,11 @@ mv "$dir/new" "$dir/src"
 
 echo "asan_check: building unirec._C with -fsanitize=address in $dir (CMake)"
 prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+# A build folder configured against another torch (another checkout's venv) keeps that torch's
+# library paths in its CMake cache; start it afresh.
+if [ "$(cat "$dir/build/torch-prefix" 2>/dev/null)" != "$prefix" ]; then
+    rm -rf "$dir/build" && mkdir -p "$dir/build" && printf '%s\n' "$prefix" >"$dir/build/torch-prefix"
+fi
 (cmake -S "$dir/src" -B "$dir/build" -DUNIREC_SANITIZE=address -DPython3_EXECUTABLE="$(command -v "$python")" \
     -DCMAKE_PREFIX_PATH="$prefix" >"$dir/build.log" 2>&1 &&
     cmake --build "$dir/build" -j"${MAX_JOBS:-2}" >>"$dir/build.log" 2>&1) ||
