@@ -590,6 +590,21 @@ def dismiss_effect(run: str, n_users: int, demotions: List[float], seed: int) ->
 # --------------------------------------------------------------------------- main
 
 
+def cpu_model_number() -> Tuple[str, str]:
+    """(cpu family, model) from /proc/cpuinfo: "AMD EPYC" names several generations whose speed differs."""
+    fam = mod = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "cpu family" and fam == "?":
+                fam = val.strip()
+            elif key.strip() == "model" and mod == "?":
+                mod = val.strip()
+    except OSError:
+        pass
+    return fam, mod
+
+
 def _run(coro):
     """asyncio.run on uvloop when it is installed (uvicorn[standard] brings it): a cheaper client. The
     cyclic garbage collector is off meanwhile, so that its pauses are not counted as server latency."""
@@ -637,8 +652,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     users, items = data_ids(args.run)
-    out = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
-    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; {len(users)} users, {len(items)} items")
+    from conftest import git_commit, machine_info  # benchmarks/conftest.py: the machine facts every record carries
+    machine = dict(machine_info("cpu"), cpu_model=cpu_model_number(), commit=git_commit())
+    out = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count(), "machine": machine}
+    print(f"{machine['cpu']} (family {machine['cpu_model'][0]} model {machine['cpu_model'][1]}, {machine['cpu_flags']}), "
+          f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; {len(users)} users, {len(items)} items")
     extra = args.server_args.split()
     if args.lone:
         lo = lone(args.run, users, args.lone, extra, args.seed)
