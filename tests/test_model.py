@@ -252,6 +252,20 @@ def test_model_ranks_and_topk_items_match_brute_force(small, repeat_bias, mask_h
     assert int(i2.max()) <= N + 5 and v2.shape == (B, 25)
 
 
+@pytest.mark.parametrize("B, L, n", [(3, 7, 3), (5, 20, 4), (2, 1, 2), (4, 30, 50), (0, 5, 3), (3, 0, 2)])
+def test_next_occurrence_is_the_nearest_later_position_of_the_same_item(B, L, n):
+    from unirec.models.objectives import next_occurrence
+    g = torch.Generator().manual_seed(B * 100 + L)
+    items = torch.randint(0, n, (B, L), generator=g)
+    want = torch.full((B, L), L, dtype=torch.int64)
+    for b in range(B):
+        for j in range(L):
+            later = [k for k in range(j + 1, L) if items[b, k] == items[b, j]]
+            if later:
+                want[b, j] = later[0]
+    assert torch.equal(next_occurrence(items), want)
+
+
 def test_repeat_bias_loss_is_the_softmax_with_offsets(small):
     """The fused loss + log-sum-exp correction equals cross-entropy over materialised logits with
     the offsets added to each token's seen items, in value and in gradients."""

@@ -69,6 +69,23 @@ def feedback_targets(batch: TokenBatch, negative_max: Optional[float], negative:
                    first_items=keep(batch.first_items, batch.first_ratings))
 
 
+def next_occurrence(items: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: the next position k > j of row b where items[b, j] occurs again, L where it does
+    not. One sort of (row, item, position) keys: O(BL log BL), not the O(BL^2) all-pairs comparison."""
+    B, L = items.shape
+    if items.numel() == 0:
+        return torch.full_like(items, L)
+    pos = torch.arange(L, device=items.device).expand(B, L)
+    group = torch.arange(B, device=items.device).view(-1, 1) * (int(items.max()) + 1) + items    # (row, item)
+    key, order = torch.sort((group * L + pos).reshape(-1))
+    nxt = torch.full_like(key, L)
+    follows = (key[1:] // L) == (key[:-1] // L)           # the next key in order is the same (row, item)
+    nxt[:-1] = torch.where(follows, key[1:] % L, L)
+    out = torch.empty_like(nxt)
+    out[order] = nxt
+    return out.view(B, L)
+
+
 def allowed_targets(allowed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """0-based places in ``allowed`` (sorted 1-based item ids [A]) of the 1-based ``targets`` [M]; a
     ValueError when a target is not allowed (a restricted softmax has no term for it)."""
@@ -179,8 +196,7 @@ class Retrieval(nn.Module):
         rep = enc.item_rep.float()
         z = torch.bmm(h, item_rows(rep, it).transpose(1, 2))                    # z[b, i, j] = <h_bi, e_it[b, j]>
         # (i, j) counts when j <= i and the item at j does not occur again in (j, i].
-        same = (it.unsqueeze(2) == it.unsqueeze(1)) & (ar.view(1, 1, -1) > ar.view(1, -1, 1))  # [b, j, k]: k > j
-        next_occ = torch.where(same, ar.view(1, 1, -1), Lm).amin(2)             # [B, L] next position of it[b, j]
+        next_occ = next_occurrence(it)                                           # [B, L]
         i_ = ar.view(1, -1, 1)
         j_ = ar.view(1, 1, -1)
         pair = (j_ <= i_) & (next_occ.unsqueeze(1) > i_) & valid.unsqueeze(1) & (it.unsqueeze(1) > 0)
