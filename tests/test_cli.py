@@ -211,6 +211,9 @@ def test_command_reports_mistakes_in_one_line_and_debug_shows_the_traceback(tmp_
     (["train", "--objective", "contrastive=lots", *SYNTHETIC], r"^unirec: error: --objective expects NAME=NUMBER"),
     (["train", "--objective", "shuffle=0.1", *SYNTHETIC], r"^unirec: error: --config / --set: objectives: unknown objective 'shuffle'"),
     (["train", "--augment", "crop=2", *SYNTHETIC], r"^unirec: error: --config / --set: augment: 'crop' must be one of"),
+    (["train", "--augment-share", "0.5", *SYNTHETIC], r"^unirec: error: --augment-share needs --augment-data"),
+    (["train", "--augment-data", "crop=0.5", "--augment-share", "0", *SYNTHETIC],
+     r"^unirec: error: .*augment_share must be a number in \(0, 1\]"),
     (["train", "--init", "{tmp}/nothing", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--out", "{tmp}/r"],
      r"^unirec: error: .*nothing"),
 ])
@@ -254,13 +257,15 @@ def test_pretrain_then_train_from_it(tmp_path, capsys):
     assert cfg["model"]["objectives"] == {"contrastive": 1.0, "cloze": 1.0} and cfg["arm"] == "pretrain-unified"
     assert main(["train", *SYNTHETIC, *TINY_MODEL, "--epochs", "1", "--max-len", "16", "--out", str(ft),
                  "--init", str(pre), "--objective", "contrastive=0.1", "--objective", "ranking=0",
-                 "--augment", "crop=0.5,reorder=0.3", "--augment-data", "mask=0.3,substitute=0.2,insert=0.2"]) == 0
+                 "--augment", "crop=0.5,reorder=0.3", "--augment-data", "mask=0.3,substitute=0.2,insert=0.2",
+                 "--augment-share", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "initialised" in out and f"from {pre}" in out
     cfg = json.loads((ft / "config.json").read_text())
     assert cfg["model"]["objectives"] == {"retrieval": 1.0, "contrastive": 0.1}
     assert cfg["model"]["augment"] == {"crop": 0.5, "reorder": 0.3} and cfg["train"]["init_from"] == str(pre)
     assert cfg["train"]["augment_data"] == {"mask": 0.3, "substitute": 0.2, "insert": 0.2}
+    assert cfg["train"]["augment_share"] == 0.5
     # the pretrained blocks were the starting point: at --init the weights equal the pretrained ones
     from unirec.runs import Run
     from unirec.training.run import init_from_run

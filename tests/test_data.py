@@ -840,6 +840,35 @@ def test_augmented_copies_follow_their_originals(rates):
         TrainBatches(src.builder, 8, candidates=True, augment={"shuffle": 0.3})
 
 
+@pytest.mark.parametrize("share", [0.5, 0.2])
+def test_a_share_of_the_streams_gets_an_augmented_copy(share):
+    sp = leave_one_out(synthetic(num_users=60, num_items=25, mean_length=12, seed=7))
+    rates = {"crop": 0.5, "insert": 0.3}
+    full = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1, augment=rates)
+    part = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1, augment=rates, augment_share=share)
+    copies = streams = 0
+    for f, b in zip(full.epoch(0), part.epoch(0)):
+        B = (f.batch_size) // 2
+        C = b.batch_size - B
+        copies, streams = copies + C, streams + B
+        assert torch.equal(b.users[:B], f.users[:B]) and torch.equal(b.items[:b.offsets[B]], f.items[:f.offsets[B]])
+        assert torch.all(torch.diff(b.cand_offsets)[B:] == 0) and b.first_items[B:].eq(0).all()
+        # each copy is the full-share copy of the same user (the same key, the same operator draw)
+        rows = {int(u): j for j, u in enumerate(f.users[B:].tolist())}
+        for j, u in enumerate(b.users[B:].tolist()):
+            k = rows[u]
+            seg = lambda t, bb, i: t[bb.offsets[i]:bb.offsets[i + 1]]  # noqa: E731
+            assert torch.equal(seg(b.items, b, B + j), seg(f.items, f, B + k))
+            assert torch.equal(seg(b.next_items, b, B + j), seg(f.next_items, f, B + k))
+            assert torch.equal(seg(b.gaps, b, B + j), seg(f.gaps, f, B + k))
+    assert 0 < copies < streams and abs(copies / streams - share) < 0.2
+    same = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=True, seed=1, augment=rates, augment_share=1.0)
+    assert all(torch.equal(x.items, y.items) and torch.equal(x.users, y.users) for x, y in zip(same.epoch(0), full.epoch(0)))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="augment_share"):
+            TrainBatches(full.builder, 8, candidates=True, augment=rates, augment_share=bad)
+
+
 def test_item_correlation_counts_training_events_only():
     sp = leave_one_out(synthetic(num_users=30, num_items=25, mean_length=12, seed=7))
     src = TrainBatches(TokenBuilder(sp, max_len=10), 8, candidates=False, augment={"substitute": 0.5})

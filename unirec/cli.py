@@ -139,6 +139,9 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
                         "operator drawn per copy among crop, mask, reorder, substitute (RATE of the events "
                         "replaced by their most co-occurring item) and insert (that item inserted after RATE "
                         "of the events); e.g. crop=0.6,substitute=0.2 (default: none)")
+    t.add_argument("--augment-share", type=float, default=None, metavar="SHARE",
+                   help="with --augment-data: the share of the training streams that get an augmented copy, "
+                        "drawn per batch and user (a cheaper epoch; default: 1, every stream)")
     t.add_argument("--text", nargs="?", const="lm", default=None, choices=["lm", "random"],
                    help="fuse each item's text vectors into its representation: lm (all-MiniLM-L6-v2 over the "
                         "item's title, year and genres; needs the text extra), random (a fixed random vector "
@@ -447,6 +450,10 @@ def cmd_train(args) -> int:
         opt["init_from"] = str(args.init)
     if args.augment_data is not None:
         opt["augment_data"] = _named_rates(args.augment_data, "--augment-data")
+    if args.augment_share is not None:
+        if args.augment_data is None:
+            raise SystemExit("--augment-share needs --augment-data (the operators of the copies)")
+        opt["augment_share"] = args.augment_share
     opt["time_budget_s"] = opt["time_budget_s"] or None
     tc = TrainConfig(warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, select_metric=args.select,
                      seed=args.seed, device=device, bf16=not args.no_bf16, **opt)

@@ -69,8 +69,10 @@ class TrainConfig:
     windows: str = "last"
     # a run folder whose weights the model starts from (matching names and shapes), e.g. a pretrained one
     init_from: Optional[str] = None
-    # data augmentation: operator -> rate; every training stream also trains as an augmented copy
+    # data augmentation: operator -> rate; every training stream (or the share augment_share of them, drawn
+    # per batch and user) also trains as an augmented copy
     augment_data: Optional[dict] = None
+    augment_share: float = 1.0
     # the evaluation protocol (docs/protocol.md): "leave-one-out", or "cold-items" (the cold_share of items
     # first rated latest never train; a third of them, drawn with cold_seed, validate, the rest test)
     split: str = "leave-one-out"
@@ -91,6 +93,9 @@ class TrainConfig:
         if isinstance(self.user_share, bool) or not isinstance(self.user_share, (int, float)) \
                 or not 0.0 < float(self.user_share) <= 1.0:
             raise ValueError(f"train config: user_share must be a number in (0, 1], got {self.user_share!r}")
+        if isinstance(self.augment_share, bool) or not isinstance(self.augment_share, (int, float)) \
+                or not 0.0 < float(self.augment_share) <= 1.0:
+            raise ValueError(f"train config: augment_share must be a number in (0, 1], got {self.augment_share!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

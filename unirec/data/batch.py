@@ -283,17 +283,21 @@ class TrainBatches:
     ``users``: only these users' windows train (e.g. :func:`training_users`); None: every user's.
 
     ``augment`` (operator -> rate, :mod:`unirec.data.augment`): data augmentation, each batch followed
-    by an augmented copy of every stream (:meth:`with_augmented_copies`); substitute and insert use
-    item correlations counted over the training events only.
+    by an augmented copy of every stream (:meth:`with_augmented_copies`), or of a share
+    ``augment_share`` of the streams, drawn per (batch key, user); substitute and insert use item
+    correlations counted over the training events only.
     """
 
     WINDOWS = ("last", "all")
 
     def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0,
                  windows: str = "last", augment: Optional[Dict[str, float]] = None,
-                 users: Optional[np.ndarray] = None):
+                 users: Optional[np.ndarray] = None, augment_share: float = 1.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < augment_share <= 1.0:
+            raise ValueError(f"augment_share must lie in (0, 1], got {augment_share}")
+        self.augment_share = float(augment_share)
         if windows not in self.WINDOWS:
             raise ValueError(f"windows must be one of {self.WINDOWS}, got {windows!r}")
         self.augment, self.similar = dict(augment or {}), None
@@ -344,12 +348,24 @@ class TrainBatches:
 
     def with_augmented_copies(self, batch: TokenBatch) -> TokenBatch:
         """The batch followed by one augmented copy of each stream's history (an operator of ``augment``
-        drawn per stream, keyed by the batch's key and the user; a masked event becomes item 0): each
-        copied event predicts the copy's next event, the last one the original's last target; the
-        copies have no candidates and no profile target."""
-        from .augment import augment, sequence_keys
+        drawn per stream, keyed by the batch's key and the user; a masked event becomes item 0), or of
+        the streams whose key draws below ``augment_share``: each copied event predicts the copy's next
+        event, the last one the original's last target; the copies have no candidates and no profile
+        target."""
+        from .augment import augment, sequence_keys, uniform
         keys = sequence_keys(batch.seed or 0, 0, batch.users, 9)
-        items, off, src = augment(batch.items, batch.offsets, keys, self.augment, mask_id=0, similar=self.similar)
+        dev = batch.items.device
+        chosen = torch.arange(batch.batch_size, device=dev)
+        if self.augment_share < 1.0:
+            chosen = torch.nonzero(uniform(keys, torch.zeros_like(keys), 11) < self.augment_share).flatten()
+        lens0 = batch.offsets[1:] - batch.offsets[:-1]
+        take = torch.repeat_interleave(batch.offsets[:-1][chosen], lens0[chosen]) + \
+            (torch.arange(int(lens0[chosen].sum()), device=dev) -
+             torch.repeat_interleave(torch.cumsum(lens0[chosen], 0) - lens0[chosen], lens0[chosen]))
+        sub_off = torch.cat([batch.offsets.new_zeros(1), torch.cumsum(lens0[chosen], 0)])
+        items, off, src = augment(batch.items[take], sub_off, keys[chosen], self.augment, mask_id=0,
+                                  similar=self.similar)
+        src = take[src]
         lens = off[1:] - off[:-1]
         if lens.numel() and int(lens.max()) > self.builder.max_len:  # insert made a copy too long:
             keep = torch.clamp(lens, max=self.builder.max_len)                  # keep its most recent events
@@ -362,7 +378,7 @@ class TrainBatches:
         nxt = torch.zeros_like(items)
         nxt[:-1] = items[1:]
         has = lens > 0
-        last, orig_last = off[1:][has] - 1, batch.offsets[1:][has] - 1
+        last, orig_last = off[1:][has] - 1, batch.offsets[1:][chosen][has] - 1
         nxt[last] = batch.next_items[orig_last]
         nxt_r = None
         if batch.next_ratings is not None:  # the copy's next event's rating, as its next item
@@ -371,19 +387,20 @@ class TrainBatches:
             nxt_r[last] = batch.next_ratings[orig_last]
         if getattr(self.builder.split, "target_items", None) is not None:  # cross-domain: as TokenBuilder.target_only
             nxt = torch.where(torch.from_numpy(self.builder.split.target_items).to(nxt.device)[nxt], nxt, 0)
-        B = batch.batch_size
+        C = chosen.numel()
         cat = torch.cat
         return TokenBatch(
-            users=cat([batch.users, batch.users]), items=cat([batch.items, items]),
+            users=cat([batch.users, batch.users[chosen]]), items=cat([batch.items, items]),
             ratings=None if batch.ratings is None else cat([batch.ratings, batch.ratings[src]]),
             gaps=cat([batch.gaps, batch.gaps[src]]), offsets=cat([batch.offsets, batch.offsets[-1] + off[1:]]),
-            next_items=cat([batch.next_items, nxt]), first_items=cat([batch.first_items, torch.zeros_like(batch.first_items)]),
+            next_items=cat([batch.next_items, nxt]),
+            first_items=cat([batch.first_items, batch.first_items.new_zeros(C)]),
             cand_items=batch.cand_items, cand_gaps=batch.cand_gaps,
-            cand_offsets=cat([batch.cand_offsets, batch.cand_offsets[-1].repeat(B)]),
+            cand_offsets=cat([batch.cand_offsets, batch.cand_offsets[-1].repeat(C)]),
             cand_ratings=batch.cand_ratings, seed=batch.seed,
             next_ratings=None if nxt_r is None else cat([batch.next_ratings, nxt_r]),
             first_ratings=None if batch.first_ratings is None else cat([batch.first_ratings,
-                                                                        torch.full_like(batch.first_ratings, float("nan"))]))
+                                                                        batch.first_ratings.new_full((C,), float("nan"))]))
 
 
 # --------------------------------------------------------------------------- live histories

@@ -135,7 +135,7 @@ def train_run(data: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         users = training_users(train_split.train_len, train_cfg.user_share, train_cfg.user_seed)
         log(f"training on {len(users)} users ({train_cfg.user_share:g} of those with training events)")
     batches = TrainBatches(builder, train_cfg.batch_size, model.needs_candidates, train_cfg.seed, train_cfg.windows,
-                           train_cfg.augment_data, users)
+                           train_cfg.augment_data, users, train_cfg.augment_share)
 
     if cold:
         log(repr(cold_split))
