@@ -32,27 +32,30 @@
 #pragma GCC diagnostic ignored "-Wunused-local-typedefs"
 
 namespace unirec {
-#define UNIREC_ATTN_VEC_BYTES 64
+#define UNIREC_VEC_BYTES 64
 namespace attn_avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 #pragma GCC optimize("fp-contract=fast")
+#include "simd.h"
 #include "attention_kernels.h"
 #pragma GCC pop_options
 }  // namespace attn_avx512
-#undef UNIREC_ATTN_VEC_BYTES
-#define UNIREC_ATTN_VEC_BYTES 32
+#undef UNIREC_VEC_BYTES
+#define UNIREC_VEC_BYTES 32
 namespace attn_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("fp-contract=fast")
+#include "simd.h"
 #include "attention_kernels.h"
 #pragma GCC pop_options
 }  // namespace attn_avx2
 namespace attn_base {
+#include "simd.h"
 #include "attention_kernels.h"
 }  // namespace attn_base
-#undef UNIREC_ATTN_VEC_BYTES
+#undef UNIREC_VEC_BYTES
 
 namespace {
 

@@ -1,8 +1,8 @@
 // Per-sequence, per-head jagged attention kernels on contiguous float32 or
 // float64 buffers. This file is included three times by attention.cpp: under
 // `#pragma GCC target` for AVX-512 and for AVX2+FMA, and for the baseline ISA,
-// each time inside its own namespace and with UNIREC_ATTN_VEC_BYTES set to the
-// width of its vectors (64 or 32), so it has no include guard and includes
+// each time inside its own namespace after simd.h (the vector types for
+// UNIREC_VEC_BYTES, 64 or 32), so it has no include guard and includes
 // nothing (attention.cpp includes <algorithm>, <cmath>, <cstdint>, <cstring>
 // first). Every length a vector loop runs over (kBK, kSub, the padded head
 // dims) is a multiple of 16 floats, so one code serves both widths.
@@ -22,39 +22,6 @@ constexpr int kBQ = 64;  // query rows per tile
 constexpr int kBK = 64;  // keys per tile
 constexpr int kSub = 32;   // on the causal diagonal, row blocks that see < kSub keys compute only kSub columns
 constexpr int kRows = 30;  // rows of such a block (a multiple of the micro-kernels' 3 and 6 rows)
-
-#ifndef UNIREC_ATTN_VEC_BYTES
-#error "attention.cpp sets UNIREC_ATTN_VEC_BYTES (32 or 64) before including this file"
-#endif
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(UNIREC_ATTN_VEC_BYTES), aligned(4), may_alias));
-  typedef int32_t itype __attribute__((vector_size(UNIREC_ATTN_VEC_BYTES), aligned(4), may_alias));
-  static constexpr int W = UNIREC_ATTN_VEC_BYTES / 4;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(UNIREC_ATTN_VEC_BYTES), aligned(8), may_alias));
-  static constexpr int W = UNIREC_ATTN_VEC_BYTES / 8;
-};
-
-template <typename T>
-static inline typename Vec<T>::type vload(const T* p) {
-  return *reinterpret_cast<const typename Vec<T>::type*>(p);
-}
-template <typename T>
-static inline void vstore(T* p, typename Vec<T>::type v) {
-  *reinterpret_cast<typename Vec<T>::type*>(p) = v;
-}
-
-template <typename T>
-static inline typename Vec<T>::type vbroadcast(T x) {
-  // vector + scalar broadcasts the scalar: one vbroadcastss (a lane-by-lane loop became 16 masked
-  // broadcasts at 64 bytes)
-  return typename Vec<T>::type{} + x;
-}
 
 // Register-blocked C[MR rows][NV vectors] (+)= A[MR][K] B[K][NV*W]; with TA,
 // A is stored transposed (element (r, k) at A[k * lda + r]).
@@ -102,31 +69,9 @@ static inline void gemm(int M, int K, const T* A, int lda, const T* B, int ldb, 
   }
 }
 
-// exp on n (a multiple of the vector width) floats in place: x <- exp(x - shift). Cephes
-// polynomial after range reduction by 2^n; relative error ~1e-7.
+// exp on n (a multiple of the vector width) floats in place: x <- exp(x - shift) (simd.h's vexp).
 static inline void exp_shift(float* x, int n, float shift) {
-  using V = Vec<float>::type;
-  using VI = Vec<float>::itype;
-  for (int j = 0; j < n; j += Vec<float>::W) {
-    V v = vload(x + j) - shift;
-    v = v < -87.0f ? V{} - 87.0f : v;
-    v = v > 88.0f ? V{} + 88.0f : v;
-    V t = v * 1.44269504088896341f + 12582912.0f;
-    V nn = t - 12582912.0f;
-    V r = v - nn * 0.693359375f;
-    r = r + nn * 2.12194440e-4f;
-    V p = V{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    VI e = (__builtin_convertvector(nn, VI) + 127) << 23;
-    V s;
-    __builtin_memcpy(&s, &e, sizeof(s));
-    vstore(x + j, p * s);
-  }
+  for (int j = 0; j < n; j += Vec<float>::W) vstore(x + j, vexp(vload(x + j) - shift));
 }
 static inline void exp_shift(double* x, int n, double shift) {
   for (int j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);

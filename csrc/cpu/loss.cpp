@@ -10,7 +10,9 @@
 // ATen's vectorised exp (the forward keeps a running max and sum per row; the
 // backward recomputes the block from lse). Each thread owns the rows of
 // ditems / dbias of its chunk; dhidden is summed over per-thread copies.
-// Extra memory: threads * (block + M * D) in the accumulation type.
+// Extra memory: threads * (block + M * D) in the accumulation type. The
+// per-row max / exp / sum run in one or two passes of loss_kernels.h, compiled
+// for AVX-512, AVX2+FMA and the baseline ISA and picked by cpu_isa().
 //
 // With keep_logit_grad the forward instead makes the whole [M, N] block of
 // logits one row block at a time (a block stays in cache from the GEMM to the
@@ -27,10 +29,64 @@
 #include <limits>
 #include <vector>
 
+#include "unirec/cpu_features.h"
 #include "unirec/loss.h"
 
+// The baseline copy passes 32-byte vectors by value without AVX: only inside this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace unirec {
+#define UNIREC_VEC_BYTES 64
+namespace loss_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+#include "simd.h"
+#include "loss_kernels.h"
+#pragma GCC pop_options
+}  // namespace loss_avx512
+#undef UNIREC_VEC_BYTES
+#define UNIREC_VEC_BYTES 32
+namespace loss_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+#include "simd.h"
+#include "loss_kernels.h"
+#pragma GCC pop_options
+}  // namespace loss_avx2
+namespace loss_base {
+#include "simd.h"
+#include "loss_kernels.h"
+}  // namespace loss_base
+#undef UNIREC_VEC_BYTES
+
 namespace {
+
+// The row kernels of one ISA (loss_kernels.h), chosen once per call.
+template <typename T>
+struct RowOps {
+  T (*max)(const T*, int64_t);
+  T (*sum)(const T*, int64_t);
+  T (*sum_exp)(const T*, int64_t, T);
+  T (*exp)(T*, int64_t, T, T, T);
+  void (*scale)(T*, int64_t, T, T);
+};
+
+template <typename T>
+RowOps<T> row_ops(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return {loss_avx512::row_max, loss_avx512::row_sum, loss_avx512::row_sum_exp, loss_avx512::row_exp,
+              loss_avx512::row_scale};
+    case CpuIsa::kAvx2:
+      return {loss_avx2::row_max, loss_avx2::row_sum, loss_avx2::row_sum_exp, loss_avx2::row_exp,
+              loss_avx2::row_scale};
+    default:
+      return {loss_base::row_max, loss_base::row_sum, loss_base::row_sum_exp, loss_base::row_exp,
+              loss_base::row_scale};
+  }
+}
 
 constexpr int64_t kRowBlock = 256;
 
@@ -86,33 +142,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_keep(const at::Tensor& h, con
                                                         at::TensorOptions aopt, double lowest) {
   at::Tensor dz = at::empty({s.M, s.N}, aopt);
   const at::Tensor valid = targets.ne(ignore_index);
-  const at::Tensor validf = valid.to(aopt.dtype()).unsqueeze(1);
-  const at::Tensor tsafe = at::where(valid, targets, at::zeros_like(targets)).unsqueeze(1);
   at::Tensor lse = at::empty({s.M}, aopt), zt = at::empty({s.M}, aopt), zs = at::zeros({s.M}, aopt);
   const bool smooth = eps > 0.0;
   const int64_t nblocks = (s.M + kKeepRowBlock - 1) / kKeepRowBlock;
-  at::parallel_for(0, nblocks, 1, [&](int64_t bbegin, int64_t bend) {
-    for (int64_t b = bbegin; b < bend; ++b) {
-      const int64_t r0 = b * kKeepRowBlock, rows = std::min(kKeepRowBlock, s.M - r0);
-      at::Tensor z = dz.narrow(0, r0, rows);
-      const at::Tensor hb = h.narrow(0, r0, rows);
-      if (bias.defined()) {
-        at::addmm_out(z, bias.unsqueeze(0), hb, items.t());
-      } else {
-        at::mm_out(z, hb, items.t());
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "softmax_ce_fwd_keep", [&] {
+    using T = scalar_t;
+    const RowOps<T> ops = row_ops<T>(cpu_isa());
+    T* zp = dz.data_ptr<T>();
+    T *lp = lse.data_ptr<T>(), *ztp = zt.data_ptr<T>(), *zsp = zs.data_ptr<T>();
+    const T low = static_cast<T>(lowest), keep = static_cast<T>(1.0 - eps);
+    const T unif = static_cast<T>(eps / static_cast<double>(s.N));
+    at::parallel_for(0, nblocks, 1, [&](int64_t bbegin, int64_t bend) {
+      for (int64_t b = bbegin; b < bend; ++b) {
+        const int64_t r0 = b * kKeepRowBlock, rows = std::min(kKeepRowBlock, s.M - r0);
+        at::Tensor z = dz.narrow(0, r0, rows);
+        const at::Tensor hb = h.narrow(0, r0, rows);
+        if (bias.defined()) {
+          at::addmm_out(z, bias.unsqueeze(0), hb, items.t());
+        } else {
+          at::mm_out(z, hb, items.t());
+        }
+        // each row, still in cache from the GEMM: its target logit (and sum), then exp in place
+        // and the scaling to softmax - (1 - eps) onehot - eps/N (zero on ignored rows)
+        for (int64_t i = r0; i < r0 + rows; ++i) {
+          T* zr = zp + i * s.N;
+          const bool v = tp[i] != ignore_index;
+          const int64_t t = v ? tp[i] : 0;
+          ztp[i] = zr[t];
+          if (smooth) zsp[i] = ops.sum(zr, s.N);
+          // A row of -inf logits keeps sum 0: shift by a finite value.
+          const T m = std::max(ops.max(zr, s.N), low);
+          const T sum = ops.exp(zr, s.N, m, T(1), T(0));
+          lp[i] = std::log(sum) + m;
+          ops.scale(zr, s.N, v ? T(1) / sum : T(0), v ? unif : T(0));
+          if (v) zr[t] -= keep;
+        }
       }
-      const at::Tensor tb = tsafe.narrow(0, r0, rows), vb = validf.narrow(0, r0, rows);
-      zt.narrow(0, r0, rows).copy_(z.gather(1, tb).squeeze(1));
-      if (smooth) zs.narrow(0, r0, rows).copy_(z.sum(1));
-      // A row of -inf logits keeps sum 0: shift by a finite value.
-      const at::Tensor m = z.amax(1).clamp_min_(lowest);
-      z.sub_(m.unsqueeze(1)).exp_();
-      const at::Tensor sum = z.sum(1);
-      lse.narrow(0, r0, rows).copy_(sum.log().add_(m));
-      z.mul_(vb / sum.unsqueeze(1));
-      z.scatter_add_(1, tb, vb * -(1.0 - eps));
-      if (smooth) z.sub_(vb * (eps / static_cast<double>(s.N)));
-    }
+    });
   });
   at::Tensor l = lse - zt * (1.0 - eps);
   if (smooth) l.sub_(zs, eps / static_cast<double>(s.N));
@@ -153,28 +220,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_fwd_cpu(const at::Tens
   at::Tensor csum = at::zeros({bl.nchunks, s.M}, aopt);
   at::Tensor czs = at::zeros({bl.nchunks, s.M}, aopt);
 
-  at::parallel_for(0, bl.nchunks, 1, [&](int64_t cbegin, int64_t cend) {
-    at::Tensor buf = at::empty({kRowBlock * bl.tile}, aopt);
-    at::Tensor tbuf = convert ? at::empty({bl.tile, s.D}, aopt) : at::Tensor();
-    for (int64_t c = cbegin; c < cend; ++c) {
-      const int64_t lo = c * bl.chunk, hi = std::min(s.N, lo + bl.chunk);
-      for (int64_t t0 = lo; t0 < hi; t0 += bl.tile) {
-        const int64_t len = std::min(bl.tile, hi - t0);
-        const at::Tensor tile = tile_of(items, tbuf, t0, len);
-        for (int64_t r0 = 0; r0 < s.M; r0 += kRowBlock) {
-          const int64_t rows = std::min(kRowBlock, s.M - r0);
-          at::Tensor z = logits_block(buf, h.narrow(0, r0, rows), tile, bias, t0, len);
-          at::Tensor m_run = cmax[c].narrow(0, r0, rows);
-          at::Tensor s_run = csum[c].narrow(0, r0, rows);
-          if (smooth) czs[c].narrow(0, r0, rows).add_(z.sum(1));
-          at::Tensor m_new = at::maximum(m_run, z.amax(1));
-          // A row of -inf logits so far keeps sum 0: shift by a finite value.
-          at::Tensor shift = m_new.clamp_min(lowest);
-          s_run.mul_((m_run - shift).exp_()).add_(z.sub_(shift.unsqueeze(1)).exp_().sum(1));
-          m_run.copy_(m_new);
+  AT_DISPATCH_FLOATING_TYPES(acc, "softmax_ce_fwd", [&] {
+    using T = scalar_t;
+    const RowOps<T> ops = row_ops<T>(cpu_isa());
+    const T low = static_cast<T>(lowest);
+    at::parallel_for(0, bl.nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+      at::Tensor buf = at::empty({kRowBlock * bl.tile}, aopt);
+      at::Tensor tbuf = convert ? at::empty({bl.tile, s.D}, aopt) : at::Tensor();
+      for (int64_t c = cbegin; c < cend; ++c) {
+        const int64_t lo = c * bl.chunk, hi = std::min(s.N, lo + bl.chunk);
+        T* m_run = cmax[c].data_ptr<T>();
+        T* s_run = csum[c].data_ptr<T>();
+        T* zs_run = czs[c].data_ptr<T>();
+        for (int64_t t0 = lo; t0 < hi; t0 += bl.tile) {
+          const int64_t len = std::min(bl.tile, hi - t0);
+          const at::Tensor tile = tile_of(items, tbuf, t0, len);
+          for (int64_t r0 = 0; r0 < s.M; r0 += kRowBlock) {
+            const int64_t rows = std::min(kRowBlock, s.M - r0);
+            const T* z = logits_block(buf, h.narrow(0, r0, rows), tile, bias, t0, len).data_ptr<T>();
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* zr = z + r * len;
+              const int64_t i = r0 + r;
+              if (smooth) zs_run[i] += ops.sum(zr, len);
+              const T m_new = std::max(m_run[i], ops.max(zr, len));
+              // A row of -inf logits so far keeps sum 0: shift by a finite value.
+              const T shift = std::max(m_new, low);
+              s_run[i] = s_run[i] * std::exp(m_run[i] - shift) + ops.sum_exp(zr, len, shift);
+              m_run[i] = m_new;
+            }
+          }
         }
       }
-    }
+    });
   });
 
   // Merge the chunks' (max, sum) pairs, then the target logits by direct dots.
@@ -244,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_bwd_cpu(
     const Blocking bl = blocking(s.M, s.N);
     const int64_t* tp = targets.data_ptr<int64_t>();
     at::Tensor dh_part = at::zeros({bl.nchunks, s.M, s.D}, aopt);
+    const CpuIsa isa = cpu_isa();  // once per call, not per block
 
     at::parallel_for(0, bl.nchunks, 1, [&](int64_t cbegin, int64_t cend) {
       at::Tensor buf = at::empty({kRowBlock * bl.tile}, aopt);
@@ -260,14 +338,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_ce_bwd_cpu(
             const int64_t rows = std::min(kRowBlock, s.M - r0);
             const at::Tensor hb = h.narrow(0, r0, rows);
             at::Tensor z = logits_block(buf, hb, tile, bias, t0, len);
-            z.sub_(lse.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(g.narrow(0, r0, rows).unsqueeze(1));
-            if (smooth) z.sub_(gu.narrow(0, r0, rows).unsqueeze(1));
-            AT_DISPATCH_FLOATING_TYPES(acc, "softmax_ce_bwd_target", [&] {
-              scalar_t* zp = z.data_ptr<scalar_t>();
-              const scalar_t* gtp = gt.data_ptr<scalar_t>();
+            AT_DISPATCH_FLOATING_TYPES(acc, "softmax_ce_bwd_block", [&] {
+              using T = scalar_t;
+              const RowOps<T> ops = row_ops<T>(isa);
+              T* zp = z.data_ptr<T>();
+              const T *lp = lse.data_ptr<T>(), *gp = g.data_ptr<T>(), *gup = gu.data_ptr<T>();
+              const T* gtp = gt.data_ptr<T>();
+              // dz / 1 = g (softmax - (1 - eps) onehot - eps/N), one pass per row
               for (int64_t r = 0; r < rows; ++r) {
-                const int64_t t = tp[r0 + r];
-                if (t >= t0 && t < t0 + len) zp[r * len + (t - t0)] -= gtp[r0 + r];
+                const int64_t i = r0 + r;
+                ops.exp(zp + r * len, len, lp[i], gp[i], smooth ? gup[i] : T(0));
+                const int64_t t = tp[i];
+                if (t >= t0 && t < t0 + len) zp[r * len + (t - t0)] -= gtp[i];
               }
             });
             dh.narrow(0, r0, rows).addmm_(z, tile);

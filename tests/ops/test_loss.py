@@ -111,6 +111,33 @@ def test_against_reference(device, impl, dtype, shape, bias, reduction, eps):
             torch.testing.assert_close(x.double(), y.double(), atol=tol, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("N", [1, 7, 100, 1029])
+def test_row_kernels_of_each_isa(monkeypatch, isa, keep, N):
+    """The C++ kernel's row passes (max, exp, sum; loss_kernels.h) compiled for each instruction set,
+    on rows whose length is no multiple of the vector width, with a -inf bias that must carry no mass."""
+    monkeypatch.setenv("UNIREC_CPU_ISA", isa)  # capped at what the CPU has
+    M, D = 45, 24
+    h, e, b, t = _inputs(M, N, D, "cpu", torch.float32, bias=True)
+    b[::3] = float("-inf")      # items no row may pick
+    b[0] = 0.0
+    t = torch.where(t >= 0, torch.zeros_like(t), t)  # targets on the finite item
+    for eps in (0.0, 0.1) if N > 1 else (0.0,):
+        if eps:   # smoothing spreads mass to every item: finite logits only
+            b = torch.where(torch.isinf(b), torch.full_like(b, -30.0), b)
+        got = _loss_and_grads(lambda *a: softmax_cross_entropy(*a[:3], item_bias=a[3], reduction=a[4],
+                                                               label_smoothing=a[5], impl="cpp",
+                                                               keep_logit_grad=keep), h, e, b, t, "none", eps)
+        want = _loss_and_grads(lambda *a: softmax_cross_entropy_ref(*a[:4], reduction=a[4], label_smoothing=a[5]),
+                               h.double(), e.double(), b.double(), t, "none", eps)
+        for name, x, y in zip(["loss", "dh", "de", "db"], got, want):
+            assert torch.isfinite(x).all(), name
+            torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5, msg=f"{name} isa={isa} eps={eps}")
+        if not eps:
+            assert got[3][torch.isinf(b)].eq(0).all()  # exactly no mass, not exp(-87)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(device, reduction):
