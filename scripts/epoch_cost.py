@@ -4,8 +4,9 @@ switched on, the same data, initial weights and batches, one after the other in 
     PYTHONPATH=$PWD python scripts/epoch_cost.py [--data ml-100k] [--threads 1] [--repeats 2] \
         [--user-share 0.25] [--arms "windows all;augment-data insert"] > cost.jsonl
 
-Prints one JSON line per arm: the median epoch over --repeats (after one warm-up epoch of the
-baseline), the ratio to the baseline, the CPU model, ISA and load average.
+Prints one JSON line per arm when all have run: the median epoch over --repeats (after one warm-up
+epoch of the baseline), the ratio to the baseline (timed first and last, the ratio against their
+mean), the CPU model, ISA and load average.
 """
 import argparse
 import json
@@ -63,7 +64,8 @@ def main():
     users = None if args.user_share >= 1 else training_users(split.train_len, args.user_share, 0)
     times = {}
     arms = ["baseline"] + [a for a in (args.arms.split(";") if args.arms else ARMS) if a != "baseline"]
-    for warm, arm in [(True, "baseline")] + [(False, a) for a in arms]:
+    # the baseline is timed first and again last: a machine whose speed drifts shows in the two figures
+    for warm, arm in [(True, "baseline")] + [(False, a) for a in arms] + [(False, "baseline")]:
         extra, augment, train = ARMS[arm]
         torch.manual_seed(0)
         cfg = preset("unified", args.data, objectives={**base_cfg.objectives, **extra})
@@ -78,11 +80,13 @@ def main():
             trainer.train_epoch(0)
             secs.append(time.perf_counter() - t0)
         if not warm:
-            times[arm] = statistics.median(secs)
+            times.setdefault(arm, []).append((statistics.median(secs), os.getloadavg()))
+    base = statistics.mean(t for t, _ in times["baseline"])  # the ratios use the mean of the two baselines
+    for arm, runs in times.items():
+        for t, load in runs:
             print(json.dumps({"bench": "epoch_cost", "data": args.data, "user_share": args.user_share, "arm": arm,
-                              "epoch_s": round(times[arm], 3),
-                              "vs_baseline": round(times[arm] / times["baseline"], 3), "repeats": args.repeats,
-                              "threads": args.threads, "load": os.getloadavg(), **cpu_facts()}), flush=True)
+                              "epoch_s": round(t, 3), "vs_baseline": round(t / base, 3), "repeats": args.repeats,
+                              "threads": args.threads, "load": load, **cpu_facts()}), flush=True)
 
 
 if __name__ == "__main__":
