@@ -533,6 +533,39 @@ def test_all_windows_predict_every_training_event_once():
         TrainBatches(src.builder, 4, candidates=False, windows="every")
 
 
+def test_random_windows_draw_one_window_per_user_and_epoch():
+    sp = leave_one_out(synthetic(num_users=40, num_items=30, mean_length=25, seed=4))
+    L = 6
+    builder = TokenBuilder(sp, max_len=L)
+    every = TrainBatches(builder, 7, candidates=False, seed=0, windows="all")
+    rnd = TrainBatches(builder, 7, candidates=False, seed=0, windows="random")
+    windows_of = {}  # (user, next items of a window) -> window index, from the "all" source
+    for b in every.epoch(0):
+        for j, u in enumerate(b.users.tolist()):
+            windows_of[(u, tuple(b.next_items[int(b.offsets[j]):int(b.offsets[j + 1])].tolist()))] = True
+    seen = {}
+    for e in range(12):
+        users = []
+        for b in rnd.epoch(e):
+            for j, u in enumerate(b.users.tolist()):
+                key = (u, tuple(b.next_items[int(b.offsets[j]):int(b.offsets[j + 1])].tolist()))
+                assert key in windows_of  # a window the "all" source has
+                seen.setdefault(u, set()).add(key)
+                users.append(u)
+        assert sorted(users) == sorted(rnd.users.tolist())  # each user once per epoch
+    assert len(rnd) == len(TrainBatches(builder, 7, candidates=False, seed=0))  # the steps of "last"
+    many = [u for u, n in zip(rnd.users.tolist(), rnd.user_windows.tolist()) if n >= 3]
+    assert many and all(len(seen[u]) >= 2 for u in many)  # over the epochs, long histories vary
+    again = [b.items for b in TrainBatches(builder, 7, candidates=False, seed=0, windows="random").epoch(5)]
+    assert all(torch.equal(x, y.items) for x, y in zip(again, rnd.epoch(5)))  # seeded: repeats
+    one = [b for b in rnd.epoch(3)]
+    halves = [list(rnd.epoch(3, rank=r, world=2)) for r in range(2)]
+    for step, whole in enumerate(one):  # the draw does not depend on the split across processes
+        streams = lambda b: sorted((int(u), tuple(b.items[b.offsets[j]:b.offsets[j + 1]].tolist()))  # noqa: E731
+                                   for j, u in enumerate(b.users.tolist()))
+        assert sorted(streams(halves[0][step]) + streams(halves[1][step])) == streams(whole)
+
+
 def test_train_batches_split_across_ranks_like_one_process():
     """world processes see, per step, disjoint parts of the one-process global batch, with the same cuts."""
     sp = leave_one_out(synthetic(num_users=45, num_items=30, mean_length=20, seed=5))

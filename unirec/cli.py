@@ -91,9 +91,10 @@ def _add_train_args(t: argparse.ArgumentParser, PRESETS) -> None:
                         "(default: %(default)s)")
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 20; ml-1m: 80)")
     t.add_argument("--batch-size", type=int, default=None, help="users per step (default: 64; ml-1m: 128)")
-    t.add_argument("--windows", default=None, choices=["last", "all"],
+    t.add_argument("--windows", default=None, choices=["last", "all", "random"],
                    help="training sequences: each user's last --max-len events, or every --max-len window of "
-                        "longer histories too (default: last; ml-1m: all)")
+                        "longer histories too, or one of those windows per user each epoch, drawn at random "
+                        "(the cost of an epoch of last) (default: last; ml-1m: all)")
     t.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate (default: the preset's tuned value, 2e-3 for a config file)")
     t.add_argument("--weight-decay", type=float, default=None,

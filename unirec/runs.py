@@ -65,7 +65,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     eval_every: int = 1
     time_budget_s: Optional[float] = None
-    # "last": each user's last max_len training events; "all": every max_len window of long histories
+    # "last": each user's last max_len training events; "all": every max_len window of long histories;
+    # "random": one of those windows per user each epoch
     windows: str = "last"
     # a run folder whose weights the model starts from (matching names and shapes), e.g. a pretrained one
     init_from: Optional[str] = None

@@ -272,7 +272,9 @@ class TrainBatches:
     A window is a (user, j) pair of a user with >= 2 training events (:meth:`TokenBuilder.train_batch`):
     ``windows="last"`` trains on each user's last window only; ``"all"`` also on every earlier
     ``max_len``-event window of longer histories (j = 1, 2, ...), so that no training event of a long
-    history is left out.
+    history is left out; ``"random"`` on one window per user each epoch, drawn uniformly from all of
+    its windows (keyed by (seed, epoch, user)): every event of a long history trains over the epochs,
+    at the cost per epoch of ``"last"``.
 
     Epoch e orders the windows with ``np.random.default_rng([seed, e])``; the candidate cut of user u
     in epoch e is keyed by (seed, e, u), not drawn in batch order, so an epoch is the same whenever it
@@ -288,7 +290,7 @@ class TrainBatches:
     correlations counted over the training events only.
     """
 
-    WINDOWS = ("last", "all")
+    WINDOWS = ("last", "all", "random")
 
     def __init__(self, builder: TokenBuilder, batch_size: int, candidates: bool, seed: int = 0,
                  windows: str = "last", augment: Optional[Dict[str, float]] = None,
@@ -316,8 +318,10 @@ class TrainBatches:
         self.users = np.nonzero(builder.split.train_len >= 2)[0]
         if users is not None:  # a subset of the users trains (training_users)
             self.users = np.intersect1d(self.users, np.asarray(users, dtype=np.int64))
-        counts = self.num_windows(builder.split.train_len[self.users], builder.max_len) if windows == "all" \
-            else np.ones(len(self.users), dtype=np.int64)
+        self.windows = windows
+        # "random": one unit per user, its window drawn per epoch among user_windows of them
+        self.user_windows = self.num_windows(builder.split.train_len[self.users], builder.max_len)
+        counts = self.user_windows if windows == "all" else np.ones(len(self.users), dtype=np.int64)
         self.unit_users = np.repeat(self.users, counts)
         # j = 0, 1, ..., count - 1 within each user
         self.unit_windows = np.arange(len(self.unit_users)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -338,10 +342,14 @@ class TrainBatches:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.unit_users))
         num_users = len(self.builder.split.train_len)
         shifts = np.random.default_rng([self.seed, epoch, 1]).integers(0, self.builder.rank_shift + 1, num_users)
+        unit_windows = self.unit_windows
+        if self.windows == "random":  # one draw per user of the whole data set, whatever the batch split
+            draw = np.random.default_rng([self.seed, epoch, 2]).random(num_users)[self.unit_users]
+            unit_windows = np.minimum((draw * self.user_windows).astype(np.int64), self.user_windows - 1)
         for step, i in enumerate(range(0, len(order), self.batch_size)):
             part = order[i:i + self.batch_size][rank::world]
             users = self.unit_users[part]
-            batch = self.builder.train_batch(users, None, self.candidates, device, windows=self.unit_windows[part],
+            batch = self.builder.train_batch(users, None, self.candidates, device, windows=unit_windows[part],
                                              shifts=shifts[users])
             batch.seed = int(np.random.SeedSequence([self.seed, epoch, step]).generate_state(1, np.uint64)[0] >> 2)
             yield self.with_augmented_copies(batch) if self.augment else batch
